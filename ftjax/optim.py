@@ -1,0 +1,52 @@
+"""The optimizer: AdamW with warm-up and decay, weight decay masked off biases and norms."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ftjax.errors import FtjaxError
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up to `optim.lr`, then the chosen decay to zero at `total_steps`."""
+  if not 0.0 <= optim.warmup_fraction < 1.0:
+    raise FtjaxError(f'optim.warmup_fraction must be in [0, 1), got {optim.warmup_fraction}')
+  if optim.lr <= 0:
+    raise FtjaxError(f'optim.lr must be positive, got {optim.lr}')
+  warmup = int(optim.warmup_fraction * total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  if optim.schedule == 'linear':
+    decay = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+  elif optim.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(optim.lr, decay_steps)
+  elif optim.schedule == 'constant':
+    decay = optax.constant_schedule(optim.lr)
+  else:
+    raise FtjaxError(
+        f"optim.schedule must be 'linear', 'cosine' or 'constant', got {optim.schedule!r}")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """True for the weights that get weight decay: matrices, not biases or norm scales/offsets.
+
+  Decaying biases and LayerNorm parameters toward zero only hurts fine-tuning (BERT's recipe);
+  every rank-1 parameter is one of those.
+  """
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds the AdamW chain and returns it with its learning-rate schedule (for logging)."""
+  schedule = make_schedule(optim, total_steps)
+  chain = []
+  if optim.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip))
+  chain.append(
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,175 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop, read top to bottom.
+
+config -> data (TFDS build, labels) -> pretrained model + new head -> optimizer -> train state
+(restored from the workdir if a run was there) -> jitted steps <- batches. Every check on the
+user's input happens before the first byte is written to the workdir, so a bad run never harms
+a good one that shares its directory.
+"""
+
+import json
+import logging
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+import tqdm
+from flax import nnx
+
+from ftjax import checkpoints as checkpoints_lib
+from ftjax import configs, data, hub, metrics as metrics_lib, optim, steps
+from ftjax.errors import FtjaxError
+
+logger = logging.getLogger('ftjax')
+
+
+def _check_train_config(train: ml_collections.ConfigDict) -> None:
+  for name in ('batch_size', 'eval_every', 'eval_batch_size', 'checkpoint_every', 'log_every'):
+    if train[name] <= 0:
+      raise FtjaxError(f'train.{name} must be a positive integer, got {train[name]}')
+  if train.num_epochs <= 0:
+    raise FtjaxError(f'train.num_epochs must be positive, got {train.num_epochs}')
+  if train.best_metric not in ('loss', 'accuracy', 'macro_f1'):
+    raise FtjaxError(f"train.best_metric must be 'loss', 'accuracy' or 'macro_f1', "
+                     f'got {train.best_metric!r}')
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Writes the resolved config; a different earlier one is kept beside it, never overwritten."""
+  path = workdir / 'config.json'
+  text = configs.to_json(config)
+  if path.exists() and path.read_text() != text:
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))
+    path.rename(workdir / f'config.{stamp}.json')
+  path.write_text(text)
+
+
+def _ensure_logging() -> None:
+  """Lets notebook users see progress without configuring logging themselves."""
+  if not logger.handlers and not logging.getLogger().handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def evaluate(eval_step, params, rest, batches, num_classes: int) -> dict[str, float]:
+  """Loss, accuracy and macro-F1 over padded evaluation batches."""
+  accumulated = metrics_lib.ClassificationMetrics(num_classes)
+  for batch in batches:
+    out = eval_step(params, rest, batch)
+    accumulated.update(batch['label'], out['prediction'], out['loss'], batch['weight'])
+  return accumulated.compute()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Fine-tunes the configured model and returns validation and test metrics of the best step.
+
+  Rerunning on the same workdir resumes from its latest checkpoint with the data position and
+  RNG state restored, so it sees the batches an uninterrupted run would.
+
+  Raises:
+    FtjaxError: for any problem with the config, checkpoint, data or workdir (one line).
+  """
+  _ensure_logging()
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise FtjaxError(f'--workdir {workdir} exists and is not a directory')
+  _check_train_config(config.train)
+  is_main = jax.process_index() == 0
+
+  # Data first: its label set sizes the new head.
+  dataset = data.build_dataset(config.data)
+  for split in ('train', 'validation', 'test'):
+    logger.info('data %-10s %6d examples', split, dataset.num_examples[split])
+  steps_per_epoch = dataset.num_examples['train'] // config.train.batch_size
+  if steps_per_epoch == 0:
+    raise FtjaxError(f'train.batch_size={config.train.batch_size} is larger than the train split '
+                     f"({dataset.num_examples['train']} examples): lower it")
+  total_steps = max(1, round(config.train.num_epochs * steps_per_epoch))
+
+  model, report, checkpoint_dir = hub.load_model(
+      config.model.checkpoint, num_labels=len(dataset.label_names),
+      pooling=config.model.pooling, classifier_dropout=config.model.classifier_dropout,
+      init=config.model.init, dtype=config.model.dtype, seed=config.seed)
+  logger.info('%s', report.format())
+  tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
+
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  del model  # Its arrays live on in `params` and `rest`.
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           rng=jax.random.fold_in(jax.random.key(config.seed), 1))
+  train_iter = data.train_iterator(dataset, tokenizer, config.train.batch_size, config.seed,
+                                   num_workers=config.data.num_workers)
+
+  ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
+                                      best_mode=config.train.best_mode)
+  start_step = ckpts.latest_step() or 0
+  if start_step:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state, data_state = ckpts.restore_latest(start_step, abstract)
+    train_iter.set_state(data_state)
+    logger.info('resumed from %s at step %d', ckpts.latest.directory, start_step)
+  if is_main:
+    _save_config(config, workdir)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  train_step, eval_step = steps.jit_steps(graphdef, tx, schedule)
+  eval_batches = lambda split: data.eval_batches(dataset, split, tokenizer,
+                                                 config.train.eval_batch_size)
+  num_classes = len(dataset.label_names)
+  logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
+              config.train.num_epochs, steps_per_epoch, config.train.batch_size)
+
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc='train', unit='step',
+                  dynamic_ncols=True, disable=not sys.stderr.isatty())
+  pending = None  # Step N's metrics are fetched after step N+1 is dispatched.
+
+  def flush(pending):
+    step, device_metrics = pending
+    scalars = jax.device_get(device_metrics)
+    bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+    if step % config.train.log_every == 0 or step == total_steps:
+      writer.write(step, 'train', scalars)
+
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(train_iter)
+    state, device_metrics = train_step(state, batch, rest)
+    if pending:
+      flush(pending)
+    pending = (step, device_metrics)
+    bar.update(1)
+    if step % config.train.eval_every == 0 or step == total_steps:
+      flush(pending)
+      pending = None
+      val = evaluate(eval_step, state.params, rest, eval_batches('validation'), num_classes)
+      writer.write(step, 'validation', val)
+      ckpts.save_best(step, state.params, val)
+      logger.info('step %d validation: loss %.4f accuracy %.4f macro_f1 %.4f', step,
+                  val['loss'], val['accuracy'], val['macro_f1'])
+    if step % config.train.checkpoint_every == 0 or step == total_steps:
+      ckpts.save_latest(step, state, train_iter.get_state())
+  if pending:
+    flush(pending)
+  bar.close()
+  ckpts.wait()
+
+  # Report the step that validation chose, on both held-out splits.
+  best_step = ckpts.best_step()
+  abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.params)
+  best_params = ckpts.restore_best_params(abstract_params)
+  results = {split: evaluate(eval_step, best_params, rest, eval_batches(split), num_classes)
+             for split in ('validation', 'test')}
+  if is_main:
+    writer.write(best_step, 'test', results['test'])
+    summary = {'best_step': best_step, 'best_metric': config.train.best_metric,
+               'total_steps': total_steps, **results}
+    (workdir / 'results.json').write_text(json.dumps(summary, indent=2) + '\n')
+    logger.info('\n%s', metrics_lib.format_table(
+        results, f'best checkpoint: step {best_step} (by validation {config.train.best_metric})'))
+  writer.close()
+  ckpts.close()
+  return {'best_step': best_step, **results}

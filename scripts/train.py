@@ -1,0 +1,11 @@
+"""Fine-tune a pretrained model: `python scripts/train.py --config=configs/minilm_vader.py --workdir=DIR`.
+
+Overrides: `--config.optim.lr=3e-5`, `--config.model.init=scratch`, `--config.data.source=my.jsonl`.
+"""
+
+import sys
+
+from ftjax import cli
+
+if __name__ == '__main__':
+  sys.exit(cli.main())
