@@ -105,10 +105,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     if not sep:
       raise FtjaxError(f'override --config.{item} needs a value: --config.{key}=VALUE')
     if key not in valid:
-      close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-      if not close:  # A wrong section with the right leaf (`train.lr`) still deserves a hint.
-        leaf = key.rsplit('.', 1)[-1]
-        close = [k for k in valid if k.rsplit('.', 1)[-1] == leaf][:1]
+      # The right leaf in the wrong section (`train.lr`) is the likeliest slip; then spelling.
+      leaf = key.rsplit('.', 1)[-1]
+      close = [k for k in valid if k.rsplit('.', 1)[-1] == leaf][:1]
+      close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
       hint = f'; did you mean --config.{close[0]}?' if close else ''
       raise FtjaxError(f'unknown config key --config.{key}{hint}')
     *parents, leaf = key.split('.')
