@@ -1,0 +1,31 @@
+"""Data: the VADER task or a user's files -> TFDS (ArrayRecord) -> tokenized grain batches.
+
+  dataset = data.build_dataset(config.data)      # built once under data_dir, then reused
+  tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
+  train = data.train_iterator(dataset, tokenizer, batch_size, seed)  # next(), get/set_state()
+  for batch in data.eval_batches(dataset, 'validation', tokenizer, eval_batch_size): ...
+"""
+
+from ftjax.data.builder import build_dataset
+from ftjax.data.builder import Dataset
+from ftjax.data.builder import resolve_data_dir
+from ftjax.data.pipeline import eval_batches
+from ftjax.data.pipeline import num_eval_batches
+from ftjax.data.pipeline import train_iterator
+from ftjax.data.pipeline import TrainIterator
+from ftjax.data.splits import SPLITS
+from ftjax.data.tokenizer import encode
+from ftjax.data.tokenizer import load_tokenizer
+
+__all__ = [
+    'SPLITS',
+    'Dataset',
+    'TrainIterator',
+    'build_dataset',
+    'encode',
+    'eval_batches',
+    'load_tokenizer',
+    'num_eval_batches',
+    'resolve_data_dir',
+    'train_iterator',
+]

@@ -1,0 +1,197 @@
+"""TFDS builds of the VADER task and of user files, written once as ArrayRecord and reused.
+
+Each dataset gets its own builder config and so its own directory,
+`<data_dir>/ftjax_text_classification/<config>/<version>/`. A user dataset's config name holds a
+hash of its files and of the config fields that shape it, so editing a file (or e.g. the label
+names) builds anew instead of silently reading stale data. Reading goes through TFDS data
+sources (random access, no TensorFlow), which grain consumes directly.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pathlib
+import re
+import time
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from ftjax.data import files as files_lib
+from ftjax.data import splits as splits_lib
+from ftjax.data import vader
+from ftjax.errors import FtjaxError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = '~/.cache/ftjax/tfds'
+
+
+@dataclasses.dataclass(eq=False)
+class TextClassificationConfig(tfds.core.BuilderConfig):
+  """One dataset: its label names and, only when it must be built, its examples.
+
+  Both stay None when the build already exists: TFDS then restores the label names from disk,
+  and the source files need not be parsed again.
+  """
+
+  label_names: tuple[str, ...] | None = None
+  examples: dict[str, list[splits_lib.Example]] | None = dataclasses.field(default=None,
+                                                                          repr=False)
+
+
+class TextClassification(tfds.core.GeneratorBasedBuilder):
+  """Text + class label, with train/validation/test splits; one builder config per dataset."""
+
+  # Not the class name's default 'text_classification', which a TFDS catalogue entry could take.
+  name = 'ftjax_text_classification'
+  # Bump on any change to parsing, dedup or splitting so existing builds are not reused.
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'VADER lexicon task and user .jsonl/.csv files.'}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    names = self.builder_config.label_names
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.builder_config.description,
+        features=tfds.features.FeaturesDict({
+            'text': tfds.features.Text(),
+            'label': tfds.features.ClassLabel(names=list(names) if names else None),
+        }),
+        supervised_keys=('text', 'label'),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Everything is local.
+    examples = self.builder_config.examples
+    if examples is None:
+      raise ValueError('TextClassification needs config.examples to build; use build_dataset')
+    return {split: self._generate_examples(examples[split]) for split in splits_lib.SPLITS}
+
+  def _generate_examples(self, examples: list[splits_lib.Example]):
+    # Keys only need to be unique: TFDS orders the written records by a hash of them.
+    for index, example in enumerate(examples):
+      yield index, {'text': example.text, 'label': example.label}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A built dataset, ready for `pipeline.train_iterator` and `pipeline.eval_batches`.
+
+  Attributes:
+    name: The builder config name, e.g. 'vader-1a2b3c4d5e' or 'reviews-0123456789ab'.
+    label_names: Class names; a label is an index into this list.
+    num_examples: Examples per split ('train', 'validation', 'test').
+    path: The directory holding the ArrayRecord files and dataset_info.json.
+  """
+
+  name: str
+  label_names: list[str]
+  num_examples: dict[str, int]
+  path: pathlib.Path
+  builder: TextClassification = dataclasses.field(repr=False)
+
+  def source(self, split: str):
+    """Returns the split as a random-access TFDS data source of {'text': bytes, 'label': int}."""
+    if split not in splits_lib.SPLITS:
+      raise ValueError(f'unknown split {split!r}; expected one of {splits_lib.SPLITS}')
+    return self.builder.as_data_source(split=split)
+
+
+def resolve_data_dir(data_dir: str) -> pathlib.Path:
+  """`config.data.data_dir`, else $FTJAX_DATA_DIR, else ~/.cache/ftjax/tfds."""
+  return pathlib.Path(data_dir or os.environ.get('FTJAX_DATA_DIR') or DEFAULT_DATA_DIR
+                      ).expanduser()
+
+
+def build_dataset(data_cfg: ml_collections.ConfigDict) -> Dataset:
+  """Builds (first time only) and opens the dataset that `config.data` describes.
+
+  Args:
+    data_cfg: `config.data`: source, text_column, label_column, label_names, split_fractions,
+      data_dir (see configs/minilm_vader.py).
+
+  Returns:
+    The opened dataset.
+
+  Raises:
+    FtjaxError: for any problem with the source files or label names (one line).
+  """
+  data_dir = resolve_data_dir(data_cfg.data_dir)
+  if data_cfg.source == 'vader':
+    config, load = _vader_config(data_cfg)
+  else:
+    config, load = _user_config(data_cfg)
+  builder = _open(config, data_dir)
+  if not builder.is_prepared():
+    start = time.time()
+    label_names, examples = load()
+    full = dataclasses.replace(config, label_names=tuple(label_names), examples=examples)
+    tfds.disable_progress_bar()  # Progress bars would flood logs; ftjax logs the outcome.
+    try:
+      _open(full, data_dir).download_and_prepare(file_format='array_record')
+    except OSError as e:
+      raise FtjaxError(f'cannot write the dataset under {data_dir} ({e}); set '
+                       'config.data.data_dir or $FTJAX_DATA_DIR to a writable directory') from e
+    # Reopened without the examples: data sources pickle their builder (and its config) to
+    # grain workers.
+    builder = _open(config, data_dir)
+    logger.info('built dataset %s in %.1fs at %s', config.name, time.time() - start,
+                builder.data_path)
+  info = builder.info
+  return Dataset(
+      name=config.name,
+      label_names=list(info.features['label'].names),
+      num_examples={split: info.splits[split].num_examples for split in splits_lib.SPLITS},
+      path=pathlib.Path(os.fspath(builder.data_path)),
+      builder=builder,
+  )
+
+
+def _open(config: TextClassificationConfig, data_dir: pathlib.Path) -> TextClassification:
+  with _quiet_tfds():
+    return TextClassification(config=config, data_dir=data_dir, file_format='array_record')
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Silences TFDS's warnings that every config is 'custom' (ours always are by design)."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _vader_config(data_cfg: ml_collections.ConfigDict):
+  given = [name.strip() for name in data_cfg.label_names.split(',') if name.strip()]
+  if given and given != list(vader.LABEL_NAMES):
+    raise FtjaxError(f"config.data.label_names='{data_cfg.label_names}' does not fit the vader "
+                     f"task, whose labels are fixed ({','.join(vader.LABEL_NAMES)}); clear it")
+  config = TextClassificationConfig(
+      name=f'vader-{vader.fingerprint()}',
+      description='VADER lexicon entries, 3 classes by mean rating, fixed 80/10/10 splits.')
+  return config, lambda: (vader.LABEL_NAMES, vader.load_splits())
+
+
+def _user_config(data_cfg: ml_collections.ConfigDict):
+  source_files = files_lib.source_files(data_cfg.source)
+  single = 'all' in source_files
+  fractions = tuple(data_cfg.split_fractions) if single else None
+  fields = (data_cfg.text_column, data_cfg.label_column, data_cfg.label_names, fractions)
+  path = pathlib.Path(data_cfg.source).expanduser()
+  # A readable stem in front of the hash helps a user find their build on disk.
+  stem = re.sub(r'[^a-z0-9]+', '_', (path.stem if single else path.resolve().name).lower())
+  config = TextClassificationConfig(
+      name=f"{stem.strip('_')[:40] or 'data'}-{files_lib.fingerprint(source_files, *fields)}",
+      description=f'User data from {path.resolve()}.')
+
+  def load():
+    data = files_lib.load_user_data(source_files, data_cfg.text_column, data_cfg.label_column,
+                                    data_cfg.label_names, data_cfg.split_fractions)
+    return data.label_names, data.splits
+
+  return config, load
