@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 32  # Examples per optimizer step.
-  config.train.num_epochs = 4.0  # Length of training in passes over the train split.
+  config.train.num_epochs = 3.0  # Length of training in passes over the train split.
   config.train.eval_every = 200  # Evaluate on the validation split every this many steps.
   config.train.eval_batch_size = 256  # Examples per evaluation step (last batch is padded).
   config.train.checkpoint_every = 200  # Save the latest checkpoint every this many steps.

@@ -31,7 +31,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   try:
     module_spec.loader.exec_module(module)
   except SyntaxError as e:
-    raise FtjaxError(f'config file {path_str} has a syntax error at line {e.lineno}: {e.msg}') from e
+    raise FtjaxError(f'config file {path_str} has a syntax error at line {e.lineno}: '
+                     f'{e.msg}') from e
   if not hasattr(module, 'get_config'):
     raise FtjaxError(f'config file {path_str} defines no get_config(arg=None) function')
   try:

@@ -61,7 +61,8 @@ def train_step(state: TrainState, batch: Batch, rest, *, graphdef, tx: optax.Gra
       'grad_norm': optax.global_norm(grads),
       'lr': schedule(state.step),
   }
-  return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
 
 
 def eval_step(params, rest, batch: Batch, *, graphdef) -> dict[str, jax.Array]:

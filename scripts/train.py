@@ -1,6 +1,8 @@
-"""Fine-tune a pretrained model: `python scripts/train.py --config=configs/minilm_vader.py --workdir=DIR`.
+"""Fine-tune a pretrained model from a config.
 
-Overrides: `--config.optim.lr=3e-5`, `--config.model.init=scratch`, `--config.data.source=my.jsonl`.
+  python scripts/train.py --config=configs/minilm_vader.py --workdir=DIR [--config.KEY=VALUE ...]
+
+Overrides: `--config.optim.lr=3e-5`, `--config.model.init=scratch`, `--config.data.source=x.jsonl`.
 """
 
 import sys
