@@ -36,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.pooling = 'mean'  # Sentence vector for the head: 'mean', 'cls' or 'pooler'.
   config.model.classifier_dropout = 0.1  # Dropout before the new classification head.
   config.model.dtype = 'float32'  # Compute dtype of the encoder: 'float32' or 'bfloat16'.
+  # Regex over parameter paths (e.g. 'encoder/embeddings/word_embeddings') kept frozen: no
+  # gradients, no optimizer state; '' trains everything.
+  config.model.freeze = ''
 
   config.data = ml_collections.ConfigDict()
   # 'vader' (the default task), a .jsonl/.csv file (split into train/validation/test by

@@ -36,10 +36,13 @@ class Checkpoints:
       raise FtjaxError(f"train.best_mode must be 'max' or 'min', got {best_mode!r}")
     root = pathlib.Path(workdir).absolute() / 'checkpoints'
     self.best_metric = best_metric
+    # Handlers named up front so that a fresh process can read a checkpoint's metadata.
     self.latest = ocp.CheckpointManager(
-        root / 'latest', options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        root / 'latest', options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
     self.best = ocp.CheckpointManager(
-        root / 'best',
+        root / 'best', item_handlers={'params': ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
 

@@ -9,6 +9,7 @@ a good one that shares its directory.
 import json
 import logging
 import pathlib
+import re
 import sys
 import time
 
@@ -35,6 +36,25 @@ def _check_train_config(train: ml_collections.ConfigDict) -> None:
   if train.best_metric not in ('loss', 'accuracy', 'macro_f1'):
     raise FtjaxError(f"train.best_metric must be 'loss', 'accuracy' or 'macro_f1', "
                      f'got {train.best_metric!r}')
+
+
+def _trainable(model: nnx.Module, freeze: str):
+  """The nnx filter of trainable parameters: every Param whose path `freeze` does not match.
+
+  Frozen parameters travel in the non-differentiated state: no gradients, no optimizer state.
+  """
+  if not freeze:
+    return nnx.Param
+  try:
+    pattern = re.compile(freeze)
+  except re.error as e:
+    raise FtjaxError(f'model.freeze {freeze!r} is not a valid regular expression: {e}') from e
+  frozen = lambda path: bool(pattern.search('/'.join(map(str, path))))
+  paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  if not any(frozen(p) for p in paths):
+    raise FtjaxError(f'model.freeze {freeze!r} matches no parameter; paths look like '
+                     f"{'/'.join(map(str, paths[0]))}")
+  return nnx.All(nnx.Param, lambda path, _: not frozen(path))
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -99,8 +119,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
 
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, _trainable(model, config.model.freeze), ...)
   del model  # Its arrays live on in `params` and `rest`.
+  num_trainable = sum(x.size for x in jax.tree.leaves(params))
+  num_total = num_trainable + sum(x.size for x in jax.tree.leaves(nnx.filter_state(rest,
+                                                                                   nnx.Param)))
+  logger.info('trainable parameters: %d of %d (%.2f%%)', num_trainable, num_total,
+              100 * num_trainable / num_total)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                            rng=jax.random.fold_in(jax.random.key(config.seed), 1))
   train_iter = data.train_iterator(dataset, tokenizer, config.train.batch_size, config.seed,
