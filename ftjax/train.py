@@ -95,6 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     FtjaxError: for any problem with the config, checkpoint, data or workdir (one line).
   """
   _ensure_logging()
+  started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise FtjaxError(f'--workdir {workdir} exists and is not a directory')
@@ -190,11 +191,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
              for split in ('validation', 'test')}
   if is_main:
     writer.write(best_step, 'test', results['test'])
+    # Wall time of this call (data, model load, compile, train, evaluate); a resumed run counts
+    # only its own part.
     summary = {'best_step': best_step, 'best_metric': config.train.best_metric,
-               'total_steps': total_steps, **results}
+               'total_steps': total_steps, 'resumed_from_step': start_step,
+               'wall_seconds': round(time.perf_counter() - started, 1), **results}
     (workdir / 'results.json').write_text(json.dumps(summary, indent=2) + '\n')
     logger.info('\n%s', metrics_lib.format_table(
         results, f'best checkpoint: step {best_step} (by validation {config.train.best_metric})'))
+    logger.info('wall time %.1f s; results in %s', summary['wall_seconds'],
+                workdir / 'results.json')
   writer.close()
   ckpts.close()
   return {'best_step': best_step, **results}

@@ -40,9 +40,9 @@ def _train_losses(workdir):
 
 
 def _latest_params(workdir):
-  mngr = ocp.CheckpointManager(workdir / 'checkpoints' / 'latest')
-  restored = mngr.restore(mngr.latest_step())
-  return mngr.latest_step(), restored['state']['params']
+  latest = workdir / 'checkpoints' / 'latest'
+  step = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+  return step, ocp.StandardCheckpointer().restore(latest / str(step) / 'state')['params']
 
 
 def test_train_evaluate_writes_everything(data_dir, tmp_path):
@@ -65,6 +65,11 @@ def test_train_evaluate_writes_everything(data_dir, tmp_path):
   assert 0.0 <= results['test']['accuracy'] <= 1.0
   on_disk = json.loads((workdir / 'results.json').read_text())
   assert on_disk['test']['num_examples'] > 500
+  # The config freezes the word embeddings: they are neither trained nor checkpointed.
+  _, params = _latest_params(workdir)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert any('classifier' in p for p in paths) and any('layers' in p for p in paths)
+  assert not any('word_embeddings' in p for p in paths)
 
 
 def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
