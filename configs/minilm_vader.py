@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.split_fractions = (0.8, 0.1, 0.1)  # train/validation/test when one file is given.
   # Where the TFDS (ArrayRecord) build is written; '' -> $FTJAX_DATA_DIR or ~/.cache/ftjax/tfds.
   config.data.data_dir = ''
-  config.data.max_length = 8  # Tokens per example, truncated/padded (static shapes; fits 99.9% of VADER).
+  config.data.max_length = 8  # Tokens per example, truncated/padded (fits 99.9% of VADER).
   config.data.num_workers = 0  # grain worker processes for tokenization; 0 = in-process.
 
   config.train = ml_collections.ConfigDict()
