@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from flax import nnx
 
 from ftjax import checkpoints as checkpoints_lib
@@ -150,37 +151,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)
 
-  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc='train', unit='step',
-                  dynamic_ncols=True, disable=not sys.stderr.isatty())
   pending = None  # Step N's metrics are fetched after step N+1 is dispatched.
+  # Log lines go through tqdm while the bar is up, so they never land in the middle of it.
+  redirected = [log for log in (logging.root, logger) if log.handlers]
+  with logging_redirect_tqdm(loggers=redirected), tqdm.tqdm(
+      total=total_steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
+      disable=not sys.stderr.isatty()) as bar:
 
-  def flush(pending):
-    step, device_metrics = pending
-    scalars = jax.device_get(device_metrics)
-    bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
-    if step % config.train.log_every == 0 or step == total_steps:
-      writer.write(step, 'train', scalars)
+    def flush(pending):
+      step, device_metrics = pending
+      scalars = jax.device_get(device_metrics)
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+      if step % config.train.log_every == 0 or step == total_steps:
+        writer.write(step, 'train', scalars)
 
-  for step in range(start_step + 1, total_steps + 1):
-    batch = next(train_iter)
-    state, device_metrics = train_step(state, batch, rest)
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      state, device_metrics = train_step(state, batch, rest)
+      if pending:
+        flush(pending)
+      pending = (step, device_metrics)
+      bar.update(1)
+      if step % config.train.eval_every == 0 or step == total_steps:
+        flush(pending)
+        pending = None
+        val = evaluate(eval_step, state.params, rest, eval_batches('validation'), num_classes)
+        writer.write(step, 'validation', val)
+        ckpts.save_best(step, state.params, val)
+        logger.info('step %d validation: loss %.4f accuracy %.4f macro_f1 %.4f', step,
+                    val['loss'], val['accuracy'], val['macro_f1'])
+      if step % config.train.checkpoint_every == 0 or step == total_steps:
+        ckpts.save_latest(step, state, train_iter.get_state())
     if pending:
       flush(pending)
-    pending = (step, device_metrics)
-    bar.update(1)
-    if step % config.train.eval_every == 0 or step == total_steps:
-      flush(pending)
-      pending = None
-      val = evaluate(eval_step, state.params, rest, eval_batches('validation'), num_classes)
-      writer.write(step, 'validation', val)
-      ckpts.save_best(step, state.params, val)
-      logger.info('step %d validation: loss %.4f accuracy %.4f macro_f1 %.4f', step,
-                  val['loss'], val['accuracy'], val['macro_f1'])
-    if step % config.train.checkpoint_every == 0 or step == total_steps:
-      ckpts.save_latest(step, state, train_iter.get_state())
-  if pending:
-    flush(pending)
-  bar.close()
   ckpts.wait()
 
   # Report the step that validation chose, on both held-out splits.
