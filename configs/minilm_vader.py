@@ -36,11 +36,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.pooling = 'mean'  # Sentence vector for the head: 'mean', 'cls' or 'pooler'.
   config.model.classifier_dropout = 0.1  # Dropout before the new classification head.
   config.model.dtype = 'float32'  # Compute dtype of the encoder: 'float32' or 'bfloat16'.
-  # Regex over parameter paths kept frozen (no gradients, no optimizer state); '' trains all.
-  # The word-embedding table stays as pretrained here: the test split's words never occur in
-  # training, so moving only the train words' rows would pull them apart from the test words'
-  # (and it halves the optimizer's work: the table is half of MiniLM's parameters).
-  config.model.freeze = 'word_embeddings'
+  config.policy = ml_collections.ConfigDict()
+  # Which parameters train and how (ftjax/params.py): 'full', 'head_only' (linear probe),
+  # 'freeze_lower', 'layerwise_lr_decay', 'gradual_unfreeze', 'bitfit', or 'custom' (`rules`).
+  config.policy.preset = 'custom'
+  # For 'custom': ordered (regex over parameter paths, rule) pairs; every parameter must match
+  # exactly one. Rule fields: trainable, lr_mult, weight_decay (None: not biases/norms),
+  # unfreeze_step. Here the word-embedding table stays as pretrained: the test split's words
+  # never occur in training, so moving only the train words' rows would pull them apart from
+  # the test words' (and it halves the optimizer's work: the table is half of MiniLM).
+  config.policy.rules = ((r'/word_embeddings/', {'trainable': False}),
+                         (r'^(?!.*/word_embeddings/)', {}))
+  config.policy.freeze_lower_layers = 2  # 'freeze_lower': embeddings + this many lowest blocks.
+  config.policy.layer_decay = 0.8  # 'layerwise_lr_decay': lr x decay ** (num_layers - i).
+  config.policy.unfreeze_every = 50  # 'gradual_unfreeze': steps between unfreezing blocks.
 
   config.data = ml_collections.ConfigDict()
   # 'vader' (the default task), a .jsonl/.csv file (split into train/validation/test by

@@ -11,21 +11,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ftjax import params as params_lib
 from ftjax.errors import FtjaxError
-
-
-def _path_str(path) -> str:
-  parts = []
-  for key in path:
-    name = getattr(key, 'name', getattr(key, 'key', getattr(key, 'idx', None)))
-    if name != 'value':  # nnx.Variable's own level; orbax's metadata has it too.
-      parts.append(str(name))
-  return '/'.join(parts)
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_path_str(path): tuple(getattr(leaf, 'shape', ())) for path, leaf in flat}
+  return {params_lib.path_str(path): tuple(getattr(leaf, 'shape', ())) for path, leaf in flat}
 
 
 class Checkpoints:

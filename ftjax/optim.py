@@ -1,10 +1,13 @@
 """The optimizer: AdamW with warm-up and decay, weight decay masked off biases and norms."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ftjax import params as params_lib
 from ftjax.errors import FtjaxError
 
 
@@ -39,14 +42,37 @@ def decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Builds the AdamW chain and returns it with its learning-rate schedule (for logging)."""
+def _group_adamw(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
+                rule: params_lib.Rule) -> optax.GradientTransformation:
+  lr = schedule if rule.lr_mult == 1.0 else (lambda step: schedule(step) * rule.lr_mult)
+  if rule.weight_decay is None:
+    weight_decay, mask = optim.weight_decay, decay_mask
+  else:
+    weight_decay, mask = (optim.weight_decay if rule.weight_decay else 0.0), None
+  return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
+                     mask=mask)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   groups: Sequence[params_lib.Group] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds AdamW over the trainable state and returns it with its schedule (for logging).
+
+  With policy `groups`, the optimizer is one `optax.partition` with an AdamW per trainable
+  group (its learning-rate multiplier and weight-decay rule); it is applied to the trainable
+  state only, so frozen parameters have no optimizer state at all.
+  """
   schedule = make_schedule(optim, total_steps)
   chain = []
   if optim.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(optim.grad_clip))
-  chain.append(
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, mask=decay_mask))
+  if groups is None:
+    chain.append(_group_adamw(optim, schedule, params_lib.Rule()))
+  else:
+    owner = {path: g.name for g in groups for path in g.paths}
+    transforms = {g.name: _group_adamw(optim, schedule, g.rule) for g in groups
+                  if g.rule.trainable}
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda keypath, _: owner[params_lib.path_str(keypath)], params)
+    chain.append(optax.partition(transforms, labels))
   return optax.chain(*chain), schedule

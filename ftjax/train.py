@@ -6,10 +6,10 @@ user's input happens before the first byte is written to the workdir, so a bad r
 a good one that shares its directory.
 """
 
+import dataclasses
 import json
 import logging
 import pathlib
-import re
 import sys
 import time
 
@@ -23,6 +23,7 @@ from flax import nnx
 
 from ftjax import checkpoints as checkpoints_lib
 from ftjax import configs, data, hub, metrics as metrics_lib, optim, steps
+from ftjax import params as params_lib
 from ftjax.errors import FtjaxError
 
 logger = logging.getLogger('ftjax')
@@ -39,23 +40,28 @@ def _check_train_config(train: ml_collections.ConfigDict) -> None:
                      f'got {train.best_metric!r}')
 
 
-def _trainable(model: nnx.Module, freeze: str):
-  """The nnx filter of trainable parameters: every Param whose path `freeze` does not match.
+_END = 2**62  # A step after every unfreeze: the split into ever-trainable and always-frozen.
 
-  Frozen parameters travel in the non-differentiated state: no gradients, no optimizer state.
+
+def _split(model: nnx.Module, groups, step: int):
+  """(graphdef, trainable params, everything else) for the policy's phase at `step`."""
+  return nnx.split(model, params_lib.trainable_filter(params_lib.trainable_paths(groups, step)),
+                   ...)
+
+
+def _unfreeze(graphdef, state: steps.TrainState, rest, groups, step: int, tx):
+  """Moves the groups that unfreeze at `step` into the trainable state.
+
+  Optimizer state is carried over by parameter path, so groups already training keep their
+  moments; the new groups start from a fresh AdamW state.
   """
-  if not freeze:
-    return nnx.Param
-  try:
-    pattern = re.compile(freeze)
-  except re.error as e:
-    raise FtjaxError(f'model.freeze {freeze!r} is not a valid regular expression: {e}') from e
-  frozen = lambda path: bool(pattern.search('/'.join(map(str, path))))
-  paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-  if not any(frozen(p) for p in paths):
-    raise FtjaxError(f'model.freeze {freeze!r} matches no parameter; paths look like '
-                     f"{'/'.join(map(str, paths[0]))}")
-  return nnx.All(nnx.Param, lambda path, _: not frozen(path))
+  model = nnx.merge(graphdef, state.params, rest)
+  graphdef, params, rest = _split(model, groups, step)
+  old = {jax.tree_util.keystr(k): v for k, v in
+         jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+  opt_state = jax.tree_util.tree_map_with_path(
+      lambda k, fresh: old.get(jax.tree_util.keystr(k), fresh), tx.init(params))
+  return graphdef, dataclasses.replace(state, params=params, opt_state=opt_state), rest
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -120,22 +126,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   logger.info('%s', report.format())
   tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
 
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  graphdef, params, rest = nnx.split(model, _trainable(model, config.model.freeze), ...)
-  del model  # Its arrays live on in `params` and `rest`.
-  num_trainable = sum(x.size for x in jax.tree.leaves(params))
-  num_total = num_trainable + sum(x.size for x in jax.tree.leaves(nnx.filter_state(rest,
-                                                                                   nnx.Param)))
-  logger.info('trainable parameters: %d of %d (%.2f%%)', num_trainable, num_total,
-              100 * num_trainable / num_total)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                           rng=jax.random.fold_in(jax.random.key(config.seed), 1))
+  groups = params_lib.build_policy(config.policy, model)
+  logger.info('parameter policy (%s):\n%s', config.policy.preset, params_lib.format_table(
+      groups, config.optim.lr, config.optim.weight_decay))
+  phases = params_lib.phase_starts(groups)  # Gradual unfreezing: one compilation per phase.
+  tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   train_iter = data.train_iterator(dataset, tokenizer, config.train.batch_size, config.seed,
                                    num_workers=config.data.num_workers)
 
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
   start_step = ckpts.latest_step() or 0
+  graphdef, params, rest = _split(model, groups, start_step)
+  del model  # Its arrays live on in `params` and `rest`.
+  state = steps.TrainState(step=jnp.asarray(start_step, jnp.int32), params=params,
+                           opt_state=tx.init(params), rng=rng)
   if start_step:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state, data_state = ckpts.restore_latest(start_step, abstract)
@@ -166,6 +172,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         writer.write(step, 'train', scalars)
 
     for step in range(start_step + 1, total_steps + 1):
+      if step - 1 in phases and step - 1 > start_step:  # New groups unfreeze now.
+        graphdef, state, rest = _unfreeze(graphdef, state, rest, groups, step - 1, tx)
+        train_step, eval_step = steps.jit_steps(graphdef, tx, schedule)
+        logger.info('step %d: unfroze %d more parameters', step - 1,
+                    sum(g.num_params for g in groups if g.rule.unfreeze_step == step - 1))
       batch = next(train_iter)
       state, device_metrics = train_step(state, batch, rest)
       if pending:
@@ -177,7 +188,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         pending = None
         val = evaluate(eval_step, state.params, rest, eval_batches('validation'), num_classes)
         writer.write(step, 'validation', val)
-        ckpts.save_best(step, state.params, val)
+        # Every parameter that trains in any phase: frozen-for-now ones included, so the best
+        # step can be rebuilt exactly after later phases have changed them.
+        ckpts.save_best(step, _split(nnx.merge(graphdef, state.params, rest), groups, _END)[1],
+                        val)
         logger.info('step %d validation: loss %.4f accuracy %.4f macro_f1 %.4f', step,
                     val['loss'], val['accuracy'], val['macro_f1'])
       if step % config.train.checkpoint_every == 0 or step == total_steps:
@@ -188,7 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # Report the step that validation chose, on both held-out splits.
   best_step = ckpts.best_step()
-  abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.params)
+  if len(phases) > 1:
+    graphdef, final_params, rest = _split(nnx.merge(graphdef, state.params, rest), groups, _END)
+    eval_step = steps.jit_steps(graphdef, tx, schedule)[1]
+  else:
+    final_params = state.params
+  abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, final_params)
   best_params = ckpts.restore_best_params(abstract_params)
   results = {split: evaluate(eval_step, best_params, rest, eval_batches(split), num_classes)
              for split in ('validation', 'test')}
