@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.init = 'pretrained'  # 'pretrained' loads the weights; 'scratch' = random init.
   config.model.pooling = 'mean'  # Sentence vector for the head: 'mean', 'cls' or 'pooler'.
   config.model.classifier_dropout = 0.1  # Dropout before the new classification head.
+  config.model.dropout = -1.0  # Encoder dropout (hidden + attention); -1 keeps the checkpoint's.
   config.model.dtype = 'float32'  # Compute dtype of the encoder: 'float32' or 'bfloat16'.
   config.policy = ml_collections.ConfigDict()
   # Which parameters train and how (ftjax/params.py): 'full', 'head_only' (linear probe),
@@ -84,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.b2 = 0.999  # AdamW second-moment decay.
   config.optim.eps = 1e-8  # AdamW epsilon.
   config.optim.grad_clip = 1.0  # Global gradient-norm clip; 0 disables it.
+  # L2-SP strength: pulls pretrained weights toward their starting values (against forgetting);
+  # 0 disables it. The new head is never anchored.
+  config.optim.l2_sp = 0.0
 
   if arg == 'runlocal':
     config.train.num_epochs = 0.05

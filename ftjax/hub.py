@@ -390,6 +390,7 @@ def load_model(
     init: str = 'pretrained',
     dtype: Any = 'float32',
     seed: int = 0,
+    dropout: float | None = None,
 ) -> tuple[SequenceClassifier, LoadReport, pathlib.Path]:
   """Loads a pretrained encoder and puts a fresh classification head on it.
 
@@ -401,6 +402,7 @@ def load_model(
     init: 'pretrained' loads the weights; 'scratch' builds the same architecture at random.
     dtype: compute dtype, 'float32' or 'bfloat16' ('float16' too); parameters stay float32.
     seed: seeds every freshly initialised parameter.
+    dropout: replaces the checkpoint's own dropout rates in the encoder (None keeps them).
 
   Returns:
     (model, report, checkpoint directory); the directory also holds the tokenizer files.
@@ -413,6 +415,10 @@ def load_model(
   compute_dtype = _compute_dtype(dtype)
   directory = resolve_checkpoint(checkpoint)
   family, config = read_config(directory)
+  if dropout is not None:
+    if not 0.0 <= dropout < 1.0:
+      raise FtjaxError(f'dropout must be in [0, 1), got {dropout}')
+    config = config.with_dropout(dropout)
 
   def build() -> SequenceClassifier:
     rngs = nnx.Rngs(seed)

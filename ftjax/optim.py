@@ -1,6 +1,8 @@
 """The optimizer: AdamW with warm-up and decay, weight decay masked off biases and norms."""
 
+import re
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,29 @@ def decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+class L2SPState(NamedTuple):
+  anchor: Any  # The trainable parameters when the optimizer was created: the pretrained ones.
+
+
+def l2_sp(strength: float) -> optax.GradientTransformation:
+  """L2-SP (Li et al., 2018): adds `strength * (params - anchor)` to the gradient.
+
+  A penalty toward the pretrained weights instead of toward zero, against catastrophic
+  forgetting. It belongs in the gradient (like an L2 term in the loss), so it goes before
+  clipping and Adam's normalisation.
+  """
+  def init(params):
+    # Copies, because the train state (and with it `params`) is donated to the step.
+    return L2SPState(anchor=jax.tree.map(jnp.copy, params))
+
+  def update(updates, state, params):
+    updates = jax.tree.map(lambda g, p, a: g + strength * (p - a).astype(g.dtype),
+                           updates, params, state.anchor)
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
 def _group_adamw(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
                 rule: params_lib.Rule) -> optax.GradientTransformation:
   lr = schedule if rule.lr_mult == 1.0 else (lambda step: schedule(step) * rule.lr_mult)
@@ -64,6 +89,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
   """
   schedule = make_schedule(optim, total_steps)
   chain = []
+  if optim.l2_sp < 0:
+    raise FtjaxError(f'optim.l2_sp must be >= 0, got {optim.l2_sp}')
+  if optim.l2_sp > 0:
+    # Only pretrained weights have an anchor; the new head is decayed toward zero as usual.
+    pretrained = lambda params: jax.tree_util.tree_map_with_path(
+        lambda keypath, _: not re.search(params_lib.HEAD, params_lib.path_str(keypath)), params)
+    chain.append(optax.masked(l2_sp(optim.l2_sp), pretrained))
   if optim.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(optim.grad_clip))
   if groups is None:

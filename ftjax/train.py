@@ -122,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   model, report, checkpoint_dir = hub.load_model(
       config.model.checkpoint, num_labels=len(dataset.label_names),
       pooling=config.model.pooling, classifier_dropout=config.model.classifier_dropout,
-      init=config.model.init, dtype=config.model.dtype, seed=config.seed)
+      init=config.model.init, dtype=config.model.dtype, seed=config.seed,
+      dropout=None if config.model.dropout < 0 else config.model.dropout)
   logger.info('%s', report.format())
   tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
 

@@ -92,9 +92,10 @@ def test_unknown_preset(model):
     params.build_policy(_policy('lora_all_the_things'), model)
 
 
-def _train_a_few_steps(model, policy, n=3):
+def _train_a_few_steps(model, policy, n=3, l2_sp=0.0):
   groups = params.build_policy(policy, model)
   optim_cfg = configs.load_config('configs/minilm_vader.py').optim
+  optim_cfg.l2_sp = l2_sp
   tx, schedule = optim.make_optimizer(optim_cfg, 10, groups)
   graphdef, trainable, rest = nnx.split(
       model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
@@ -148,3 +149,29 @@ def test_policy_table_lists_groups_and_fraction(model):
   assert '^classifier/' in table and 'trainable: ' in table
   head = sum(g.num_params for g in groups if g.rule.trainable)
   assert f'{head:,}' in table
+
+
+def test_l2_sp_pulls_toward_the_anchor():
+  tx = optim.l2_sp(0.5)
+  state = tx.init({'w': jnp.ones(3)})
+  updates, _ = tx.update({'w': jnp.full(3, 0.25)}, state, {'w': jnp.full(3, 3.0)})
+  np.testing.assert_allclose(updates['w'], 0.25 + 0.5 * (3.0 - 1.0))
+
+
+def test_l2_sp_keeps_pretrained_weights_closer_and_never_anchors_the_head():
+  def distance(strength):
+    rngs = nnx.Rngs(0)
+    model = SequenceClassifier(bert.BertModel(TINY, rngs=rngs), 3, rngs=rngs)
+    initial = {p: np.array(v.get_value()) for p, v in params.param_paths(model).items()}
+    state, _, _ = _train_a_few_steps(model, _policy('full'), n=6, l2_sp=strength)
+    anchored = {params.path_str(k) for k, _ in
+                jax.tree_util.tree_flatten_with_path(state.opt_state[0])[0]}
+    final = {params.path_str(k): np.array(v)
+             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    encoder = [p for p in final if p.startswith('encoder/')]
+    return sum(np.abs(final[p] - initial[p]).sum() for p in encoder), anchored
+
+  free, _ = distance(0.0)
+  pulled, anchored = distance(1000.0)
+  assert pulled < 0.5 * free
+  assert anchored and not any('classifier' in p for p in anchored)

@@ -95,6 +95,10 @@ class BertConfig:
       raise FtjaxError(f'hidden_act must be a string in the BERT config, got {d["hidden_act"]!r}')
     return cls(**kwargs)
 
+  def with_dropout(self, rate: float) -> 'BertConfig':
+    """The same architecture with every dropout rate (hidden and attention) set to `rate`."""
+    return dataclasses.replace(self, hidden_dropout_prob=rate, attention_probs_dropout_prob=rate)
+
   def to_hf(self) -> dict[str, Any]:
     """A config.json dict that `transformers.BertModel.from_pretrained` reads."""
     d = dataclasses.asdict(self)

@@ -1,0 +1,336 @@
+"""LoRA (Hu et al., 2021) as model surgery: selected `nnx.Linear` layers gain low-rank adapters.
+
+`apply_lora` swaps each targeted `nnx.Linear` for a `LoRALinear` that keeps the frozen base
+`kernel`/`bias` (the very same `nnx.Param` objects, under the same names, so the Hugging Face key
+map and export still find them) and adds `lora_a` [in, r] and `lora_b` [r, out] as
+`nnx.LoRAParam`. The output is `base(x) + x @ A @ B * scaling`.
+
+A module may hold several named adapters; exactly one (or none) is active model-wide. The
+'default' adapter lives at `.../lora_a` and `.../lora_b`, another named `n` at `.../lora_a_n`
+and `.../lora_b_n`, so the common single-adapter checkpoint keeps short, stable names.
+
+`merge_lora` folds the active adapter into the base kernels and `unmerge_lora` takes it back out;
+`strip_lora` then turns the layers back into plain `nnx.Linear`s, e.g. for `hub.export_encoder`.
+
+`nnx.LoRAParam` subclasses `nnx.Param`: `nnx.Param` selects the base weights *and* the adapters.
+Train the adapters with `lora_filter` (combined with the head, e.g.
+`nnx.Any(lora_filter, nnx.PathContains('classifier'))`).
+"""
+
+import math
+import re
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from ftjax.errors import FtjaxError
+
+DEFAULT_ADAPTER = 'default'
+
+# Selects the LoRA factors of every adapter, and nothing of the base model.
+lora_filter = nnx.LoRAParam
+
+_ADAPTER_NAME = re.compile(r'[A-Za-z0-9_]+')
+
+
+def _attr_names(name: str) -> tuple[str, str]:
+  if name == DEFAULT_ADAPTER:
+    return 'lora_a', 'lora_b'
+  return f'lora_a_{name}', f'lora_b_{name}'
+
+
+def _factor_metadata(kernel: nnx.Variable, axes: tuple[str | None, ...] | None) -> dict:
+  """Sharding metadata for a LoRA factor, laid out like the base kernel it adapts."""
+  metadata = kernel.get_metadata()
+  if axes is None or metadata.get('out_sharding') is None:
+    return {}
+  return {
+      'out_sharding': axes,
+      'eager_sharding': metadata.get('eager_sharding', False),
+      'mesh': metadata.get('mesh'),
+  }
+
+
+class LoRALinear(nnx.Linear):
+  """An `nnx.Linear` whose output gains the active low-rank adapter's update.
+
+  Built from an existing layer by `apply_lora`, never from scratch: the base parameters are
+  shared with (taken over from) that layer, so the state paths of `kernel` and `bias` do not
+  change. It is still an `nnx.Linear`, and its call signature is the same.
+
+  Attributes:
+    adapters: (name, scaling) per adapter, in the order they were added.
+    active: the name of the adapter that contributes, or None for the base layer alone.
+    merged: whether the active adapter is folded into `kernel` (the LoRA branch is then skipped).
+  """
+
+  def __init__(self, base: nnx.Linear):
+    # Linear.__init__ would create fresh parameters; take over the base layer's instead.
+    for key, value in vars(base).items():
+      if key.startswith('_') or key in ('kernel', 'bias'):
+        continue
+      setattr(self, key, value)
+    self.kernel = base.kernel
+    self.bias = nnx.data(base.bias)
+    self.adapters: tuple[tuple[str, float], ...] = ()
+    self.active: str | None = None
+    self.merged = False
+
+  def add_adapter(
+      self, name: str, *, rank: int, scaling: float, rngs: nnx.Rngs
+  ) -> None:
+    """Adds adapter `name`: A kaiming-uniform as in PEFT, B zero (so the output is unchanged)."""
+    in_features, out_features = self.kernel.shape
+    # PEFT's kaiming_uniform_(a=sqrt(5)) on A's [r, in] weight: U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1.0 / math.sqrt(in_features)
+    a_value = jax.random.uniform(
+        rngs.params(), (in_features, rank), self.kernel.dtype, -bound, bound
+    )
+    b_value = jnp.zeros((rank, out_features), self.kernel.dtype)
+    kernel_axes = self.kernel.get_metadata().get('out_sharding')
+    a_axes = None if kernel_axes is None else (kernel_axes[0], None)
+    b_axes = None if kernel_axes is None else (None, kernel_axes[1])
+    a_attr, b_attr = _attr_names(name)
+    setattr(self, a_attr, nnx.LoRAParam(a_value, **_factor_metadata(self.kernel, a_axes)))
+    setattr(self, b_attr, nnx.LoRAParam(b_value, **_factor_metadata(self.kernel, b_axes)))
+    self.adapters = (*self.adapters, (name, float(scaling)))
+
+  def has_adapter(self, name: str) -> bool:
+    return any(n == name for n, _ in self.adapters)
+
+  def delta(self, name: str) -> jax.Array:
+    """The kernel update B·A·scaling of adapter `name`, [in, out] in the parameter dtype."""
+    a_attr, b_attr = _attr_names(name)
+    scaling = dict(self.adapters)[name]
+    return (getattr(self, a_attr)[...] @ getattr(self, b_attr)[...]) * scaling
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    y = super().__call__(inputs, out_sharding)
+    if self.merged or self.active is None or not self.has_adapter(self.active):
+      return y
+    a_attr, b_attr = _attr_names(self.active)
+    x, lora_a, lora_b = self.promote_dtype(
+        (inputs, getattr(self, a_attr)[...], getattr(self, b_attr)[...]), dtype=self.dtype
+    )
+    update = (x @ lora_a @ lora_b) * dict(self.adapters)[self.active]
+    return y + update.astype(y.dtype)
+
+
+def _path_str(path: tuple) -> str:
+  return '/'.join(map(str, path)) or '(root)'
+
+
+def _modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+  return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
+
+
+def _lora_layers(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
+  return [(path, node) for path, node in _modules(model) if isinstance(node, LoRALinear)]
+
+
+def _linear_examples(modules: list[tuple[tuple, nnx.Module]], limit: int = 8) -> str:
+  # Per-layer repeats collapse to '*' so that the hint stays one short line.
+  seen: dict[str, None] = {}
+  for path, node in modules:
+    if isinstance(node, nnx.Linear):
+      seen[re.sub(r'(?<=/)\d+(?=/|$)', '*', _path_str(path))] = None
+  names = list(seen)
+  more = f', ... (+{len(names) - limit} more)' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more if names else '(none)'
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
+
+
+def apply_lora(
+    model: nnx.Module,
+    *,
+    targets: str,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    rngs: nnx.Rngs,
+    name: str = DEFAULT_ADAPTER,
+) -> list[str]:
+  """Adds LoRA adapter `name` to every linear layer whose path `targets` matches, in place.
+
+  The new adapter becomes the active one on the whole model. Applying a second name to the same
+  layers adds a second pair of factors; `set_active_adapter` chooses which one contributes.
+
+  Args:
+    model: the model to modify (e.g. a `SequenceClassifier`).
+    targets: regex searched in '/'-joined module paths, e.g. r'attention/(query|value)$'.
+      Every module it matches must be a linear layer.
+    rank: r, the inner dimension of the factors.
+    alpha: the scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).
+    dropout: dropout on the LoRA branch's input; only 0 is supported (see Raises).
+    use_rslora: scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r.
+    rngs: initialises the A factors (its 'params' stream).
+    name: the adapter's name (letters, digits, underscores).
+
+  Returns:
+    The '/'-joined paths of the adapted layers.
+
+  Raises:
+    FtjaxError: for rank <= 0, alpha <= 0, dropout > 0 (the models call their dense layers
+      without rngs, so LoRA dropout is not supported yet), an invalid name or regex, a regex
+      that matches no module or matches a module that is not a linear layer, an adapter name
+      already present on a matched layer, or a model with merged adapters.
+  """
+  if not isinstance(rank, int) or rank <= 0:
+    raise FtjaxError(f'LoRA rank must be a positive integer, got {rank!r}: set e.g. rank=8')
+  if alpha <= 0:
+    raise FtjaxError(f'LoRA alpha must be positive, got {alpha!r}: set e.g. alpha=16')
+  if not 0.0 <= dropout < 1.0:
+    raise FtjaxError(f'LoRA dropout must be in [0, 1), got {dropout!r}')
+  if dropout > 0.0:
+    raise FtjaxError(
+        f'LoRA dropout is not supported yet (got {dropout}): set the LoRA dropout to 0'
+    )
+  if not _ADAPTER_NAME.fullmatch(name):
+    raise FtjaxError(
+        f'LoRA adapter name {name!r} is invalid: use letters, digits and underscores only'
+    )
+  try:
+    pattern = re.compile(targets)
+  except re.error as e:
+    raise FtjaxError(f'LoRA targets {targets!r} is not a valid regular expression: {e}') from e
+
+  modules = _modules(model)
+  if any(layer.merged for _, layer in _lora_layers(model)):
+    raise FtjaxError('this model has merged LoRA adapters: call unmerge_lora before apply_lora')
+  matched = [(path, node) for path, node in modules if pattern.search(_path_str(path))]
+  if not matched:
+    raise FtjaxError(
+        f'LoRA targets {targets!r} match no module: linear layers are at '
+        f'{_linear_examples(modules)}'
+    )
+  for path, node in matched:
+    if not isinstance(node, nnx.Linear):
+      raise FtjaxError(
+          f'LoRA targets {targets!r} match {_path_str(path)}, a {type(node).__name__} and not a '
+          'linear layer: narrow the regex (anchor it with $) to linear layers only'
+      )
+    if isinstance(node, LoRALinear) and node.has_adapter(name):
+      raise FtjaxError(
+          f'{_path_str(path)} already has a LoRA adapter named {name!r}: pass another name'
+      )
+
+  scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+  for path, node in matched:
+    layer = node if isinstance(node, LoRALinear) else LoRALinear(node)
+    layer.add_adapter(name, rank=rank, scaling=scaling, rngs=rngs)
+    if layer is not node:
+      _replace(model, path, layer)
+  set_active_adapter(model, name)
+  return [_path_str(path) for path, _ in matched]
+
+
+def adapter_names(model: nnx.Module) -> list[str]:
+  """The names of the LoRA adapters present anywhere in `model`, in the order they were added."""
+  names: dict[str, None] = {}
+  for _, layer in _lora_layers(model):
+    names.update((name, None) for name, _ in layer.adapters)
+  return list(names)
+
+
+def set_active_adapter(model: nnx.Module, name: str | None) -> None:
+  """Makes adapter `name` the only one that contributes (None: the base model alone).
+
+  Layers without an adapter of that name then compute their base output only.
+
+  Raises:
+    FtjaxError: if no layer has an adapter `name`, or adapters are merged.
+  """
+  layers = _lora_layers(model)
+  if any(layer.merged for _, layer in layers):
+    raise FtjaxError(
+        'this model has a merged LoRA adapter: call unmerge_lora before switching adapters'
+    )
+  if name is not None and not any(layer.has_adapter(name) for _, layer in layers):
+    raise FtjaxError(
+        f'this model has no LoRA adapter named {name!r}: use one of '
+        f'{", ".join(map(repr, adapter_names(model))) or "(none: call apply_lora first)"}'
+    )
+  for _, layer in layers:
+    layer.active = name
+
+
+def merge_lora(model: nnx.Module) -> list[str]:
+  """Folds the active adapter into the base kernels: kernel += A @ B * scaling, in place.
+
+  The LoRA branch is then skipped, so the forward pass costs what the base model costs and an
+  exporter sees plain linear layers. `unmerge_lora` undoes it.
+
+  Returns:
+    The '/'-joined paths of the layers merged.
+
+  Raises:
+    FtjaxError: if the model has no active adapter or is merged already.
+  """
+  layers = _lora_layers(model)
+  if any(layer.merged for _, layer in layers):
+    raise FtjaxError('the LoRA adapters of this model are merged already: nothing to merge')
+  todo = [(p, layer) for p, layer in layers if layer.active and layer.has_adapter(layer.active)]
+  if not todo:
+    raise FtjaxError('this model has no active LoRA adapter to merge: call apply_lora first')
+  for _, layer in todo:
+    layer.kernel[...] = layer.kernel[...] + layer.delta(layer.active)
+    layer.merged = True
+  return [_path_str(path) for path, _ in todo]
+
+
+def unmerge_lora(model: nnx.Module) -> list[str]:
+  """Subtracts the merged adapter back out of the base kernels (the inverse of `merge_lora`).
+
+  Returns:
+    The '/'-joined paths of the layers unmerged.
+
+  Raises:
+    FtjaxError: if nothing is merged.
+  """
+  todo = [(path, layer) for path, layer in _lora_layers(model) if layer.merged]
+  if not todo:
+    raise FtjaxError('this model has no merged LoRA adapter: nothing to unmerge')
+  for _, layer in todo:
+    layer.kernel[...] = layer.kernel[...] - layer.delta(layer.active)
+    layer.merged = False
+  return [_path_str(path) for path, _ in todo]
+
+
+def _plain_linear(layer: LoRALinear) -> nnx.Linear:
+  # Built abstractly so that no throwaway kernel is materialised; the real Params go in after.
+  in_features, out_features = layer.kernel.shape
+  linear = nnx.eval_shape(lambda: nnx.Linear(
+      in_features, out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
+      param_dtype=layer.param_dtype, precision=layer.precision, dot_general=layer.dot_general,
+      promote_dtype=layer.promote_dtype, preferred_element_type=layer.preferred_element_type,
+      rngs=nnx.Rngs(0)))
+  linear.kernel = layer.kernel
+  if layer.bias is not None:
+    linear.bias = layer.bias
+  return linear
+
+
+def strip_lora(model: nnx.Module) -> list[str]:
+  """Turns every `LoRALinear` back into a plain `nnx.Linear`, dropping all adapters, in place.
+
+  Call it after `merge_lora` to keep the merged weights (e.g. before `hub.export_encoder`, which
+  refuses parameters without a Hugging Face name), or on an unmerged model to drop the adapters.
+
+  Returns:
+    The '/'-joined paths of the layers stripped.
+  """
+  layers = _lora_layers(model)
+  for path, layer in layers:
+    _replace(model, path, _plain_linear(layer))
+  return [_path_str(path) for path, _ in layers]

@@ -1,0 +1,283 @@
+"""LoRA surgery: unchanged outputs at init, merge/unmerge, gradients, named adapters, errors."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import hub
+from ftjax.errors import FtjaxError
+from ftjax.models import bert, heads
+from ftjax.peft import lora
+
+TINY = bert.BertConfig(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
+QV = r'attention/(query|value)$'
+
+
+def _tiny_model(dtype=jnp.float32) -> heads.SequenceClassifier:
+  encoder = bert.BertModel(TINY, dtype=dtype, rngs=nnx.Rngs(0))
+  return heads.SequenceClassifier(encoder, 3, rngs=nnx.Rngs(1))
+
+
+def _batch(vocab_size: int = TINY.vocab_size) -> tuple[jax.Array, jax.Array]:
+  ids = jax.random.randint(jax.random.key(0), (2, 7), 0, vocab_size)
+  mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+  return ids, mask
+
+
+def _randomise_b(model: nnx.Module, seed: int = 0, suffix: str = '') -> None:
+  """Gives every LoRA B factor (of one adapter) random values, so that the adapters matter."""
+  key = jax.random.key(seed)
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+    if path[-1] == f'lora_b{suffix}':
+      key, sub = jax.random.split(key)
+      variable[...] = 0.1 * jax.random.normal(sub, variable.shape)
+
+
+def _path(p: tuple) -> str:
+  return '/'.join(map(str, p))
+
+
+def test_zero_b_leaves_outputs_unchanged():
+  model = _tiny_model()
+  ids, mask = _batch()
+  base = model(ids, mask)
+  base_jit = nnx.jit(lambda m: m(ids, mask))(model)
+  adapted = lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(2))
+  expected = [f'encoder/layers/{i}/attention/{n}' for i in (0, 1) for n in ('query', 'value')]
+  assert adapted == expected
+  np.testing.assert_array_equal(model(ids, mask), base)
+  np.testing.assert_allclose(nnx.jit(lambda m: m(ids, mask))(model), base_jit, atol=1e-6)
+
+
+def test_surgery_keeps_base_params_and_names_factors():
+  model = _tiny_model()
+  params_before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  kernel = model.encoder.layers[0].attention.query.kernel
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(2))
+  query = model.encoder.layers[0].attention.query
+  assert isinstance(query, lora.LoRALinear) and isinstance(query, nnx.Linear)
+  assert query.kernel is kernel  # The same Param, not a copy.
+
+  # Base params keep their paths (the HF key map relies on them); LoRAParam is a Param too.
+  base_filter = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  base_after = nnx.to_flat_state(nnx.state(model, base_filter))
+  assert [p for p, _ in base_after] == [p for p, _ in params_before]
+  lora_paths = [_path(p) for p, _ in nnx.to_flat_state(nnx.state(model, lora.lora_filter))]
+  assert 'encoder/layers/0/attention/query/lora_a' in lora_paths
+  assert 'encoder/layers/0/attention/query/lora_b' in lora_paths
+  assert len(lora_paths) == 2 * 2 * TINY.num_hidden_layers
+
+  # Factors: A ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT, B = 0, laid out like the base kernel.
+  a, b = query.lora_a, query.lora_b
+  assert a.shape == (32, 4) and b.shape == (4, 32)
+  bound = 1 / np.sqrt(32)
+  assert np.all(np.abs(a[...]) <= bound) and np.abs(a[...]).max() > 0.5 * bound
+  np.testing.assert_array_equal(b[...], 0)
+  assert a.get_metadata()['out_sharding'] == ('embed', None)
+  assert b.get_metadata()['out_sharding'] == (None, 'heads')
+  out = model.encoder.layers[0].attention.out
+  assert not isinstance(out, lora.LoRALinear)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores_kernel():
+  model = _tiny_model()
+  ids, mask = _batch()
+  base = model(ids, mask)
+  lora.apply_lora(model, targets=r'(query|value|intermediate)$', rank=4, alpha=8,
+                  rngs=nnx.Rngs(2))
+  _randomise_b(model)
+  unmerged = model(ids, mask)
+  assert np.abs(unmerged - base).max() > 1e-3
+  kernel = np.array(model.encoder.layers[1].intermediate.kernel[...])
+
+  merged_paths = lora.merge_lora(model)
+  assert len(merged_paths) == 3 * TINY.num_hidden_layers
+  assert np.abs(model.encoder.layers[1].intermediate.kernel[...] - kernel).max() > 1e-4
+  np.testing.assert_allclose(model(ids, mask), unmerged, atol=1e-5)
+
+  lora.unmerge_lora(model)
+  np.testing.assert_allclose(model.encoder.layers[1].intermediate.kernel[...], kernel, atol=1e-6)
+  np.testing.assert_allclose(model(ids, mask), unmerged, atol=1e-5)
+
+
+def test_jitted_grads_reach_only_lora_state():
+  model = _tiny_model()
+  ids, mask = _batch()
+  labels = jnp.array([0, 2])
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(2))
+  graphdef, lora_state, rest = nnx.split(model, lora.lora_filter, ...)
+
+  @jax.jit
+  def grad_fn(lora_state, rest):
+    def loss_fn(lora_state):
+      logits = nnx.merge(graphdef, lora_state, rest)(ids, mask)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+    return jax.grad(loss_fn)(lora_state)
+
+  grads = nnx.to_flat_state(grad_fn(lora_state, rest))
+  assert {p[-1] for p, _ in grads} == {'lora_a', 'lora_b'}
+  for path, g in grads:
+    # B = 0 at init, so no gradient flows to A yet; B's gradient is x @ A times the upstream one.
+    if path[-1] == 'lora_a':
+      np.testing.assert_array_equal(g[...], 0)
+    else:
+      assert np.abs(g[...]).max() > 0, _path(path)
+
+
+def test_rslora_scaling():
+  x = jax.random.normal(jax.random.key(5), (3, 32))
+  outputs = {}
+  for use_rslora in (False, True):
+    model = _tiny_model()
+    base = model.encoder.layers[0].attention.query(x)
+    lora.apply_lora(model, targets=r'query$', rank=4, alpha=8, use_rslora=use_rslora,
+                    rngs=nnx.Rngs(2))
+    query = model.encoder.layers[0].attention.query
+    assert query.adapters == (('default', 8 / 2 if use_rslora else 8 / 4),)
+    _randomise_b(model)
+    outputs[use_rslora] = query(x) - base
+  # Same factors: rsLoRA's alpha/sqrt(r) = 4 is twice plain LoRA's alpha/r = 2.
+  assert np.abs(outputs[False]).max() > 1e-3
+  np.testing.assert_allclose(outputs[True], 2 * outputs[False], rtol=1e-4, atol=1e-6)
+
+
+def test_named_adapters_switch():
+  model = _tiny_model()
+  ids, mask = _batch()
+  base = model(ids, mask)
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(2))
+  lora.apply_lora(model, targets=QV, rank=2, alpha=4, rngs=nnx.Rngs(3), name='b')
+  query = model.encoder.layers[0].attention.query
+  assert query.lora_a.shape == (32, 4) and query.lora_a_b.shape == (32, 2)
+  assert lora.adapter_names(model) == ['default', 'b']
+  assert query.active == 'b'  # The adapter applied last is the one being trained.
+  _randomise_b(model, seed=0)
+  _randomise_b(model, seed=1, suffix='_b')
+
+  out_b = model(ids, mask)
+  lora.set_active_adapter(model, 'default')
+  out_default = model(ids, mask)
+  assert np.abs(out_b - out_default).max() > 1e-4
+  lora.set_active_adapter(model, None)
+  np.testing.assert_array_equal(model(ids, mask), base)
+  lora.set_active_adapter(model, 'b')
+  np.testing.assert_array_equal(model(ids, mask), out_b)
+
+  # Only the active adapter contributes, so only it gets gradients.
+  graphdef, lora_state, rest = nnx.split(model, lora.lora_filter, ...)
+  loss = lambda s: nnx.merge(graphdef, s, rest)(ids, mask).sum()
+  grads = nnx.to_flat_state(jax.jit(jax.grad(loss))(lora_state))
+  for path, g in grads:
+    active = path[-1].endswith('_b') and path[-1] != 'lora_b'
+    assert (np.abs(g[...]).max() > 0) == active, _path(path)
+
+  # Merging folds in the active adapter only.
+  lora.merge_lora(model)
+  np.testing.assert_allclose(model(ids, mask), out_b, atol=1e-5)
+  lora.unmerge_lora(model)
+  lora.set_active_adapter(model, 'default')
+  np.testing.assert_allclose(model(ids, mask), out_default, atol=1e-6)
+
+
+def test_bfloat16_compute():
+  model = _tiny_model(dtype=jnp.bfloat16)
+  ids, mask = _batch()
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(2))
+  _randomise_b(model)
+  assert model.encoder.layers[0].attention.query(jnp.ones((1, 32), jnp.bfloat16)).dtype == (
+      jnp.bfloat16)
+  assert model.encoder.layers[0].attention.query.lora_a.dtype == jnp.float32
+  assert np.all(np.isfinite(model(ids, mask)))
+
+
+def test_minilm_query_value_trainable_count():
+  model, _, _ = hub.load_model('sentence-transformers/all-MiniLM-L6-v2', num_labels=3)
+  ids, mask = _batch(vocab_size=1000)
+  base = model(ids, mask)
+  adapted = lora.apply_lora(model, targets=QV, rank=8, alpha=16, rngs=nnx.Rngs(0))
+  assert len(adapted) == 12
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora.lora_filter)))
+  assert count == 6 * 2 * (384 * 8 + 8 * 384)
+  np.testing.assert_array_equal(model(ids, mask), base)
+
+
+def test_merge_strip_export(tmp_path):
+  model = _tiny_model()
+  ids, mask = _batch()
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(2))
+  _randomise_b(model)
+  adapted = model(ids, mask)
+  lora.merge_lora(model)
+  assert len(lora.strip_lora(model)) == 2 * TINY.num_hidden_layers
+  assert type(model.encoder.layers[0].attention.query) is nnx.Linear
+  assert not nnx.state(model, lora.lora_filter)
+  np.testing.assert_allclose(model(ids, mask), adapted, atol=1e-5)
+
+  # The merged encoder exports under Hugging Face names and loads back unchanged.
+  hub.export_encoder(model.encoder, TINY, tmp_path)
+  encoder, report, _ = hub.load_encoder(str(tmp_path))
+  # The classifier head dropped the pooler, so only it is missing.
+  assert sorted(report.missing) == ['pooler.dense.bias', 'pooler.dense.weight']
+  assert not report.unexpected
+  np.testing.assert_array_equal(
+      encoder.layers[0].attention.query.kernel[...],
+      model.encoder.layers[0].attention.query.kernel[...],
+  )
+
+
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        (dict(rank=0), 'rank must be a positive integer'),
+        (dict(rank=-2), 'rank must be a positive integer'),
+        (dict(alpha=0.0), 'alpha must be positive'),
+        (dict(alpha=-1.0), 'alpha must be positive'),
+        (dict(dropout=0.1), 'LoRA dropout is not supported yet'),
+        (dict(dropout=1.5), r'dropout must be in \[0, 1\)'),
+        (dict(name='a/b'), 'adapter name'),
+        (dict(targets='attention/(query'), 'not a valid regular expression'),
+        (dict(targets=r'attention/qkv$'),
+         r'match no module: linear layers are at .*encoder/layers/\*/attention/query'),
+        (dict(targets=r'layers/0/attention$'),
+         'match encoder/layers/0/attention, a BertSelfAttention and not a linear layer'),
+        (dict(targets=r'layers/0/attention_norm$'), 'LayerNorm and not a linear layer'),
+    ],
+)
+def test_apply_errors(kwargs, message):
+  model = _tiny_model()
+  args = dict(targets=QV, rank=4, alpha=8.0, rngs=nnx.Rngs(0)) | kwargs
+  with pytest.raises(FtjaxError, match=message):
+    lora.apply_lora(model, **args)
+  # A refused call leaves the model untouched.
+  assert not nnx.state(model, lora.lora_filter)
+
+
+def test_state_errors():
+  model = _tiny_model()
+  with pytest.raises(FtjaxError, match='no active LoRA adapter to merge'):
+    lora.merge_lora(model)
+  with pytest.raises(FtjaxError, match='no LoRA adapter named'):
+    lora.set_active_adapter(model, 'default')
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8, rngs=nnx.Rngs(0))
+  with pytest.raises(FtjaxError, match="already has a LoRA adapter named 'default'"):
+    lora.apply_lora(model, targets=r'query$', rank=4, alpha=8, rngs=nnx.Rngs(0))
+  with pytest.raises(FtjaxError, match="no LoRA adapter named 'x': use one of 'default'"):
+    lora.set_active_adapter(model, 'x')
+  with pytest.raises(FtjaxError, match='nothing to unmerge'):
+    lora.unmerge_lora(model)
+  lora.merge_lora(model)
+  with pytest.raises(FtjaxError, match='merged already'):
+    lora.merge_lora(model)
+  with pytest.raises(FtjaxError, match='unmerge_lora before switching'):
+    lora.set_active_adapter(model, None)
+  with pytest.raises(FtjaxError, match='unmerge_lora before apply_lora'):
+    lora.apply_lora(model, targets=r'key$', rank=4, alpha=8, rngs=nnx.Rngs(0), name='k')
