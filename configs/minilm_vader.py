@@ -52,6 +52,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.policy.layer_decay = 0.8  # 'layerwise_lr_decay': lr x decay ** (num_layers - i).
   config.policy.unfreeze_every = 50  # 'gradual_unfreeze': steps between unfreezing blocks.
 
+  config.peft = ml_collections.ConfigDict()
+  config.peft.method = 'none'  # 'none' or a PEFT method: 'lora' (use with policy.preset='peft').
+  config.peft.lora = ml_collections.ConfigDict()
+  config.peft.lora.rank = 8  # Rank r of the update B @ A.
+  config.peft.lora.alpha = 16.0  # Scaling alpha / r (alpha / sqrt(r) with rslora).
+  config.peft.lora.targets = r'attention/(query|value)$'  # Regex over linear-layer paths.
+  config.peft.lora.rslora = False  # rsLoRA scaling (Kalajdzievski, 2023).
+  config.peft.lora.dropout = 0.0  # Dropout on the LoRA branch's input (only 0 for now).
+
   config.data = ml_collections.ConfigDict()
   # 'vader' (the default task), a .jsonl/.csv file (split into train/validation/test by
   # `split_fractions`), or a directory with train.*, validation.* and test.* files.

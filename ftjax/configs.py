@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import pathlib
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,11 +29,14 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise FtjaxError(f'config file {path_str!r} does not exist: pass --config=configs/<name>.py')
   module_spec = importlib.util.spec_from_file_location(f'ftjax_config_{path.stem}', path)
   module = importlib.util.module_from_spec(module_spec)
+  sys.path.insert(0, str(path.parent.absolute()))  # A config may build on a sibling config.
   try:
     module_spec.loader.exec_module(module)
   except SyntaxError as e:
     raise FtjaxError(f'config file {path_str} has a syntax error at line {e.lineno}: '
                      f'{e.msg}') from e
+  finally:
+    sys.path.remove(str(path.parent.absolute()))
   if not hasattr(module, 'get_config'):
     raise FtjaxError(f'config file {path_str} defines no get_config(arg=None) function')
   try:

@@ -23,7 +23,7 @@ from ftjax.errors import FtjaxError
 HEAD = r'^classifier/'  # The new output layer; trainable under every preset.
 _LAYER = re.compile(r'(?:^|/)layers/(\d+)/')
 PRESETS = ('full', 'head_only', 'freeze_lower', 'layerwise_lr_decay', 'gradual_unfreeze',
-           'bitfit', 'custom')
+           'bitfit', 'peft', 'custom')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +83,22 @@ def num_layers(paths: Sequence[str]) -> int:
   return max(layers) + 1 if layers else 0
 
 
-def preset_rules(policy: ml_collections.ConfigDict, paths: Sequence[str]) -> list[tuple[str, Rule]]:
-  """The rule list of a named preset for a model whose parameters have `paths`."""
+def preset_rules(policy: ml_collections.ConfigDict, paths: Sequence[str],
+                 peft: str | None = None) -> list[tuple[str, Rule]]:
+  """The rule list of a named preset for a model whose parameters have `paths`.
+
+  `peft` is the regex of the variables a PEFT method added; only the 'peft' preset (they and
+  the head train, all else is frozen) and 'custom' rules may be combined with one.
+  """
   preset = policy.preset
+  if peft and preset not in ('peft', 'custom'):
+    raise FtjaxError(f"a PEFT method is configured, so policy.preset must be 'peft' (or "
+                     f"'custom' rules that cover its variables), not {preset!r}")
+  if preset == 'peft':
+    if not peft:
+      raise FtjaxError("policy.preset='peft' needs a peft.method (e.g. --config.peft.method=lora)")
+    return [(HEAD, Rule()), (peft, Rule()),
+            (rf'^(?!{HEAD[1:]})(?!.*(?:{peft}))', FROZEN)]
   n = num_layers(paths)
   block = lambda i: rf'(^|/)layers/{i}/'
   if preset == 'full':
@@ -195,12 +208,13 @@ def resolve(rules: Sequence[tuple[str, Rule]], paths: Sequence[str],
   return groups
 
 
-def build_policy(policy: ml_collections.ConfigDict, model: nnx.Module) -> list[Group]:
+def build_policy(policy: ml_collections.ConfigDict, model: nnx.Module,
+                 peft: str | None = None) -> list[Group]:
   """The resolved groups of `model`'s parameters under the configured policy."""
   params = param_paths(model)
   paths = list(params)
   sizes = {p: int(v.get_value().size) for p, v in params.items()}
-  return resolve(preset_rules(policy, paths), paths, sizes)
+  return resolve(preset_rules(policy, paths, peft), paths, sizes)
 
 
 def trainable_paths(groups: Sequence[Group], step: int) -> frozenset[str]:

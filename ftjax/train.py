@@ -24,6 +24,7 @@ from flax import nnx
 from ftjax import checkpoints as checkpoints_lib
 from ftjax import configs, data, hub, metrics as metrics_lib, optim, steps
 from ftjax import params as params_lib
+from ftjax import peft as peft_lib
 from ftjax.errors import FtjaxError
 
 logger = logging.getLogger('ftjax')
@@ -127,7 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   logger.info('%s', report.format())
   tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
 
-  groups = params_lib.build_policy(config.policy, model)
+  peft_paths = peft_lib.apply(model, config.peft, seed=config.seed)
+  groups = params_lib.build_policy(config.policy, model, peft_paths)
   logger.info('parameter policy (%s):\n%s', config.policy.preset, params_lib.format_table(
       groups, config.optim.lr, config.optim.weight_decay))
   phases = params_lib.phase_starts(groups)  # Gradual unfreezing: one compilation per phase.

@@ -1,9 +1,17 @@
 """Parameter-efficient fine-tuning: each method is model surgery that adds trainable variables.
 
-Every method takes a loaded model and returns it modified in place (new trainable variables,
-frozen base weights untouched), plus a filter that selects what it added.
+Every method takes a loaded model, modifies it in place (new variables; base weights untouched)
+and names what it added with a regex over parameter paths. `apply(model, config.peft)` is the
+one entry the trainer calls: it dispatches on `config.peft.method`, so the loop never names a
+method, and the policy's 'peft' preset trains exactly the new variables plus the new head.
 """
 
+from collections.abc import Callable
+
+import ml_collections
+from flax import nnx
+
+from ftjax.errors import FtjaxError
 from ftjax.peft.lora import (
     DEFAULT_ADAPTER,
     LoRALinear,
@@ -16,10 +24,39 @@ from ftjax.peft.lora import (
     unmerge_lora,
 )
 
+
+def _lora(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
+  apply_lora(model, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+             use_rslora=cfg.rslora, rngs=nnx.Rngs(seed))
+  return r'/lora_[ab]$'
+
+
+# method name -> (surgery(model, method config, seed) -> regex of the new trainable paths).
+METHODS: dict[str, Callable[[nnx.Module, ml_collections.ConfigDict, int], str]] = {
+    'lora': _lora,
+}
+
+
+def apply(model: nnx.Module, peft: ml_collections.ConfigDict, *, seed: int) -> str | None:
+  """Applies `peft.method` to `model`; returns the regex of its trainable paths (None: no PEFT).
+
+  Raises:
+    FtjaxError: for an unknown method or a spec the method rejects.
+  """
+  if peft.method == 'none':
+    return None
+  if peft.method not in METHODS:
+    raise FtjaxError(f'unknown peft.method {peft.method!r}; choose none or '
+                     f'{", ".join(sorted(METHODS))}')
+  return METHODS[peft.method](model, peft[peft.method], seed)
+
+
 __all__ = [
     'DEFAULT_ADAPTER',
     'LoRALinear',
+    'METHODS',
     'adapter_names',
+    'apply',
     'apply_lora',
     'lora_filter',
     'merge_lora',

@@ -1,0 +1,224 @@
+"""(IA)^3 (Liu et al., 2022) as model surgery: selected `nnx.Linear` layers gain a learned scale.
+
+`apply_ia3` swaps each targeted `nnx.Linear` for an `IA3Linear` that keeps the frozen base
+`kernel`/`bias` (the same `nnx.Param` objects at the same paths, so the Hugging Face key map still
+finds them) and adds one vector `ia3_l` as an `IA3Param`, initialised to ones (outputs unchanged):
+
+* attention key/value (not feed-forward): the output is scaled, `y = (x @ W + b) * l`, l: [out];
+* the feed-forward output layer: its input is scaled, `y = (x * l) @ W + b`, l: [in].
+
+This is exactly Hugging Face PEFT's `IA3Config(target_modules=..., feedforward_modules=...)` for
+BERT (targets key, value and the FFN `output.dense`), including the bias being scaled too.
+
+`merge_ia3` folds the vectors into the kernels (and biases) and `unmerge_ia3` divides them back.
+
+`IA3Param` subclasses `nnx.Param`: `nnx.Param` selects the base weights *and* the vectors. Train
+the vectors with `ia3_filter` (combined with the head, e.g.
+`nnx.Any(ia3_filter, nnx.PathContains('classifier'))`).
+"""
+
+import re
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from ftjax.errors import FtjaxError
+
+# The default targets of BERT-like encoders: attention key/value and the feed-forward output.
+DEFAULT_TARGETS = r'attention/(key|value)$|/output$'
+# Among the targets, those whose input (not output) is scaled: the feed-forward output layer.
+DEFAULT_FEEDFORWARD = r'/output$'
+
+
+class IA3Param(nnx.Param):
+  """The learned (IA)^3 scaling vectors; a `nnx.Param`, so filters must exclude it explicitly."""
+
+
+# Selects the (IA)^3 vectors, and nothing of the base model.
+ia3_filter = IA3Param
+
+
+class IA3Linear(nnx.Linear):
+  """An `nnx.Linear` whose output (or, for feed-forward layers, input) is scaled by `ia3_l`.
+
+  Built from an existing layer by `apply_ia3`, never from scratch: the base parameters are taken
+  over from that layer, so the state paths of `kernel` and `bias` do not change. It is still an
+  `nnx.Linear`, and its call signature is the same.
+
+  Attributes:
+    feedforward: whether the input ([in] vector) rather than the output ([out] vector) is scaled.
+    merged: whether `ia3_l` is folded into `kernel`/`bias` (the scaling is then skipped).
+  """
+
+  def __init__(self, base: nnx.Linear, *, feedforward: bool):
+    # Linear.__init__ would create fresh parameters; take over the base layer's instead.
+    for key, value in vars(base).items():
+      if key.startswith('_') or key in ('kernel', 'bias'):
+        continue
+      setattr(self, key, value)
+    self.kernel = base.kernel
+    self.bias = nnx.data(base.bias)
+    self.feedforward = feedforward
+    self.merged = False
+    in_features, out_features = self.kernel.shape
+    metadata = self.kernel.get_metadata()
+    kernel_axes = metadata.get('out_sharding')
+    size, axis = (in_features, 0) if feedforward else (out_features, 1)
+    sharding = {}
+    if kernel_axes is not None:
+      # Laid out like the kernel dimension it scales, so no resharding happens in the product.
+      sharding = {
+          'out_sharding': (kernel_axes[axis],),
+          'eager_sharding': metadata.get('eager_sharding', False),
+          'mesh': metadata.get('mesh'),
+      }
+    self.ia3_l = IA3Param(jnp.ones((size,), self.kernel.dtype), **sharding)
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if self.merged:
+      return super().__call__(inputs, out_sharding)
+    scale = self.ia3_l[...]
+    if self.feedforward:
+      return super().__call__(inputs * scale.astype(inputs.dtype), out_sharding)
+    y = super().__call__(inputs, out_sharding)
+    # After the bias, as PEFT: the bias is scaled too.
+    return y * scale.astype(y.dtype)
+
+
+def _path_str(path: tuple) -> str:
+  return '/'.join(map(str, path)) or '(root)'
+
+
+def _modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+  return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
+
+
+def _ia3_layers(model: nnx.Module) -> list[tuple[tuple, IA3Linear]]:
+  return [(path, node) for path, node in _modules(model) if isinstance(node, IA3Linear)]
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
+
+
+def _compile(what: str, regex: str) -> re.Pattern:
+  try:
+    return re.compile(regex)
+  except re.error as e:
+    raise FtjaxError(f'(IA)^3 {what} {regex!r} is not a valid regular expression: {e}') from e
+
+
+def apply_ia3(
+    model: nnx.Module,
+    *,
+    targets: str = DEFAULT_TARGETS,
+    feedforward: str = DEFAULT_FEEDFORWARD,
+) -> list[str]:
+  """Adds an (IA)^3 scaling vector to every linear layer whose path `targets` matches, in place.
+
+  Args:
+    model: the model to modify (e.g. a `SequenceClassifier` or a bare `BertModel`).
+    targets: regex searched in '/'-joined module paths; every module it matches must be a plain
+      `nnx.Linear`. The default is PEFT's BERT choice: key, value and the feed-forward output.
+    feedforward: regex searched in the paths of the matched targets; those it matches scale
+      their input instead of their output. Non-target modules it matches are ignored.
+
+  Returns:
+    The '/'-joined paths of the adapted layers.
+
+  Raises:
+    FtjaxError: for an invalid regex, a `targets` regex that matches no module or a module that
+      is not a plain linear layer (including one adapted already, by (IA)^3 or another method),
+      or a model whose (IA)^3 vectors are merged.
+  """
+  target_re = _compile('targets', targets)
+  feedforward_re = _compile('feedforward', feedforward)
+  modules = _modules(model)
+  if any(layer.merged for _, layer in _ia3_layers(model)):
+    raise FtjaxError('this model has merged (IA)^3 vectors: call unmerge_ia3 before apply_ia3')
+  matched = [(path, node) for path, node in modules if target_re.search(_path_str(path))]
+  if not matched:
+    linears = sorted({
+        re.sub(r'(?<=/)\d+(?=/|$)', '*', _path_str(p))
+        for p, n in modules if isinstance(n, nnx.Linear)
+    })
+    raise FtjaxError(
+        f'(IA)^3 targets {targets!r} match no module: linear layers are at '
+        f'{", ".join(linears) or "(none)"}'
+    )
+  for path, node in matched:
+    # Exactly nnx.Linear: a subclass is another method's wrapper, whose call this would bypass.
+    if type(node) is not nnx.Linear:
+      what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
+      raise FtjaxError(
+          f'(IA)^3 targets {targets!r} match {_path_str(path)}, a {type(node).__name__} and '
+          f'{what}: narrow the regex (anchor it with $) to plain linear layers'
+      )
+  for path, node in matched:
+    _replace(model, path, IA3Linear(node, feedforward=bool(feedforward_re.search(_path_str(path)))))
+  return [_path_str(path) for path, _ in matched]
+
+
+def merge_ia3(model: nnx.Module) -> list[str]:
+  """Folds the vectors into the base weights, in place; `unmerge_ia3` undoes it.
+
+  Output scaling multiplies the kernel's columns and the bias; input scaling the kernel's rows.
+
+  Returns:
+    The '/'-joined paths of the layers merged.
+
+  Raises:
+    FtjaxError: if the model has no (IA)^3 layers or is merged already.
+  """
+  layers = _ia3_layers(model)
+  if not layers:
+    raise FtjaxError('this model has no (IA)^3 vectors to merge: call apply_ia3 first')
+  if any(layer.merged for _, layer in layers):
+    raise FtjaxError('the (IA)^3 vectors of this model are merged already: nothing to merge')
+  for _, layer in layers:
+    _rescale(layer, layer.ia3_l[...])
+    layer.merged = True
+  return [_path_str(path) for path, _ in layers]
+
+
+def unmerge_ia3(model: nnx.Module) -> list[str]:
+  """Divides the merged vectors back out of the base weights (the inverse of `merge_ia3`).
+
+  Returns:
+    The '/'-joined paths of the layers unmerged.
+
+  Raises:
+    FtjaxError: if nothing is merged, or a vector has a zero entry (the weights it zeroed cannot
+      be recovered).
+  """
+  todo = [(path, layer) for path, layer in _ia3_layers(model) if layer.merged]
+  if not todo:
+    raise FtjaxError('this model has no merged (IA)^3 vectors: nothing to unmerge')
+  for path, layer in todo:
+    if bool(jnp.any(layer.ia3_l[...] == 0)):
+      raise FtjaxError(
+          f'cannot unmerge (IA)^3 at {_path_str(path)}: its vector has zero entries, so the '
+          'merged weights lost information; reload the base weights instead'
+      )
+  for _, layer in todo:
+    _rescale(layer, 1.0 / layer.ia3_l[...])
+    layer.merged = False
+  return [_path_str(path) for path, _ in todo]
+
+
+def _rescale(layer: IA3Linear, factor: jax.Array) -> None:
+  kernel = layer.kernel[...]
+  factor = factor.astype(kernel.dtype)
+  if layer.feedforward:
+    layer.kernel[...] = kernel * factor[:, None]
+  else:
+    layer.kernel[...] = kernel * factor[None, :]
+    if layer.bias is not None:
+      layer.bias[...] = layer.bias[...] * factor.astype(layer.bias.dtype)
