@@ -29,13 +29,18 @@ def _parse(argv: Sequence[str]):
   return config, args.workdir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs `train_and_evaluate` from command-line arguments; returns the exit status."""
-  argv = sys.argv[1:] if argv is None else argv
+def setup_logging() -> None:
+  """Plain progress lines on stdout, without the libraries' chatter."""
   logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
   # orbax narrates every save and tfds every cache check; jax reports each backend it skips.
   logging.getLogger('absl').setLevel(logging.ERROR)
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `train_and_evaluate` from command-line arguments; returns the exit status."""
+  argv = sys.argv[1:] if argv is None else argv
+  setup_logging()
   try:
     config, workdir = _parse(argv)
     from absl import flags  # grain's worker processes insist that absl flags were parsed.

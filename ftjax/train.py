@@ -15,6 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 import tqdm
@@ -174,7 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if step % config.train.log_every == 0 or step == total_steps:
         writer.write(step, 'train', scalars)
 
+    step_starts = []  # Iteration start times: their spacing is the pipelined step time.
     for step in range(start_step + 1, total_steps + 1):
+      step_starts.append(time.perf_counter())
       if step - 1 in phases and step - 1 > start_step:  # New groups unfreeze now.
         graphdef, state, rest = _unfreeze(graphdef, state, rest, groups, step - 1, tx)
         train_step, eval_step = steps.jit_steps(graphdef, tx, schedule)
@@ -218,8 +221,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.write(best_step, 'test', results['test'])
     # Wall time of this call (data, model load, compile, train, evaluate); a resumed run counts
     # only its own part.
+    # Median spacing: robust to the steps that also compiled, evaluated or checkpointed.
+    spacing = np.diff(step_starts[1:])
+    num_trainable = sum(x.size for x in jax.tree.leaves(state.params))
     summary = {'best_step': best_step, 'best_metric': config.train.best_metric,
                'total_steps': total_steps, 'resumed_from_step': start_step,
+               'trainable_params': int(num_trainable),
+               'total_params': sum(g.num_params for g in groups),
+               'optimizer_state_bytes': int(sum(x.nbytes for x in jax.tree.leaves(
+                   state.opt_state))),
+               'steps_per_second': (round(1 / float(np.median(spacing)), 3) if len(spacing)
+                                    else None),
                'wall_seconds': round(time.perf_counter() - started, 1), **results}
     (workdir / 'results.json').write_text(json.dumps(summary, indent=2) + '\n')
     logger.info('\n%s', metrics_lib.format_table(
