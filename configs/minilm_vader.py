@@ -53,13 +53,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.policy.unfreeze_every = 50  # 'gradual_unfreeze': steps between unfreezing blocks.
 
   config.peft = ml_collections.ConfigDict()
-  config.peft.method = 'none'  # 'none' or a PEFT method: 'lora' (use with policy.preset='peft').
+  # 'none' or a PEFT method (use with policy.preset='peft'): 'lora', 'ia3', 'houlsby' or
+  # 'pfeiffer' (bottleneck adapters), 'prompt' (prompt tuning).
+  config.peft.method = 'none'
   config.peft.lora = ml_collections.ConfigDict()
   config.peft.lora.rank = 8  # Rank r of the update B @ A.
   config.peft.lora.alpha = 16.0  # Scaling alpha / r (alpha / sqrt(r) with rslora).
   config.peft.lora.targets = r'attention/(query|value)$'  # Regex over linear-layer paths.
   config.peft.lora.rslora = False  # rsLoRA scaling (Kalajdzievski, 2023).
   config.peft.lora.dropout = 0.0  # Dropout on the LoRA branch's input (only 0 for now).
+  config.peft.ia3 = ml_collections.ConfigDict()
+  config.peft.ia3.targets = r'attention/(key|value)$|/output$'  # Layers whose output is rescaled.
+  config.peft.ia3.feedforward = r'/output$'  # Among targets: rescale the input instead (FFN).
+  config.peft.adapters = ml_collections.ConfigDict()
+  config.peft.adapters.reduction_factor = 16  # Bottleneck width = hidden size / this.
+  config.peft.adapters.non_linearity = 'relu'  # 'relu', 'gelu', 'swish' or 'tanh'.
+  config.peft.prompt = ml_collections.ConfigDict()
+  config.peft.prompt.num_virtual_tokens = 8  # Soft tokens put before every input.
+  config.peft.prompt.init = 'vocab'  # 'vocab': copies of random token embeddings; 'random'.
 
   config.data = ml_collections.ConfigDict()
   # 'vader' (the default task), a .jsonl/.csv file (split into train/validation/test by

@@ -17,18 +17,13 @@ import sys
 from ftjax import cli, configs
 from ftjax.errors import FtjaxError
 
-BASE = 'configs/minilm_vader.py'
-# name -> (config file, overrides). Each is the one-line change a user would make.
-METHODS = {
-    'full': (BASE, ['policy.preset=full']),
-    'default (frozen word embeddings)': (BASE, []),
-    'head_only': (BASE, ['policy.preset=head_only', 'optim.lr=1e-2']),
-    'freeze_lower (2 blocks)': (BASE, ['policy.preset=freeze_lower']),
-    'layerwise_lr_decay (0.8)': (BASE, ['policy.preset=layerwise_lr_decay', 'optim.lr=2e-4']),
-    'gradual_unfreeze': (BASE, ['policy.preset=gradual_unfreeze']),
-    'bitfit': (BASE, ['policy.preset=bitfit', 'optim.lr=1e-3']),
-    'lora r=8 (query, value)': ('configs/minilm_vader_lora.py', []),
-}
+CONFIG = 'configs/minilm_vader_methods.py'
+
+
+def _methods() -> dict:
+  sys.path.insert(0, str(pathlib.Path(CONFIG).parent))
+  import minilm_vader_methods  # The table of methods lives with their config.
+  return minilm_vader_methods.METHODS
 
 
 def main(argv=None) -> int:
@@ -36,39 +31,40 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--quick', action='store_true', help="use each config's runlocal variant")
-  parser.add_argument('--methods', default=','.join(METHODS),
-                      help='comma-separated subset of: ' + ', '.join(METHODS))
+  parser.add_argument('--methods', default='',
+                      help=f'comma-separated subset of the methods in {CONFIG} (default: all)')
   args = parser.parse_args(rest)
   cli.setup_logging()
+  methods = _methods()
   from ftjax.train import train_and_evaluate
 
-  names = [m.strip() for m in args.methods.split(',') if m.strip()]
-  unknown = [m for m in names if m not in METHODS]
+  names = [m.strip() for m in args.methods.split(',') if m.strip()] or list(methods)
+  unknown = [m for m in names if m not in methods]
   if unknown:
-    print(f'ftjax: error: unknown method {unknown[0]!r}; choose from {", ".join(METHODS)}',
+    print(f'ftjax: error: unknown method {unknown[0]!r}; choose from {", ".join(methods)}',
           file=sys.stderr)
     return 2
   root = pathlib.Path(args.workdir)
   rows = {}
   for name in names:
-    path, method_overrides = METHODS[name]
     try:
-      config = configs.load_config(f'{path}:runlocal' if args.quick else path)
-      configs.apply_overrides(config, method_overrides + overrides)
-      workdir = root / name.split(' ')[0]
+      config = configs.load_config(f'{CONFIG}:{name},runlocal' if args.quick
+                                   else f'{CONFIG}:{name}')
+      configs.apply_overrides(config, overrides)
+      workdir = root / name
       train_and_evaluate(config, workdir)
     except FtjaxError as e:
       print(f'ftjax: error: {name}: {e}', file=sys.stderr)
       return 2
     rows[name] = json.loads((workdir / 'results.json').read_text())
 
-  header = ('method', 'trainable params', '% of model', 'optimizer state', 'steps/s',
+  header = ('method', 'what', 'trainable params', '% of model', 'optimizer state', 'steps/s',
             'test accuracy', 'test macro-F1')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for name, r in rows.items():
     share = 100 * r['trainable_params'] / r['total_params']
     lines.append('| ' + ' | '.join([
-        name, f"{r['trainable_params']:,}", f'{share:.2f}',
+        name, methods[name][0], f"{r['trainable_params']:,}", f'{share:.2f}',
         f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB", f"{r['steps_per_second']:.2f}",
         f"{r['test']['accuracy']:.4f}", f"{r['test']['macro_f1']:.4f}"]) + ' |')
   table = '\n'.join(lines)

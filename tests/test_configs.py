@@ -1,6 +1,7 @@
 """Configs load, overrides apply with types kept, and every mistake is one clear line."""
 
 import pathlib
+import sys
 
 import pytest
 
@@ -10,9 +11,24 @@ from ftjax.errors import FtjaxError
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py'))
 
 
+def _variants(path):
+  """The config args to try: a file with a METHODS table takes one of them as its arg."""
+  text = path.read_text()
+  if 'METHODS = {' not in text:
+    return [None, 'runlocal']
+  sys.path.insert(0, str(path.parent))
+  try:
+    methods = __import__(path.stem).METHODS
+  finally:
+    sys.path.remove(str(path.parent))
+  return [arg for m in methods for arg in (m, f'{m},runlocal')]
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_locked_and_documented(path):
-  for spec in (str(path), f'{path}:runlocal'):
+  variants = _variants(path)
+  for arg in variants:
+    spec = str(path) if arg is None else f'{path}:{arg}'
     config = configs.load_config(spec)
     assert config.is_locked
     with pytest.raises(AttributeError):
@@ -20,7 +36,9 @@ def test_every_config_loads_locked_and_documented(path):
   # Every field carries a comment where a config file assigns it (a derived config may leave
   # the comment to the config it builds on).
   lines = [line for p in CONFIGS for line in p.read_text().splitlines()]
-  for key in configs.flat_keys(configs.load_config(str(path))):
+  first = variants[0]
+  for key in configs.flat_keys(configs.load_config(str(path) if first is None
+                                                   else f'{path}:{first}')):
     at = [i for i, line in enumerate(lines) if f'config.{key} =' in line]
     assert at, f'config.{key} is assigned in no config file'
     commented = any('#' in lines[i] or lines[i - 1].strip().startswith('#') for i in at)

@@ -1,4 +1,4 @@
-"""(IA)^3 and bottleneck adapter surgery: parity with PEFT's IA3, identity at init, grads, errors."""
+"""(IA)^3 and bottleneck adapters: parity with PEFT's IA3, identity at init, grads, errors."""
 
 import re
 
@@ -42,12 +42,14 @@ def _path(p: tuple) -> str:
   return '/'.join(map(str, p))
 
 
-def _randomise(model: nnx.Module, filter_, name: str, seed: int = 0, loc: float = 0.0) -> None:
-  key = jax.random.key(seed)
+def _randomise(
+    model: nnx.Module, filter_, name: str, *, loc: float = 0.0, scale: float = 0.3
+) -> None:
+  key = jax.random.key(0)
   for path, variable in nnx.to_flat_state(nnx.state(model, filter_)):
     if path[-2:] == (name, 'kernel') or path[-1] == name:
       key, sub = jax.random.split(key)
-      variable[...] = loc + 0.3 * jax.random.normal(sub, variable.shape)
+      variable[...] = loc + scale * jax.random.normal(sub, variable.shape)
 
 
 def _grads(model: nnx.Module, filter_, ids, mask) -> list:
@@ -166,7 +168,7 @@ def test_ia3_matches_peft(tmp_path):
     ).last_hidden_state.numpy()
   assert np.abs(plain - expected).max() > 1e-2
 
-  # Merging folds the same vectors in: PEFT's merge and ours agree too.
+  # Folded into the weights, the vectors still give PEFT's output.
   ia3.merge_ia3(encoder)
   np.testing.assert_allclose(encoder(jnp.asarray(ids), jnp.asarray(mask)), expected, atol=1e-4)
 
@@ -205,14 +207,6 @@ def test_ia3_jitted_grads_reach_only_ia3_state():
   assert {p[-1] for p, _ in grads} == {'ia3_l'} and len(grads) == 6
   for path, g in grads:
     assert np.abs(g[...]).max() > 0, _path(path)
-
-
-def test_ia3_bfloat16_compute():
-  model = _tiny_model(jnp.bfloat16)
-  ids, mask = _batch()
-  ia3.apply_ia3(model)
-  assert model.encoder.layers[0].output.ia3_l.dtype == jnp.float32
-  assert model.encoder(ids, mask).dtype == jnp.bfloat16
 
 
 def test_ia3_minilm_trainable_count():
@@ -261,8 +255,6 @@ def test_adapters_identity_at_init_then_change(kind, per_layer):
   adapted = adapters.apply_adapters(model, kind=kind, reduction_factor=4, rngs=nnx.Rngs(2))
   assert adapted == [f'encoder/layers/{i}/{n}' for i in (0, 1) for n in per_layer]
   np.testing.assert_array_equal(model(ids, mask), base)
-  np.testing.assert_array_equal(nnx.jit(lambda m: m(ids, mask))(model), nnx.jit(
-      lambda m: m(ids, mask))(_tiny_model()))
 
   base_after = nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param,
                                                           nnx.Not(adapters.adapter_filter))))
@@ -279,7 +271,8 @@ def test_adapters_identity_at_init_then_change(kind, per_layer):
   assert up.get_metadata()['out_sharding'] == (None, 'embed')
   assert added[prefix + 'up/bias'].get_metadata()['out_sharding'] == ('embed',)
 
-  _randomise(model, adapters.adapter_filter, 'adapter_up')
+  # down(y) is small (0.01-scale weights on small projections), so up must be large to show.
+  _randomise(model, adapters.adapter_filter, 'adapter_up', scale=30.0)
   assert np.abs(model(ids, mask) - base).max() > 1e-3
 
 
@@ -301,12 +294,17 @@ def test_adapters_jitted_grads_reach_only_adapter_state():
       assert np.abs(g[...]).max() > 0, _path(path)
 
 
-def test_adapters_bfloat16_compute():
+def test_bfloat16_compute_with_both_methods():
   model = _tiny_model(jnp.bfloat16)
   ids, mask = _batch()
+  base = model.encoder(ids, mask)
+  ia3.apply_ia3(model, targets=r'attention/(key|value)$')
   adapters.apply_adapters(model, kind='pfeiffer', reduction_factor=4, rngs=nnx.Rngs(2))
+  assert model.encoder.layers[0].attention.key.ia3_l.dtype == jnp.float32
   assert model.encoder.layers[0].output.adapter_up.kernel.dtype == jnp.float32
-  assert model.encoder(ids, mask).dtype == jnp.bfloat16
+  hidden = model.encoder(ids, mask)
+  assert hidden.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(hidden, base)
 
 
 @pytest.mark.parametrize('kind, adapters_per_layer', [('houlsby', 2), ('pfeiffer', 1)])

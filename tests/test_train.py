@@ -106,3 +106,21 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
   assert step_a == step_b == 24
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gradual_unfreezing_compiles_once_per_phase(data_dir, tmp_path, monkeypatch):
+  from ftjax import steps
+  traces = []
+  original = steps.train_step
+
+  def counting_train_step(state, *args, **kwargs):
+    traces.append(len(jax.tree.leaves(state.params)))  # Runs once per trace, not per step.
+    return original(state, *args, **kwargs)
+
+  monkeypatch.setattr(steps, 'train_step', counting_train_step)
+  config = _config(data_dir, 'policy.preset=gradual_unfreeze', 'policy.unfreeze_every=10')
+  results = train_and_evaluate(config, tmp_path / 'gradual')
+  # 24 steps: the head alone, then + block 5 at step 10, + block 4 at step 20.
+  assert len(traces) == 3
+  assert traces[0] < traces[1] < traces[2]
+  assert results['test']['num_examples'] == 757

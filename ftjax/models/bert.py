@@ -203,15 +203,26 @@ class BertEmbeddings(nnx.Module):
       *,
       deterministic: bool,
       rngs: nnx.Rngs | None,
+      prompt_PxD: jax.Array | None = None,
   ) -> jax.Array:
-    seq_len = input_ids_BxL.shape[1]
+    words_BxLxD = self.word_embeddings(input_ids_BxL)
+    if prompt_PxD is not None:
+      # Prompt tuning: soft tokens go in front of the words and take the first positions and
+      # token type 0, as Hugging Face PEFT feeds them through `inputs_embeds`.
+      batch, num_virtual = input_ids_BxL.shape[0], prompt_PxD.shape[0]
+      prompt_BxPxD = jnp.broadcast_to(prompt_PxD.astype(words_BxLxD.dtype),
+                                      (batch, num_virtual, words_BxLxD.shape[-1]))
+      words_BxLxD = jnp.concatenate([prompt_BxPxD, words_BxLxD], axis=1)
+      token_type_ids_BxL = jnp.concatenate(
+          [jnp.zeros((batch, num_virtual), token_type_ids_BxL.dtype), token_type_ids_BxL], 1)
+    seq_len = words_BxLxD.shape[1]
     if seq_len > self.config.max_position_embeddings:
       raise FtjaxError(
           f'sequence length {seq_len} exceeds max_position_embeddings '
           f'{self.config.max_position_embeddings} of this BERT model: lower the max length'
       )
     x_BxLxD = (
-        self.word_embeddings(input_ids_BxL)
+        words_BxLxD
         + self.token_type_embeddings(token_type_ids_BxL)
         + self.position_embeddings(jnp.arange(seq_len))[None]
     )
@@ -300,6 +311,8 @@ class BertModel(nnx.Module):
     self.layers = nnx.List(
         [BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
     )
+    # Set by prompt tuning (ftjax.peft.prompts): learned soft tokens put before the input.
+    self.prompt: nnx.Module | None = None
     # A head that does not use the pooler may set this to None so it is neither trained nor saved.
     self.pooler: nnx.Linear | None = _dense(
         config, config.hidden_size, config.hidden_size, ('embed', None), dtype=dtype, rngs=rngs
@@ -328,10 +341,18 @@ class BertModel(nnx.Module):
       rngs: e.g. `nnx.Rngs(dropout=key)`; unused when deterministic.
 
     Returns:
-      The last hidden state, [B, L, D] in the compute dtype.
+      The last hidden state, [B, L, D] in the compute dtype; [B, P + L, D] with P soft prompt
+      tokens in front when prompt tuning is applied (as Hugging Face PEFT returns it).
     """
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    prompt_PxD = None if self.prompt is None else self.prompt()
+    if prompt_PxD is not None:
+      if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+      attention_mask = jnp.concatenate(
+          [jnp.ones((input_ids.shape[0], prompt_PxD.shape[0]), attention_mask.dtype),
+           attention_mask], axis=1)
     if attention_mask is None:
       mask_bias = jnp.zeros((1, 1, 1, input_ids.shape[1]), jnp.float32)
     else:
@@ -339,7 +360,7 @@ class BertModel(nnx.Module):
       keep_Bx1x1xL = attention_mask.astype(bool)[:, None, None, :]
       mask_bias = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min)
     kw = dict(deterministic=deterministic, rngs=rngs)
-    x_BxLxD = self.embeddings(input_ids, token_type_ids, **kw)
+    x_BxLxD = self.embeddings(input_ids, token_type_ids, prompt_PxD=prompt_PxD, **kw)
     for layer in self.layers:
       x_BxLxD = layer(x_BxLxD, mask_bias, **kw)
     return x_BxLxD

@@ -89,7 +89,11 @@ class SequenceClassifier(nnx.Module):
     hidden_BxLxD = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
     if self.pooling == 'mean':
       # Sum in float32: bf16 accumulation over hundreds of tokens loses precision.
-      mask_BxLx1 = attention_mask.astype(jnp.float32)[..., None]
+      mask_BxL = attention_mask.astype(jnp.float32)
+      extra = hidden_BxLxD.shape[1] - mask_BxL.shape[1]
+      if extra:  # Soft prompt tokens in front (prompt tuning) are always attended to.
+        mask_BxL = jnp.concatenate([jnp.ones((mask_BxL.shape[0], extra)), mask_BxL], axis=1)
+      mask_BxLx1 = mask_BxL[..., None]
       total_BxD = jnp.sum(hidden_BxLxD.astype(jnp.float32) * mask_BxLx1, axis=1)
       pooled_BxD = total_BxD / jnp.maximum(jnp.sum(mask_BxLx1, axis=1), 1.0)
     elif self.pooling == 'cls':

@@ -12,6 +12,7 @@ import ml_collections
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.peft import adapters, ia3, prompts
 from ftjax.peft.lora import (
     DEFAULT_ADAPTER,
     LoRALinear,
@@ -31,9 +32,33 @@ def _lora(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
   return r'/lora_[ab]$'
 
 
+def _prompt(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
+  path = prompts.apply_prompt_tuning(model, num_virtual_tokens=cfg.num_virtual_tokens,
+                                     init=cfg.init, rngs=nnx.Rngs(seed))
+  return f'^{path}$'
+
+
+def _ia3(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
+  del seed  # IA3 starts at ones: nothing random.
+  ia3.apply_ia3(model, targets=cfg.targets, feedforward=cfg.feedforward)
+  return r'/ia3_l$'
+
+
+def _bottleneck(kind: str):
+  def surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
+    adapters.apply_adapters(model, kind=kind, reduction_factor=cfg.reduction_factor,
+                            non_linearity=cfg.non_linearity, rngs=nnx.Rngs(seed))
+    return r'/adapter_(down|up)/'
+  return surgery
+
+
 # method name -> (surgery(model, method config, seed) -> regex of the new trainable paths).
 METHODS: dict[str, Callable[[nnx.Module, ml_collections.ConfigDict, int], str]] = {
     'lora': _lora,
+    'prompt': _prompt,
+    'ia3': _ia3,
+    'houlsby': _bottleneck('houlsby'),
+    'pfeiffer': _bottleneck('pfeiffer'),
 }
 
 
@@ -48,7 +73,9 @@ def apply(model: nnx.Module, peft: ml_collections.ConfigDict, *, seed: int) -> s
   if peft.method not in METHODS:
     raise FtjaxError(f'unknown peft.method {peft.method!r}; choose none or '
                      f'{", ".join(sorted(METHODS))}')
-  return METHODS[peft.method](model, peft[peft.method], seed)
+  # Houlsby and Pfeiffer adapters share one block of settings.
+  settings = peft.adapters if peft.method in ('houlsby', 'pfeiffer') else peft[peft.method]
+  return METHODS[peft.method](model, settings, seed)
 
 
 __all__ = [
