@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.peft = ml_collections.ConfigDict()
   # 'none' or a PEFT method (use with policy.preset='peft'): 'lora', 'ia3', 'houlsby' or
-  # 'pfeiffer' (bottleneck adapters), 'prompt' (prompt tuning).
+  # 'pfeiffer' (bottleneck adapters), 'prompt' (prompt tuning), 'prefix' (prefix tuning).
   config.peft.method = 'none'
   config.peft.lora = ml_collections.ConfigDict()
   config.peft.lora.rank = 8  # Rank r of the update B @ A.
@@ -71,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.prompt = ml_collections.ConfigDict()
   config.peft.prompt.num_virtual_tokens = 8  # Soft tokens put before every input.
   config.peft.prompt.init = 'vocab'  # 'vocab': copies of random token embeddings; 'random'.
+  config.peft.prefix = ml_collections.ConfigDict()
+  config.peft.prefix.num_virtual_tokens = 8  # Learned keys/values per attention layer.
 
   config.data = ml_collections.ConfigDict()
   # 'vader' (the default task), a .jsonl/.csv file (split into train/validation/test by

@@ -37,6 +37,9 @@ METHODS = {
                                                      'optim.lr': 1e-3}),
     'prompt': ('prompt tuning, 8 soft tokens', {'policy.preset': 'peft',
                                                'peft.method': 'prompt', 'optim.lr': 3e-2}),
+    'prefix': ('prefix tuning, 8 keys/values per layer', {'policy.preset': 'peft',
+                                                          'peft.method': 'prefix',
+                                                          'optim.lr': 1e-2}),
 }
 
 

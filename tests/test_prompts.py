@@ -110,3 +110,35 @@ def test_prompt_errors(tmp_path):
   config_path.write_text(json.dumps({**json.loads(config_path.read_text()), 'peft_type': 'LORA'}))
   with pytest.raises(FtjaxError, match='not PROMPT_TUNING'):
     prompts.load_prompt_adapter(wide, tmp_path / 'other')
+
+
+def test_ftjax_prefix_matches_peft_and_loads_there(batch, tmp_path):
+  encoder, _, _ = hub.load_encoder(str(MINILM))
+  assert prompts.apply_prefix_tuning(encoder, num_virtual_tokens=4,
+                                     rngs=nnx.Rngs(0)) == 'prefix/embedding'
+  ours = np.asarray(encoder(*batch))
+  assert ours.shape == (2, batch[0].shape[1], 384)  # Prefixes are keys/values, not outputs.
+  prompts.save_prompt_adapter(encoder, tmp_path, base_model_name_or_path=str(MINILM))
+  reference = transformers.BertModel.from_pretrained(str(MINILM)).eval()
+  loaded = peft.PeftModel.from_pretrained(reference, str(tmp_path)).eval()
+  real = batch[1].astype(bool)
+  assert np.abs(ours - _peft_hidden(loaded, batch))[real].max() <= 1e-4
+  plain, _, _ = hub.load_encoder(str(MINILM))
+  assert np.abs(np.asarray(plain(*batch)) - ours)[real].max() > 1e-2
+
+
+def test_peft_prefix_loads_into_ftjax_classifier(batch, tmp_path):
+  base = transformers.BertModel.from_pretrained(str(MINILM)).eval()
+  config = peft.PrefixTuningConfig(task_type='FEATURE_EXTRACTION', num_virtual_tokens=3)
+  model = peft.get_peft_model(base, config).eval()
+  model.save_pretrained(str(tmp_path))
+  classifier, _, _ = hub.load_model(str(MINILM), num_labels=3)
+  assert prompts.load_prompt_adapter(classifier, tmp_path) == 'encoder/prefix/embedding'
+  real = batch[1].astype(bool)
+  ours = np.asarray(classifier.encoder(*batch))
+  assert np.abs(ours - _peft_hidden(model, batch))[real].max() <= 1e-4
+  config_path = tmp_path / 'adapter_config.json'
+  config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                     'prefix_projection': True}))
+  with pytest.raises(FtjaxError, match='prefix_projection'):
+    prompts.load_prompt_adapter(hub.load_encoder(str(MINILM))[0], tmp_path)

@@ -204,6 +204,7 @@ class BertEmbeddings(nnx.Module):
       deterministic: bool,
       rngs: nnx.Rngs | None,
       prompt_PxD: jax.Array | None = None,
+      position_offset: int = 0,
   ) -> jax.Array:
     words_BxLxD = self.word_embeddings(input_ids_BxL)
     if prompt_PxD is not None:
@@ -215,7 +216,7 @@ class BertEmbeddings(nnx.Module):
       words_BxLxD = jnp.concatenate([prompt_BxPxD, words_BxLxD], axis=1)
       token_type_ids_BxL = jnp.concatenate(
           [jnp.zeros((batch, num_virtual), token_type_ids_BxL.dtype), token_type_ids_BxL], 1)
-    seq_len = words_BxLxD.shape[1]
+    seq_len = words_BxLxD.shape[1] + position_offset
     if seq_len > self.config.max_position_embeddings:
       raise FtjaxError(
           f'sequence length {seq_len} exceeds max_position_embeddings '
@@ -224,7 +225,7 @@ class BertEmbeddings(nnx.Module):
     x_BxLxD = (
         words_BxLxD
         + self.token_type_embeddings(token_type_ids_BxL)
-        + self.position_embeddings(jnp.arange(seq_len))[None]
+        + self.position_embeddings(jnp.arange(position_offset, seq_len))[None]
     )
     x_BxLxD = self.layer_norm(x_BxLxD)
     return self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
@@ -251,12 +252,20 @@ class BertSelfAttention(nnx.Module):
       *,
       deterministic: bool,
       rngs: nnx.Rngs | None,
+      prefix_kv: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
     batch, seq_len, _ = x_BxLxD.shape
     split = lambda t: t.reshape(batch, seq_len, self.num_heads, self.head_dim)
     q_BxLxHxK = split(self.query(x_BxLxD))
     k_BxLxHxK = split(self.key(x_BxLxD))
     v_BxLxHxK = split(self.value(x_BxLxD))
+    if prefix_kv is not None:
+      # Prefix tuning: learned keys and values every query also attends to (the mask bias
+      # already has their columns in front).
+      widen = lambda t_PxHxK, t: jnp.concatenate(
+          [jnp.broadcast_to(t_PxHxK.astype(t.dtype), (batch, *t_PxHxK.shape)), t], axis=1)
+      k_BxLxHxK = widen(prefix_kv[0], k_BxLxHxK)
+      v_BxLxHxK = widen(prefix_kv[1], v_BxLxHxK)
     logits_BxHxLxL = jnp.einsum(
         'bqhk,bshk->bhqs', q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32
     )
@@ -293,9 +302,11 @@ class BertLayer(nnx.Module):
       *,
       deterministic: bool,
       rngs: nnx.Rngs | None,
+      prefix_kv: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
     kw = dict(deterministic=deterministic, rngs=rngs)
-    attn_BxLxD = self.dropout(self.attention(x_BxLxD, mask_bias_Bx1x1xL, **kw), **kw)
+    attn_BxLxD = self.attention(x_BxLxD, mask_bias_Bx1x1xL, prefix_kv=prefix_kv, **kw)
+    attn_BxLxD = self.dropout(attn_BxLxD, **kw)
     x_BxLxD = self.attention_norm(x_BxLxD + attn_BxLxD)
     h_BxLxF = _ACTIVATIONS[self.hidden_act](self.intermediate(x_BxLxD))
     h_BxLxD = self.dropout(self.output(h_BxLxF), **kw)
@@ -313,6 +324,9 @@ class BertModel(nnx.Module):
     )
     # Set by prompt tuning (ftjax.peft.prompts): learned soft tokens put before the input.
     self.prompt: nnx.Module | None = None
+    # Set by prefix tuning (ftjax.peft.prompts): learned keys/values for every layer, returned
+    # as [P, num_layers * 2, heads, head_dim] (key of layer i at 2i, value at 2i + 1).
+    self.prefix: nnx.Module | None = None
     # A head that does not use the pooler may set this to None so it is neither trained nor saved.
     self.pooler: nnx.Linear | None = _dense(
         config, config.hidden_size, config.hidden_size, ('embed', None), dtype=dtype, rngs=rngs
@@ -359,10 +373,20 @@ class BertModel(nnx.Module):
       # Added to float32 logits; finfo.min (not -inf) keeps fully padded rows free of NaNs.
       keep_Bx1x1xL = attention_mask.astype(bool)[:, None, None, :]
       mask_bias = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min)
+    prefix_PxNxHxK = None if self.prefix is None else self.prefix()
+    num_prefix = 0 if prefix_PxNxHxK is None else prefix_PxNxHxK.shape[0]
+    if num_prefix:
+      # The prefix is always attended to, and (as with a key/value cache in transformers) the
+      # input's positions start after it.
+      mask_bias = jnp.concatenate(
+          [jnp.zeros((*mask_bias.shape[:3], num_prefix), mask_bias.dtype), mask_bias], axis=-1)
     kw = dict(deterministic=deterministic, rngs=rngs)
-    x_BxLxD = self.embeddings(input_ids, token_type_ids, prompt_PxD=prompt_PxD, **kw)
-    for layer in self.layers:
-      x_BxLxD = layer(x_BxLxD, mask_bias, **kw)
+    x_BxLxD = self.embeddings(input_ids, token_type_ids, prompt_PxD=prompt_PxD,
+                              position_offset=num_prefix, **kw)
+    for i, layer in enumerate(self.layers):
+      prefix_kv = None if not num_prefix else (prefix_PxNxHxK[:, 2 * i],
+                                               prefix_PxNxHxK[:, 2 * i + 1])
+      x_BxLxD = layer(x_BxLxD, mask_bias, prefix_kv=prefix_kv, **kw)
     return x_BxLxD
 
   def pool(self, hidden_BxLxD: jax.Array) -> jax.Array:

@@ -38,6 +38,12 @@ def _prompt(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str
   return f'^{path}$'
 
 
+def _prefix(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
+  path = prompts.apply_prefix_tuning(model, num_virtual_tokens=cfg.num_virtual_tokens,
+                                     rngs=nnx.Rngs(seed))
+  return f'^{path}$'
+
+
 def _ia3(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
   del seed  # IA3 starts at ones: nothing random.
   ia3.apply_ia3(model, targets=cfg.targets, feedforward=cfg.feedforward)
@@ -56,6 +62,7 @@ def _bottleneck(kind: str):
 METHODS: dict[str, Callable[[nnx.Module, ml_collections.ConfigDict, int], str]] = {
     'lora': _lora,
     'prompt': _prompt,
+    'prefix': _prefix,
     'ia3': _ia3,
     'houlsby': _bottleneck('houlsby'),
     'pfeiffer': _bottleneck('pfeiffer'),
