@@ -33,6 +33,7 @@ import safetensors.numpy
 from ftjax import models
 from ftjax.errors import FtjaxError
 from ftjax.hub import _read_bf16
+from ftjax.peft import ia3 as ia3_lib
 from ftjax.peft.lora import DEFAULT_ADAPTER, LoRALinear, apply_lora, set_active_adapter
 
 logger = logging.getLogger(__name__)
@@ -444,3 +445,98 @@ def load_lora_adapter(
       variable = getattr(linears[path], attr)
       variable[...] = jnp.asarray(tensors[found[(hf, factor)]].T, dtype=variable.dtype)
   return list(kept.values())
+
+
+# IA3
+# ------------------------------------------------------------------------------
+# PEFT stores one `ia3_l` per adapted layer: [out, 1] when the output is scaled, [1, in] when
+# the input of a feed-forward layer is.
+
+_IA3_SUFFIX = '.ia3_l'
+
+
+def save_ia3_adapter(model: nnx.Module, out_dir: str | os.PathLike[str], *,
+                     base_model_name_or_path: str) -> pathlib.Path:
+  """Writes the encoder's IA3 vectors in PEFT's format (`PeftModel.from_pretrained` loads it).
+
+  Raises:
+    FtjaxError: if the encoder has no IA3 layers.
+  """
+  encoder, prefix = _encoder_of(model)
+  present = _present_linears(model)
+  tensors, targets, feedforward = {}, [], []
+  for hf_name, path in _linear_modules(encoder).items():
+    layer = present.get(prefix + path)
+    if not isinstance(layer, ia3_lib.IA3Linear):
+      continue
+    vector = np.asarray(layer.ia3_l.get_value(), np.float32)
+    targets.append(hf_name)
+    if layer.feedforward:
+      feedforward.append(hf_name)
+    tensors[_PEFT_PREFIX + hf_name + _IA3_SUFFIX] = (
+        vector[None, :] if layer.feedforward else vector[:, None])
+  if not tensors:
+    raise FtjaxError('this model has no IA3 layers in its encoder to save: apply IA3 first')
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  safetensors.numpy.save_file(tensors, out / ADAPTER_WEIGHTS_NAME, metadata={'format': 'pt'})
+  config = {
+      'peft_type': 'IA3', 'task_type': 'FEATURE_EXTRACTION',
+      'base_model_name_or_path': base_model_name_or_path, 'inference_mode': True,
+      # Full module names: PEFT matches a list entry exactly or as the name's last part.
+      'target_modules': targets, 'feedforward_modules': feedforward,
+      'fan_in_fan_out': False, 'init_ia3_weights': True, 'modules_to_save': None,
+  }
+  (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n')
+  return out
+
+
+def load_ia3_adapter(model: nnx.Module, adapter_dir: str | os.PathLike[str]) -> list[str]:
+  """Applies a PEFT IA3 adapter to `model` and sets its vectors; returns the adapted paths.
+
+  Raises:
+    FtjaxError: for missing files, another PEFT type, unsupported fields, an adapter for a
+      different base model, or keys that name no adapted layer.
+  """
+  directory = pathlib.Path(adapter_dir)
+  config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+  for path in (config_path, weights_path):
+    if not path.is_file():
+      raise FtjaxError(f'{directory} is not a PEFT adapter: {path.name} is missing')
+  config = json.loads(config_path.read_text())
+  if config.get('peft_type') != 'IA3':
+    raise FtjaxError(f"adapter {directory} is {config.get('peft_type')!r}, not IA3")
+  for field in ('modules_to_save', 'fan_in_fan_out'):
+    if config.get(field):
+      raise FtjaxError(f'adapter {directory} sets {field}, which ftjax cannot load')
+  encoder, prefix = _encoder_of(model)
+  present = _present_linears(model)
+  known = _linear_modules(encoder)
+  # Layers the family knows but this model dropped (the pooler under mean pooling) are skipped.
+  modules = {name: path for name, path in known.items() if prefix + path in present}
+  targets = _peft_targets(config['target_modules'], list(modules))
+  feedforward = _peft_targets(config.get('feedforward_modules') or [], targets)
+  with safetensors.safe_open(weights_path, framework='numpy') as f:
+    vectors = {k[len(_PEFT_PREFIX):-len(_IA3_SUFFIX)]: f.get_tensor(k) for k in f.keys()}
+  for name in sorted(set(vectors) & (set(known) - set(modules))):
+    logging.info('IA3 vector for %s skipped: this model has no such layer', name)
+    del vectors[name]
+  stray = sorted(set(vectors) - set(targets))
+  if stray or not targets:
+    raise FtjaxError(f'adapter {directory} has IA3 vectors for {stray[:1] or "no"} module(s) '
+                     'that this model does not adapt: is it for another base model?')
+  # Check every shape before the surgery, so a bad file leaves the model untouched.
+  for name, vector in vectors.items():
+    kernel = present[prefix + modules[name]].kernel.get_value()
+    expected = (1, kernel.shape[0]) if name in feedforward else (kernel.shape[1], 1)
+    if tuple(vector.shape) != expected:
+      raise FtjaxError(f'adapter {directory} was trained for a different base model: '
+                       f'{name}{_IA3_SUFFIX} has shape {tuple(vector.shape)}, this model '
+                       f'expects {expected}')
+  anchored = lambda names: '^(' + '|'.join(re.escape(prefix + modules[n]) for n in names) + ')$'
+  paths = ia3_lib.apply_ia3(model, targets=anchored(targets),
+                            feedforward=anchored(feedforward) if feedforward else '(?!)')
+  layers = _present_linears(model)
+  for name, vector in vectors.items():
+    layers[prefix + modules[name]].ia3_l.set_value(jnp.asarray(vector.reshape(-1)))
+  return paths
