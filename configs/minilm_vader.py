@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.lora.alpha = 16.0  # Scaling alpha / r (alpha / sqrt(r) with rslora).
   config.peft.lora.targets = r'attention/(query|value)$'  # Regex over linear-layer paths.
   config.peft.lora.rslora = False  # rsLoRA scaling (Kalajdzievski, 2023).
+  config.peft.lora.dora = False  # DoRA: learned magnitude x normalised direction (Liu, 2024).
   config.peft.lora.dropout = 0.0  # Dropout on the LoRA branch's input (only 0 for now).
   config.peft.ia3 = ml_collections.ConfigDict()
   config.peft.ia3.targets = r'attention/(key|value)$|/output$'  # Layers whose output is rescaled.

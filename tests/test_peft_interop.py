@@ -280,7 +280,7 @@ def test_load_bad_directories_fail(base_encoder, ftjax_adapter, tmp_path):
 
   with pytest.raises(FtjaxError, match="peft_type 'IA3'.*only LoRA"):
     hf_format.load_lora_adapter(model, variant('ia3', peft_type='IA3'))
-  with pytest.raises(FtjaxError, match='use_dora=True'):
+  with pytest.raises(FtjaxError, match='lacks .*lora_magnitude'):  # DoRA without magnitudes.
     hf_format.load_lora_adapter(model, variant('dora', use_dora=True))
   # The file holds value factors that these target_modules do not select.
   with pytest.raises(FtjaxError, match=r'value\.lora_A\.weight, which maps to no LoRA layer'):
@@ -336,3 +336,40 @@ def test_load_bfloat16_factors(base_encoder, ftjax_adapter, tmp_path):
   loaded = model.layers[3].attention.value.lora_b
   assert loaded.dtype == jnp.float32
   np.testing.assert_array_equal(loaded[...], expected)
+
+
+def test_dora_at_init_changes_nothing_and_merges_exactly(minilm_dir, batch, base_hidden):
+  model, _, _ = hub.load_encoder(str(minilm_dir))
+  lora.apply_lora(model, targets=r'attention/(query|value)$', rank=4, alpha=8, use_dora=True,
+                  rngs=nnx.Rngs(0))
+  assert _max_diff(model(*batch), base_hidden, batch[1]) < 1e-5
+  _randomise_factors(model, 3)
+  adapted = np.asarray(model(*batch))
+  assert _max_diff(adapted, base_hidden, batch[1]) > MIN_EFFECT
+  kernel = np.array(model.layers[0].attention.query.kernel[...])
+  lora.merge_lora(model)
+  assert _max_diff(model(*batch), adapted, batch[1]) < 1e-4
+  lora.unmerge_lora(model)
+  np.testing.assert_allclose(model.layers[0].attention.query.kernel[...], kernel, atol=1e-5)
+
+
+def test_dora_round_trips_with_peft(minilm_dir, batch, tmp_path):
+  # ftjax -> peft.
+  model, _, _ = hub.load_encoder(str(minilm_dir))
+  lora.apply_lora(model, targets=r'attention/(query|value)$', rank=4, alpha=8, use_dora=True,
+                  rngs=nnx.Rngs(0))
+  _randomise_factors(model, 4)
+  hf_format.save_lora_adapter(model, tmp_path / 'ours', base_model_name_or_path=str(minilm_dir),
+                              rank=4, alpha=8)
+  assert json.loads((tmp_path / 'ours' / hf_format.ADAPTER_CONFIG_NAME).read_text())['use_dora']
+  theirs = _torch_hidden(_peft_model(minilm_dir, tmp_path / 'ours'), *batch)
+  assert _max_diff(model(*batch), theirs, batch[1]) <= TOL
+  # peft -> ftjax.
+  base = transformers.BertModel.from_pretrained(minilm_dir)
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['key'], use_dora=True,
+                           init_lora_weights=False)
+  reference = peft.get_peft_model(base, config).eval()
+  reference.save_pretrained(tmp_path / 'theirs')
+  ours, _, _ = hub.load_encoder(str(minilm_dir))
+  hf_format.load_lora_adapter(ours, tmp_path / 'theirs')
+  assert _max_diff(ours(*batch), _torch_hidden(reference, *batch), batch[1]) <= TOL

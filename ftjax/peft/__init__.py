@@ -28,8 +28,8 @@ from ftjax.peft.lora import (
 
 def _lora(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
   apply_lora(model, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-             use_rslora=cfg.rslora, rngs=nnx.Rngs(seed))
-  return r'/lora_[ab]$'
+             use_rslora=cfg.rslora, use_dora=cfg.dora, rngs=nnx.Rngs(seed))
+  return r'/lora_(a|b|magnitude)$'
 
 
 def _prompt(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:

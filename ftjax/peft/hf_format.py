@@ -34,7 +34,8 @@ from ftjax import models
 from ftjax.errors import FtjaxError
 from ftjax.hub import _read_bf16
 from ftjax.peft import ia3 as ia3_lib
-from ftjax.peft.lora import DEFAULT_ADAPTER, LoRALinear, apply_lora, set_active_adapter
+from ftjax.peft.lora import (DEFAULT_ADAPTER, LoRALinear, apply_lora, magnitude_name,
+                             set_active_adapter)
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,12 @@ ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
 
 # PeftModel wraps the base model as `base_model` (a LoraModel) whose `model` is the encoder.
 _PEFT_PREFIX = 'base_model.model.'
-_FACTOR_SUFFIXES = {'lora_A': '.lora_A.weight', 'lora_B': '.lora_B.weight'}
+_FACTOR_SUFFIXES = {'lora_A': '.lora_A.weight', 'lora_B': '.lora_B.weight',
+                    'lora_magnitude': '.lora_magnitude_vector'}  # The last only with DoRA.
 
 # PEFT config fields that change which modules are adapted or how: ftjax cannot honour a
 # non-default value, so loading one would silently compute something else.
 _UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    'use_dora': bool,
     'rank_pattern': bool,
     'alpha_pattern': bool,
     'layers_to_transform': lambda v: v is not None and v != [],
@@ -217,6 +218,10 @@ def save_lora_adapter(
         'from the adapted layers'
     )
 
+  use_dora = any(adapter_name in layer.dora for layer in adapted.values())
+  if use_dora and not all(adapter_name in layer.dora for layer in adapted.values()):
+    raise FtjaxError(f'LoRA adapter {adapter_name!r} is DoRA on some layers only; a PEFT file '
+                     'is one or the other')
   tensors = {}
   for hf, layer in sorted(adapted.items()):
     # float32 whatever the parameter dtype: numpy (and so safetensors.numpy) has no bfloat16.
@@ -224,6 +229,9 @@ def save_lora_adapter(
     b = np.asarray(getattr(layer, b_attr)[...], np.float32)
     tensors[f'{_PEFT_PREFIX}{hf}.lora_A.weight'] = np.ascontiguousarray(a.T)
     tensors[f'{_PEFT_PREFIX}{hf}.lora_B.weight'] = np.ascontiguousarray(b.T)
+    if use_dora:
+      tensors[f'{_PEFT_PREFIX}{hf}.lora_magnitude_vector'] = np.asarray(
+          getattr(layer, magnitude_name(adapter_name))[...], np.float32)
 
   config = {
       'peft_type': 'LORA',
@@ -245,7 +253,7 @@ def save_lora_adapter(
       'layers_pattern': None,
       'rank_pattern': {},
       'alpha_pattern': {},
-      'use_dora': False,
+      'use_dora': use_dora,
       'lora_bias': False,
       'revision': None,
   }
@@ -364,6 +372,8 @@ def load_lora_adapter(
   config = _read_adapter_config(directory)
   rank, alpha = int(config['r']), float(config['lora_alpha'])
   use_rslora = bool(config.get('use_rslora', False))
+  use_dora = bool(config.get('use_dora', False))
+  factors = ('lora_A', 'lora_B', 'lora_magnitude') if use_dora else ('lora_A', 'lora_B')
 
   encoder, prefix = _encoder_of(model)
   family = models.get_family(encoder.config.model_type)
@@ -382,7 +392,7 @@ def load_lora_adapter(
   found: dict[tuple[str, str], str] = {}
   for key, shape in _read_shapes(weights_path).items():
     parsed = _module_and_factor(key, family.hf_prefixes)
-    if parsed is None or parsed[0] not in targeted:
+    if parsed is None or parsed[0] not in targeted or parsed[1] not in factors:
       raise FtjaxError(
           f'adapter {directory} holds {key}, which maps to no LoRA layer of this '
           f'{type(encoder).__name__} (target_modules {config["target_modules"]!r}): the adapter '
@@ -393,14 +403,15 @@ def load_lora_adapter(
       logger.info('skipping %s: this model has no %s layer', key, hf)
       continue
     in_features, out_features = linears[kept[hf]].kernel.shape
-    expected = (rank, in_features) if factor == 'lora_A' else (out_features, rank)
+    expected = {'lora_A': (rank, in_features), 'lora_B': (out_features, rank),
+                'lora_magnitude': (out_features,)}[factor]
     if shape != expected:
       raise FtjaxError(
           f'adapter {directory} was trained for a different base model: {key} has shape '
           f'{shape}, this model expects {expected} (r={rank})'
       )
     found[(hf, factor)] = key
-  absent = [f'{hf}.{factor}' for hf in kept for factor in _FACTOR_SUFFIXES
+  absent = [f'{hf}.{factor}' for hf in kept for factor in factors
             if (hf, factor) not in found]
   if absent:
     raise FtjaxError(
@@ -435,14 +446,16 @@ def load_lora_adapter(
     targets = '^(' + '|'.join(re.escape(path) for path in kept.values()) + ')$'
     apply_lora(
         model, targets=targets, rank=rank, alpha=alpha, use_rslora=use_rslora,
-        rngs=rngs if rngs is not None else nnx.Rngs(0), name=adapter_name,
+        use_dora=use_dora, rngs=rngs if rngs is not None else nnx.Rngs(0), name=adapter_name,
     )
 
   tensors = _read_tensors(weights_path, list(found.values()))
   linears = _present_linears(model)  # The surgery replaced the layers.
+  attrs = {'lora_A': a_attr, 'lora_B': b_attr, 'lora_magnitude': magnitude_name(adapter_name)}
   for hf, path in kept.items():
-    for factor, attr in (('lora_A', a_attr), ('lora_B', b_attr)):
-      variable = getattr(linears[path], attr)
+    for factor in factors:
+      variable = getattr(linears[path], attrs[factor])
+      # Factors are stored [out, in] like torch weights; the magnitude is a plain vector.
       variable[...] = jnp.asarray(tensors[found[(hf, factor)]].T, dtype=variable.dtype)
   return list(kept.values())
 

@@ -40,6 +40,19 @@ def _attr_names(name: str) -> tuple[str, str]:
   return f'lora_a_{name}', f'lora_b_{name}'
 
 
+def magnitude_name(name: str) -> str:
+  return 'lora_magnitude' if name == DEFAULT_ADAPTER else f'lora_magnitude_{name}'
+
+
+class DoRANorm(nnx.Variable):
+  """The column norms of W + delta cached at merge time, so that unmerging is exact."""
+
+
+def _column_norm(kernel_IxO: jax.Array) -> jax.Array:
+  # DoRA's norm is per output feature: over the input axis of our [in, out] kernel.
+  return jnp.linalg.norm(kernel_IxO.astype(jnp.float32), axis=0)
+
+
 def _factor_metadata(kernel: nnx.Variable, axes: tuple[str | None, ...] | None) -> dict:
   """Sharding metadata for a LoRA factor, laid out like the base kernel it adapts."""
   metadata = kernel.get_metadata()
@@ -74,13 +87,18 @@ class LoRALinear(nnx.Linear):
     self.kernel = base.kernel
     self.bias = nnx.data(base.bias)
     self.adapters: tuple[tuple[str, float], ...] = ()
+    self.dora: tuple[str, ...] = ()  # Adapters that are DoRA (magnitude + direction).
     self.active: str | None = None
     self.merged = False
 
   def add_adapter(
-      self, name: str, *, rank: int, scaling: float, rngs: nnx.Rngs
+      self, name: str, *, rank: int, scaling: float, rngs: nnx.Rngs, use_dora: bool = False
   ) -> None:
-    """Adds adapter `name`: A kaiming-uniform as in PEFT, B zero (so the output is unchanged)."""
+    """Adds adapter `name`: A kaiming-uniform as in PEFT, B zero (so the output is unchanged).
+
+    With `use_dora`, also a magnitude vector initialised to the kernel's column norms (DoRA,
+    Liu et al. 2024), which keeps the output unchanged at init too.
+    """
     in_features, out_features = self.kernel.shape
     # PEFT's kaiming_uniform_(a=sqrt(5)) on A's [r, in] weight: U(-1/sqrt(in), 1/sqrt(in)).
     bound = 1.0 / math.sqrt(in_features)
@@ -94,6 +112,12 @@ class LoRALinear(nnx.Linear):
     a_attr, b_attr = _attr_names(name)
     setattr(self, a_attr, nnx.LoRAParam(a_value, **_factor_metadata(self.kernel, a_axes)))
     setattr(self, b_attr, nnx.LoRAParam(b_value, **_factor_metadata(self.kernel, b_axes)))
+    if use_dora:
+      m_axes = None if kernel_axes is None else (kernel_axes[1],)
+      setattr(self, magnitude_name(name), nnx.LoRAParam(
+          _column_norm(self.kernel[...]).astype(self.kernel.dtype),
+          **_factor_metadata(self.kernel, m_axes)))
+      self.dora = (*self.dora, name)
     self.adapters = (*self.adapters, (name, float(scaling)))
 
   def has_adapter(self, name: str) -> bool:
@@ -105,6 +129,15 @@ class LoRALinear(nnx.Linear):
     scaling = dict(self.adapters)[name]
     return (getattr(self, a_attr)[...] @ getattr(self, b_attr)[...]) * scaling
 
+  def magnitude_scale(self, name: str) -> jax.Array:
+    """DoRA's m / ||W + delta|| per output feature; the norm is a constant to the gradient.
+
+    Treating the norm as a constant is the paper's section 4.3 (and PEFT's), which saves the
+    memory of differentiating through it at a negligible cost in accuracy.
+    """
+    norm = jax.lax.stop_gradient(_column_norm(self.kernel[...] + self.delta(name)))
+    return getattr(self, magnitude_name(name))[...].astype(jnp.float32) / norm
+
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding)
     if self.merged or self.active is None or not self.has_adapter(self.active):
@@ -114,6 +147,11 @@ class LoRALinear(nnx.Linear):
         (inputs, getattr(self, a_attr)[...], getattr(self, b_attr)[...]), dtype=self.dtype
     )
     update = (x @ lora_a @ lora_b) * dict(self.adapters)[self.active]
+    if self.active in self.dora:
+      # m/n * (x W + x delta) + b, written around the base output as PEFT does.
+      scale = self.magnitude_scale(self.active).astype(y.dtype)
+      base = y if self.bias is None else y - self.bias[...].astype(y.dtype)
+      return y + (scale - 1) * base + scale * update.astype(y.dtype)
     return y + update.astype(y.dtype)
 
 
@@ -158,6 +196,7 @@ def apply_lora(
     alpha: float,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = False,
     rngs: nnx.Rngs,
     name: str = DEFAULT_ADAPTER,
 ) -> list[str]:
@@ -174,6 +213,8 @@ def apply_lora(
     alpha: the scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).
     dropout: dropout on the LoRA branch's input; only 0 is supported (see Raises).
     use_rslora: scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r.
+    use_dora: DoRA: the adapted weight is re-normalised per output feature and scaled by a
+      learned magnitude (`lora_magnitude`, initialised to the kernel's column norms).
     rngs: initialises the A factors (its 'params' stream).
     name: the adapter's name (letters, digits, underscores).
 
@@ -228,7 +269,7 @@ def apply_lora(
   scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
   for path, node in matched:
     layer = node if isinstance(node, LoRALinear) else LoRALinear(node)
-    layer.add_adapter(name, rank=rank, scaling=scaling, rngs=rngs)
+    layer.add_adapter(name, rank=rank, scaling=scaling, rngs=rngs, use_dora=use_dora)
     if layer is not node:
       _replace(model, path, layer)
   set_active_adapter(model, name)
@@ -284,7 +325,12 @@ def merge_lora(model: nnx.Module) -> list[str]:
   if not todo:
     raise FtjaxError('this model has no active LoRA adapter to merge: call apply_lora first')
   for _, layer in todo:
-    layer.kernel[...] = layer.kernel[...] + layer.delta(layer.active)
+    merged = layer.kernel[...] + layer.delta(layer.active)
+    if layer.active in layer.dora:
+      norm = _column_norm(merged)
+      layer.dora_norm = DoRANorm(norm)
+      merged = merged * (getattr(layer, magnitude_name(layer.active))[...] / norm)
+    layer.kernel[...] = merged.astype(layer.kernel.dtype)
     layer.merged = True
   return [_path_str(path) for path, _ in todo]
 
@@ -302,7 +348,12 @@ def unmerge_lora(model: nnx.Module) -> list[str]:
   if not todo:
     raise FtjaxError('this model has no merged LoRA adapter: nothing to unmerge')
   for _, layer in todo:
-    layer.kernel[...] = layer.kernel[...] - layer.delta(layer.active)
+    kernel = layer.kernel[...]
+    if layer.active in layer.dora:
+      magnitude = getattr(layer, magnitude_name(layer.active))[...]
+      kernel = kernel * (layer.dora_norm[...] / magnitude)
+      del layer.dora_norm
+    layer.kernel[...] = (kernel - layer.delta(layer.active)).astype(layer.kernel.dtype)
     layer.merged = False
   return [_path_str(path) for path, _ in todo]
 
