@@ -241,7 +241,6 @@ def test_merge_strip_export(tmp_path):
         (dict(rank=-2), 'rank must be a positive integer'),
         (dict(alpha=0.0), 'alpha must be positive'),
         (dict(alpha=-1.0), 'alpha must be positive'),
-        (dict(dropout=0.1), 'LoRA dropout is not supported yet'),
         (dict(dropout=1.5), r'dropout must be in \[0, 1\)'),
         (dict(name='a/b'), 'adapter name'),
         (dict(targets='attention/(query'), 'not a valid regular expression'),
@@ -281,3 +280,28 @@ def test_state_errors():
     lora.set_active_adapter(model, None)
   with pytest.raises(FtjaxError, match='unmerge_lora before apply_lora'):
     lora.apply_lora(model, targets=r'key$', rank=4, alpha=8, rngs=nnx.Rngs(0), name='k')
+
+
+def test_dropout_acts_only_in_training_and_on_the_lora_branch():
+  model = _tiny_model()
+  lora.apply_lora(model, targets=QV, rank=4, alpha=8.0, dropout=0.5, rngs=nnx.Rngs(0))
+  for _, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+    variable[...] = jnp.ones(variable.shape)  # A non-zero update, so dropout shows.
+  ids = jnp.arange(12).reshape(2, 6) % TINY.vocab_size
+  mask = jnp.ones((2, 6), jnp.int32)
+  # Only the LoRA branch may be stochastic: silence every other dropout in the model.
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Dropout) and 'query' not in map(str, path) and \
+        'value' not in map(str, path):
+      module.rate = 0.0
+  eval_a = model(ids, mask)
+  np.testing.assert_array_equal(eval_a, model(ids, mask))
+  train = lambda seed: model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=seed))
+  assert not np.allclose(train(0), eval_a)
+  assert not np.allclose(train(0), train(1))
+  np.testing.assert_array_equal(train(2), train(2))
+  # Under jit, the train step's way: the key is an argument.
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, k: nnx.merge(graphdef, s)(ids, mask, deterministic=False,
+                                                     rngs=nnx.Rngs(dropout=k)))
+  assert not np.allclose(step(state, jax.random.key(0)), step(state, jax.random.key(1)))

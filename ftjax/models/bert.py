@@ -178,6 +178,15 @@ def _embed(
   )
 
 
+def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
+  """Calls a linear layer, passing dropout's call-time randomness to those that take it.
+
+  Plain `nnx.Linear` has no randomness; PEFT layers that wrap it (LoRA with dropout) set
+  `takes_rngs` and receive `deterministic` and `rngs` like every other dropout in the model.
+  """
+  return layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+
+
 class BertEmbeddings(nnx.Module):
   """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
@@ -256,9 +265,10 @@ class BertSelfAttention(nnx.Module):
   ) -> jax.Array:
     batch, seq_len, _ = x_BxLxD.shape
     split = lambda t: t.reshape(batch, seq_len, self.num_heads, self.head_dim)
-    q_BxLxHxK = split(self.query(x_BxLxD))
-    k_BxLxHxK = split(self.key(x_BxLxD))
-    v_BxLxHxK = split(self.value(x_BxLxD))
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    q_BxLxHxK = split(dense(self.query, x_BxLxD, kw))
+    k_BxLxHxK = split(dense(self.key, x_BxLxD, kw))
+    v_BxLxHxK = split(dense(self.value, x_BxLxD, kw))
     if prefix_kv is not None:
       # Prefix tuning: learned keys and values every query also attends to (the mask bias
       # already has their columns in front).
@@ -274,7 +284,8 @@ class BertSelfAttention(nnx.Module):
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(self.dtype)
     probs_BxHxLxL = self.dropout(probs_BxHxLxL, deterministic=deterministic, rngs=rngs)
     out_BxLxHxK = jnp.einsum('bhqs,bshk->bqhk', probs_BxHxLxL, v_BxLxHxK)
-    return self.out(out_BxLxHxK.reshape(batch, seq_len, self.num_heads * self.head_dim))
+    return dense(self.out, out_BxLxHxK.reshape(batch, seq_len, self.num_heads * self.head_dim),
+                 kw)
 
 
 class BertLayer(nnx.Module):
@@ -308,8 +319,8 @@ class BertLayer(nnx.Module):
     attn_BxLxD = self.attention(x_BxLxD, mask_bias_Bx1x1xL, prefix_kv=prefix_kv, **kw)
     attn_BxLxD = self.dropout(attn_BxLxD, **kw)
     x_BxLxD = self.attention_norm(x_BxLxD + attn_BxLxD)
-    h_BxLxF = _ACTIVATIONS[self.hidden_act](self.intermediate(x_BxLxD))
-    h_BxLxD = self.dropout(self.output(h_BxLxF), **kw)
+    h_BxLxF = _ACTIVATIONS[self.hidden_act](dense(self.intermediate, x_BxLxD, kw))
+    h_BxLxD = self.dropout(dense(self.output, h_BxLxF, kw), **kw)
     return self.output_norm(x_BxLxD + h_BxLxD)
 
 

@@ -88,6 +88,7 @@ class LoRALinear(nnx.Linear):
     self.bias = nnx.data(base.bias)
     self.adapters: tuple[tuple[str, float], ...] = ()
     self.dora: tuple[str, ...] = ()  # Adapters that are DoRA (magnitude + direction).
+    self.dropout = nnx.Dropout(0.0)  # On the LoRA branch's input; set by apply_lora.
     self.active: str | None = None
     self.merged = False
 
@@ -138,13 +139,17 @@ class LoRALinear(nnx.Linear):
     norm = jax.lax.stop_gradient(_column_norm(self.kernel[...] + self.delta(name)))
     return getattr(self, magnitude_name(name))[...].astype(jnp.float32) / norm
 
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+  takes_rngs = True  # The model passes dropout's `deterministic` and `rngs` (bert.dense).
+
+  def __call__(self, inputs: jax.Array, out_sharding=None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
     y = super().__call__(inputs, out_sharding)
     if self.merged or self.active is None or not self.has_adapter(self.active):
       return y
     a_attr, b_attr = _attr_names(self.active)
+    dropped = self.dropout(inputs, deterministic=deterministic, rngs=rngs)
     x, lora_a, lora_b = self.promote_dtype(
-        (inputs, getattr(self, a_attr)[...], getattr(self, b_attr)[...]), dtype=self.dtype
+        (dropped, getattr(self, a_attr)[...], getattr(self, b_attr)[...]), dtype=self.dtype
     )
     update = (x @ lora_a @ lora_b) * dict(self.adapters)[self.active]
     if self.active in self.dora:
@@ -211,7 +216,7 @@ def apply_lora(
       Every module it matches must be a linear layer.
     rank: r, the inner dimension of the factors.
     alpha: the scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).
-    dropout: dropout on the LoRA branch's input; only 0 is supported (see Raises).
+    dropout: dropout on the LoRA branch's input during training (as PEFT's lora_dropout).
     use_rslora: scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r.
     use_dora: DoRA: the adapted weight is re-normalised per output feature and scaled by a
       learned magnitude (`lora_magnitude`, initialised to the kernel's column norms).
@@ -222,8 +227,7 @@ def apply_lora(
     The '/'-joined paths of the adapted layers.
 
   Raises:
-    FtjaxError: for rank <= 0, alpha <= 0, dropout > 0 (the models call their dense layers
-      without rngs, so LoRA dropout is not supported yet), an invalid name or regex, a regex
+    FtjaxError: for rank <= 0, alpha <= 0, dropout outside [0, 1), an invalid name or regex, a regex
       that matches no module or matches a module that is not a linear layer, an adapter name
       already present on a matched layer, or a model with merged adapters.
   """
@@ -233,10 +237,6 @@ def apply_lora(
     raise FtjaxError(f'LoRA alpha must be positive, got {alpha!r}: set e.g. alpha=16')
   if not 0.0 <= dropout < 1.0:
     raise FtjaxError(f'LoRA dropout must be in [0, 1), got {dropout!r}')
-  if dropout > 0.0:
-    raise FtjaxError(
-        f'LoRA dropout is not supported yet (got {dropout}): set the LoRA dropout to 0'
-    )
   if not _ADAPTER_NAME.fullmatch(name):
     raise FtjaxError(
         f'LoRA adapter name {name!r} is invalid: use letters, digits and underscores only'
@@ -270,6 +270,8 @@ def apply_lora(
   for path, node in matched:
     layer = node if isinstance(node, LoRALinear) else LoRALinear(node)
     layer.add_adapter(name, rank=rank, scaling=scaling, rngs=rngs, use_dora=use_dora)
+    if dropout:
+      layer.dropout = nnx.Dropout(dropout)
     if layer is not node:
       _replace(model, path, layer)
   set_active_adapter(model, name)
