@@ -105,3 +105,23 @@ def test_empty_split(trained, tmp_path, capsys):
                'test', capsys)
   assert 'empty' in err or 'no examples' in err
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    (['peft.method=lora', 'policy.preset=peft', 'peft.lora.rank=0'], 'rank must be a positive'),
+    (['peft.method=lora', 'policy.preset=peft', 'peft.lora.targets=layers/0/attention$'],
+     'not a linear layer'),
+    (['peft.method=lora', 'peft.lora.targets=nothing_like_this'], 'match no module'),
+    (['peft.method=lora'], "policy.preset must be 'peft'"),
+    (['policy.preset=peft'], 'needs a peft.method'),
+    (['peft.method=lorax', 'policy.preset=peft'], 'unknown peft.method'),
+    (['policy.preset=custom', "policy.rules=(('^classifier/', {}),)"], 'no policy rule matches'),
+    (['policy.preset=custom', "policy.rules=(('.*', {}), ('classifier', {}))"],
+     'more than one policy rule'),
+])
+def test_misconfigured_policy_or_peft_fails_before_training(trained, tmp_path, capsys,
+                                                             overrides, expected):
+  root, argv = trained
+  _fails(argv + [f'--config.{o}' for o in overrides] + [f'--workdir={tmp_path / "w"}'],
+         expected, capsys)
+  assert not (tmp_path / 'w').exists()
