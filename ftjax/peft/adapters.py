@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import FtjaxError
+from ftjax.peft import surgery
 
 # Module-path regexes per kind for BERT-like encoders (attention/out, then the FFN output).
 KINDS = {
@@ -122,18 +123,8 @@ class AdapterLinear(nnx.Linear):
     return y + self.adapter_up(act(self.adapter_down(y)))
 
 
-def _path_str(path: tuple) -> str:
-  return '/'.join(map(str, path)) or '(root)'
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
 
 
 def apply_adapters(
@@ -187,30 +178,30 @@ def apply_adapters(
   except re.error as e:
     raise FtjaxError(f'adapter targets {regex!r} is not a valid regular expression: {e}') from e
 
-  modules = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)]
-  matched = [(path, node) for path, node in modules if pattern.search(_path_str(path))]
+  modules = surgery.modules(model)
+  matched = [(path, node) for path, node in modules if pattern.search(surgery.path_str(path))]
   if not matched:
     raise FtjaxError(
-        f'adapter targets {regex!r} match no module of this {type(model).__name__}: pass '
-        'targets= with a regex over its linear layer paths'
+        f'adapter targets {regex!r} match no module of this {type(model).__name__} (linear '
+        f'layers are at {surgery.linear_examples(modules)}): pass targets= over those paths'
     )
   for path, node in matched:
     # Exactly nnx.Linear: a subclass is another method's wrapper, whose call this would bypass.
     if type(node) is not nnx.Linear:
       what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
       raise FtjaxError(
-          f'adapter targets {regex!r} match {_path_str(path)}, a {type(node).__name__} and '
+          f'adapter targets {regex!r} match {surgery.path_str(path)}, a {type(node).__name__} and '
           f'{what}: narrow the regex (anchor it with $) to plain linear layers'
       )
     features = node.kernel.shape[1]
     if features // reduction_factor < 1:
       raise FtjaxError(
           f'adapter reduction_factor {reduction_factor} leaves no bottleneck for '
-          f'{_path_str(path)} ({features} outputs): use a reduction_factor <= {features}'
+          f'{surgery.path_str(path)} ({features} outputs): use a reduction_factor <= {features}'
       )
   for path, node in matched:
     bottleneck = node.kernel.shape[1] // reduction_factor
-    _replace(model, path, AdapterLinear(
+    surgery.replace(model, path, AdapterLinear(
         node, bottleneck=bottleneck, non_linearity=non_linearity, rngs=rngs
     ))
-  return [_path_str(path) for path, _ in matched]
+  return [surgery.path_str(path) for path, _ in matched]

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import FtjaxError
+from ftjax.peft import surgery
 
 # The default targets of BERT-like encoders: attention key/value and the feed-forward output.
 DEFAULT_TARGETS = r'attention/(key|value)$|/output$'
@@ -86,26 +87,14 @@ class IA3Linear(nnx.Linear):
     return y * scale.astype(y.dtype)
 
 
-def _path_str(path: tuple) -> str:
-  return '/'.join(map(str, path)) or '(root)'
 
 
-def _modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-  return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
 
 
 def _ia3_layers(model: nnx.Module) -> list[tuple[tuple, IA3Linear]]:
-  return [(path, node) for path, node in _modules(model) if isinstance(node, IA3Linear)]
+  return [(path, node) for path, node in surgery.modules(model) if isinstance(node, IA3Linear)]
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
 
 
 def _compile(what: str, regex: str) -> re.Pattern:
@@ -140,30 +129,27 @@ def apply_ia3(
   """
   target_re = _compile('targets', targets)
   feedforward_re = _compile('feedforward', feedforward)
-  modules = _modules(model)
+  modules = surgery.modules(model)
   if any(layer.merged for _, layer in _ia3_layers(model)):
     raise FtjaxError('this model has merged (IA)^3 vectors: call unmerge_ia3 before apply_ia3')
-  matched = [(path, node) for path, node in modules if target_re.search(_path_str(path))]
+  matched = [(path, node) for path, node in modules if target_re.search(surgery.path_str(path))]
   if not matched:
-    linears = sorted({
-        re.sub(r'(?<=/)\d+(?=/|$)', '*', _path_str(p))
-        for p, n in modules if isinstance(n, nnx.Linear)
-    })
     raise FtjaxError(
         f'(IA)^3 targets {targets!r} match no module: linear layers are at '
-        f'{", ".join(linears) or "(none)"}'
+        f'{surgery.linear_examples(modules)}'
     )
   for path, node in matched:
     # Exactly nnx.Linear: a subclass is another method's wrapper, whose call this would bypass.
     if type(node) is not nnx.Linear:
       what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
       raise FtjaxError(
-          f'(IA)^3 targets {targets!r} match {_path_str(path)}, a {type(node).__name__} and '
+          f'(IA)^3 targets {targets!r} match {surgery.path_str(path)}, a {type(node).__name__} and '
           f'{what}: narrow the regex (anchor it with $) to plain linear layers'
       )
   for path, node in matched:
-    _replace(model, path, IA3Linear(node, feedforward=bool(feedforward_re.search(_path_str(path)))))
-  return [_path_str(path) for path, _ in matched]
+    is_feedforward = bool(feedforward_re.search(surgery.path_str(path)))
+    surgery.replace(model, path, IA3Linear(node, feedforward=is_feedforward))
+  return [surgery.path_str(path) for path, _ in matched]
 
 
 def merge_ia3(model: nnx.Module) -> list[str]:
@@ -185,7 +171,7 @@ def merge_ia3(model: nnx.Module) -> list[str]:
   for _, layer in layers:
     _rescale(layer, layer.ia3_l[...])
     layer.merged = True
-  return [_path_str(path) for path, _ in layers]
+  return [surgery.path_str(path) for path, _ in layers]
 
 
 def unmerge_ia3(model: nnx.Module) -> list[str]:
@@ -204,13 +190,13 @@ def unmerge_ia3(model: nnx.Module) -> list[str]:
   for path, layer in todo:
     if bool(jnp.any(layer.ia3_l[...] == 0)):
       raise FtjaxError(
-          f'cannot unmerge (IA)^3 at {_path_str(path)}: its vector has zero entries, so the '
+          f'cannot unmerge (IA)^3 at {surgery.path_str(path)}: its vector has zero entries, so the '
           'merged weights lost information; reload the base weights instead'
       )
   for _, layer in todo:
     _rescale(layer, 1.0 / layer.ia3_l[...])
     layer.merged = False
-  return [_path_str(path) for path, _ in todo]
+  return [surgery.path_str(path) for path, _ in todo]
 
 
 def _rescale(layer: IA3Linear, factor: jax.Array) -> None:

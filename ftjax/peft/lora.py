@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import FtjaxError
+from ftjax.peft import surgery
 
 DEFAULT_ADAPTER = 'default'
 
@@ -160,37 +161,16 @@ class LoRALinear(nnx.Linear):
     return y + update.astype(y.dtype)
 
 
-def _path_str(path: tuple) -> str:
-  return '/'.join(map(str, path)) or '(root)'
 
 
-def _modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-  return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
 
 
 def _lora_layers(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
-  return [(path, node) for path, node in _modules(model) if isinstance(node, LoRALinear)]
+  return [(path, node) for path, node in surgery.modules(model) if isinstance(node, LoRALinear)]
 
 
-def _linear_examples(modules: list[tuple[tuple, nnx.Module]], limit: int = 8) -> str:
-  # Per-layer repeats collapse to '*' so that the hint stays one short line.
-  seen: dict[str, None] = {}
-  for path, node in modules:
-    if isinstance(node, nnx.Linear):
-      seen[re.sub(r'(?<=/)\d+(?=/|$)', '*', _path_str(path))] = None
-  names = list(seen)
-  more = f', ... (+{len(names) - limit} more)' if len(names) > limit else ''
-  return ', '.join(names[:limit]) + more if names else '(none)'
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
 
 
 def apply_lora(
@@ -246,24 +226,24 @@ def apply_lora(
   except re.error as e:
     raise FtjaxError(f'LoRA targets {targets!r} is not a valid regular expression: {e}') from e
 
-  modules = _modules(model)
+  modules = surgery.modules(model)
   if any(layer.merged for _, layer in _lora_layers(model)):
     raise FtjaxError('this model has merged LoRA adapters: call unmerge_lora before apply_lora')
-  matched = [(path, node) for path, node in modules if pattern.search(_path_str(path))]
+  matched = [(path, node) for path, node in modules if pattern.search(surgery.path_str(path))]
   if not matched:
     raise FtjaxError(
         f'LoRA targets {targets!r} match no module: linear layers are at '
-        f'{_linear_examples(modules)}'
+        f'{surgery.linear_examples(modules)}'
     )
   for path, node in matched:
     if not isinstance(node, nnx.Linear):
       raise FtjaxError(
-          f'LoRA targets {targets!r} match {_path_str(path)}, a {type(node).__name__} and not a '
-          'linear layer: narrow the regex (anchor it with $) to linear layers only'
+          f'LoRA targets {targets!r} match {surgery.path_str(path)}, a {type(node).__name__} and '
+          'not a linear layer: narrow the regex (anchor it with $) to linear layers only'
       )
     if isinstance(node, LoRALinear) and node.has_adapter(name):
       raise FtjaxError(
-          f'{_path_str(path)} already has a LoRA adapter named {name!r}: pass another name'
+          f'{surgery.path_str(path)} already has a LoRA adapter named {name!r}: pass another name'
       )
 
   scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
@@ -273,9 +253,9 @@ def apply_lora(
     if dropout:
       layer.dropout = nnx.Dropout(dropout)
     if layer is not node:
-      _replace(model, path, layer)
+      surgery.replace(model, path, layer)
   set_active_adapter(model, name)
-  return [_path_str(path) for path, _ in matched]
+  return [surgery.path_str(path) for path, _ in matched]
 
 
 def adapter_names(model: nnx.Module) -> list[str]:
@@ -334,7 +314,7 @@ def merge_lora(model: nnx.Module) -> list[str]:
       merged = merged * (getattr(layer, magnitude_name(layer.active))[...] / norm)
     layer.kernel[...] = merged.astype(layer.kernel.dtype)
     layer.merged = True
-  return [_path_str(path) for path, _ in todo]
+  return [surgery.path_str(path) for path, _ in todo]
 
 
 def unmerge_lora(model: nnx.Module) -> list[str]:
@@ -357,7 +337,7 @@ def unmerge_lora(model: nnx.Module) -> list[str]:
       del layer.dora_norm
     layer.kernel[...] = (kernel - layer.delta(layer.active)).astype(layer.kernel.dtype)
     layer.merged = False
-  return [_path_str(path) for path, _ in todo]
+  return [surgery.path_str(path) for path, _ in todo]
 
 
 def _plain_linear(layer: LoRALinear) -> nnx.Linear:
@@ -385,5 +365,5 @@ def strip_lora(model: nnx.Module) -> list[str]:
   """
   layers = _lora_layers(model)
   for path, layer in layers:
-    _replace(model, path, _plain_linear(layer))
-  return [_path_str(path) for path, _ in layers]
+    surgery.replace(model, path, _plain_linear(layer))
+  return [surgery.path_str(path) for path, _ in layers]
