@@ -112,7 +112,7 @@ def test_empty_split(trained, tmp_path, capsys):
     (['peft.method=lora', 'policy.preset=peft', 'peft.lora.targets=layers/0/attention$'],
      'not a linear layer'),
     (['peft.method=lora', 'peft.lora.targets=nothing_like_this'], 'match no module'),
-    (['peft.method=lora'], "policy.preset must be 'peft'"),
+    (['peft.method=lora', 'policy.preset=full'], "policy.preset must be 'peft'"),
     (['policy.preset=peft'], 'needs a peft.method'),
     (['peft.method=lorax', 'policy.preset=peft'], 'unknown peft.method'),
     (['policy.preset=custom', "policy.rules=(('^classifier/', {}),)"], 'no policy rule matches'),

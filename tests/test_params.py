@@ -34,7 +34,7 @@ def _by_path(groups):
   return {p: g for g in groups for p in g.paths}
 
 
-@pytest.mark.parametrize('preset', [p for p in params.PRESETS if p != 'custom'])
+@pytest.mark.parametrize('preset', [p for p in params.PRESETS if p not in ('custom', 'peft')])
 def test_every_preset_covers_every_parameter_once(model, preset):
   groups = params.build_policy(_policy(preset), model)
   owner = _by_path(groups)
@@ -175,3 +175,15 @@ def test_l2_sp_keeps_pretrained_weights_closer_and_never_anchors_the_head():
   pulled, anchored = distance(1000.0)
   assert pulled < 0.5 * free
   assert anchored and not any('classifier' in p for p in anchored)
+
+
+def test_peft_preset_trains_only_the_new_variables_and_the_head(model):
+  from ftjax.peft import lora
+  lora.apply_lora(model, targets=r'attention/(query|value)$', rank=2, alpha=4.0,
+                  rngs=nnx.Rngs(0))
+  groups = _by_path(params.build_policy(_policy('peft'), model, r'/lora_[ab]$'))
+  trained = {p for p, g in groups.items() if g.rule.trainable}
+  assert trained == {p for p in groups if p.startswith('classifier/') or '/lora_' in p}
+  assert len(trained) == 2 + 2 * 2 * TINY.num_hidden_layers
+  with pytest.raises(FtjaxError, match="must be 'peft'"):
+    params.build_policy(_policy('full'), model, r'/lora_[ab]$')
