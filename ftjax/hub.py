@@ -227,13 +227,14 @@ def iter_tensors(
         tensor_slice = f.get_slice(key)
         if tensor_slice.get_dtype() == 'BF16':
           # numpy has no bfloat16, so safetensors' numpy reader refuses these tensors.
-          read = lambda shard=shard, key=key: _read_bf16(shard, key)
+          read = lambda shard=shard, key=key: read_bf16(shard, key)
         else:
           read = lambda f=f, key=key: f.get_tensor(key)
         yield key, tuple(tensor_slice.get_shape()), read
 
 
-def _read_bf16(shard: pathlib.Path, key: str) -> np.ndarray:
+def read_bf16(shard: pathlib.Path, key: str) -> np.ndarray:
+  """Reads bfloat16 tensor `key` of a safetensors file as float32 (numpy has no bfloat16)."""
   # The safetensors layout: u64 header length, JSON header, then raw little-endian data.
   with open(shard, 'rb') as fh:
     header_len = int.from_bytes(fh.read(8), 'little')

@@ -32,7 +32,7 @@ import safetensors.numpy
 
 from ftjax import models
 from ftjax.errors import FtjaxError
-from ftjax.hub import _read_bf16
+from ftjax.hub import read_bf16
 from ftjax.peft import ia3 as ia3_lib
 from ftjax.peft.lora import (DEFAULT_ADAPTER, LoRALinear, apply_lora, magnitude_name,
                              set_active_adapter)
@@ -309,7 +309,7 @@ def _read_tensors(path: pathlib.Path, keys: Sequence[str]) -> dict[str, np.ndarr
     for key in keys:
       if f.get_slice(key).get_dtype() == 'BF16':
         # numpy has no bfloat16, so safetensors' numpy reader refuses these tensors.
-        tensors[key] = _read_bf16(path, key)
+        tensors[key] = read_bf16(path, key)
       else:
         tensors[key] = f.get_tensor(key)
   return tensors
