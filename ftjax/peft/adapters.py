@@ -22,7 +22,6 @@ head, e.g. `nnx.Any(adapter_filter, nnx.PathContains('classifier'))`).
 """
 
 from collections.abc import Callable
-import re
 
 from flax import nnx
 import jax
@@ -173,26 +172,8 @@ def apply_adapters(
         'set e.g. reduction_factor=16'
     )
   regex = KINDS[kind] if targets is None else targets
-  try:
-    pattern = re.compile(regex)
-  except re.error as e:
-    raise FtjaxError(f'adapter targets {regex!r} is not a valid regular expression: {e}') from e
-
-  modules = surgery.modules(model)
-  matched = [(path, node) for path, node in modules if pattern.search(surgery.path_str(path))]
-  if not matched:
-    raise FtjaxError(
-        f'adapter targets {regex!r} match no module of this {type(model).__name__} (linear '
-        f'layers are at {surgery.linear_examples(modules)}): pass targets= over those paths'
-    )
+  matched = surgery.match_linears(model, regex, 'adapter')
   for path, node in matched:
-    # Exactly nnx.Linear: a subclass is another method's wrapper, whose call this would bypass.
-    if type(node) is not nnx.Linear:
-      what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
-      raise FtjaxError(
-          f'adapter targets {regex!r} match {surgery.path_str(path)}, a {type(node).__name__} and '
-          f'{what}: narrow the regex (anchor it with $) to plain linear layers'
-      )
     features = node.kernel.shape[1]
     if features // reduction_factor < 1:
       raise FtjaxError(

@@ -127,25 +127,10 @@ def apply_ia3(
       is not a plain linear layer (including one adapted already, by (IA)^3 or another method),
       or a model whose (IA)^3 vectors are merged.
   """
-  target_re = _compile('targets', targets)
   feedforward_re = _compile('feedforward', feedforward)
-  modules = surgery.modules(model)
   if any(layer.merged for _, layer in _ia3_layers(model)):
     raise FtjaxError('this model has merged (IA)^3 vectors: call unmerge_ia3 before apply_ia3')
-  matched = [(path, node) for path, node in modules if target_re.search(surgery.path_str(path))]
-  if not matched:
-    raise FtjaxError(
-        f'(IA)^3 targets {targets!r} match no module: linear layers are at '
-        f'{surgery.linear_examples(modules)}'
-    )
-  for path, node in matched:
-    # Exactly nnx.Linear: a subclass is another method's wrapper, whose call this would bypass.
-    if type(node) is not nnx.Linear:
-      what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
-      raise FtjaxError(
-          f'(IA)^3 targets {targets!r} match {surgery.path_str(path)}, a {type(node).__name__} and '
-          f'{what}: narrow the regex (anchor it with $) to plain linear layers'
-      )
+  matched = surgery.match_linears(model, targets, '(IA)^3')
   for path, node in matched:
     is_feedforward = bool(feedforward_re.search(surgery.path_str(path)))
     surgery.replace(model, path, IA3Linear(node, feedforward=is_feedforward))

@@ -221,26 +221,10 @@ def apply_lora(
     raise FtjaxError(
         f'LoRA adapter name {name!r} is invalid: use letters, digits and underscores only'
     )
-  try:
-    pattern = re.compile(targets)
-  except re.error as e:
-    raise FtjaxError(f'LoRA targets {targets!r} is not a valid regular expression: {e}') from e
-
-  modules = surgery.modules(model)
   if any(layer.merged for _, layer in _lora_layers(model)):
     raise FtjaxError('this model has merged LoRA adapters: call unmerge_lora before apply_lora')
-  matched = [(path, node) for path, node in modules if pattern.search(surgery.path_str(path))]
-  if not matched:
-    raise FtjaxError(
-        f'LoRA targets {targets!r} match no module: linear layers are at '
-        f'{surgery.linear_examples(modules)}'
-    )
+  matched = surgery.match_linears(model, targets, 'LoRA', also=LoRALinear)
   for path, node in matched:
-    if not isinstance(node, nnx.Linear):
-      raise FtjaxError(
-          f'LoRA targets {targets!r} match {surgery.path_str(path)}, a {type(node).__name__} and '
-          'not a linear layer: narrow the regex (anchor it with $) to linear layers only'
-      )
     if isinstance(node, LoRALinear) and node.has_adapter(name):
       raise FtjaxError(
           f'{surgery.path_str(path)} already has a LoRA adapter named {name!r}: pass another name'

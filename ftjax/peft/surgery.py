@@ -4,6 +4,8 @@ import re
 
 from flax import nnx
 
+from ftjax.errors import FtjaxError
+
 
 def path_str(path: tuple) -> str:
   """A module path as 'encoder/layers/0/attention/query' ('(root)' for the model itself)."""
@@ -36,3 +38,34 @@ def replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     parent[path[-1]] = new
   else:
     setattr(parent, path[-1], new)
+
+
+def match_linears(model: nnx.Module, targets: str, method: str,
+                  also: type | None = None) -> list[tuple[tuple, nnx.Module]]:
+  """The modules whose path `targets` searches, checked to be plain linear layers.
+
+  Exactly `nnx.Linear`: a subclass is another method's wrapper, whose call a second wrapper
+  would bypass. `also` admits the method's own wrapper (LoRA adds adapters to its layers).
+
+  Raises:
+    FtjaxError: for an invalid regex, no match (naming where the linear layers are), or a match
+      that is not a plain linear layer (naming it and what it is).
+  """
+  try:
+    pattern = re.compile(targets)
+  except re.error as e:
+    raise FtjaxError(f'{method} targets {targets!r} is not a valid regular expression: '
+                     f'{e}') from e
+  found = modules(model)
+  matched = [(path, node) for path, node in found if pattern.search(path_str(path))]
+  if not matched:
+    raise FtjaxError(f'{method} targets {targets!r} match no module: linear layers are at '
+                     f'{linear_examples(found)}')
+  for path, node in matched:
+    if type(node) is nnx.Linear or (also is not None and isinstance(node, also)):
+      continue
+    what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
+    raise FtjaxError(f'{method} targets {targets!r} match {path_str(path)}, a '
+                     f'{type(node).__name__} and {what}: narrow the regex (anchor it with $) '
+                     'to plain linear layers')
+  return matched
