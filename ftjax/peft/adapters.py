@@ -83,13 +83,7 @@ class AdapterLinear(nnx.Linear):
   def __init__(
       self, base: nnx.Linear, *, bottleneck: int, non_linearity: str, rngs: nnx.Rngs
   ):
-    # Linear.__init__ would create fresh parameters; take over the base layer's instead.
-    for key, value in vars(base).items():
-      if key.startswith('_') or key in ('kernel', 'bias'):
-        continue
-      setattr(self, key, value)
-    self.kernel = base.kernel
-    self.bias = nnx.data(base.bias)
+    surgery.take_over(self, base)
     self.non_linearity = non_linearity
     features = self.kernel.shape[1]
     dtype = self.kernel.dtype

@@ -53,13 +53,7 @@ class IA3Linear(nnx.Linear):
   """
 
   def __init__(self, base: nnx.Linear, *, feedforward: bool):
-    # Linear.__init__ would create fresh parameters; take over the base layer's instead.
-    for key, value in vars(base).items():
-      if key.startswith('_') or key in ('kernel', 'bias'):
-        continue
-      setattr(self, key, value)
-    self.kernel = base.kernel
-    self.bias = nnx.data(base.bias)
+    surgery.take_over(self, base)
     self.feedforward = feedforward
     self.merged = False
     in_features, out_features = self.kernel.shape

@@ -80,13 +80,7 @@ class LoRALinear(nnx.Linear):
   """
 
   def __init__(self, base: nnx.Linear):
-    # Linear.__init__ would create fresh parameters; take over the base layer's instead.
-    for key, value in vars(base).items():
-      if key.startswith('_') or key in ('kernel', 'bias'):
-        continue
-      setattr(self, key, value)
-    self.kernel = base.kernel
-    self.bias = nnx.data(base.bias)
+    surgery.take_over(self, base)
     self.adapters: tuple[tuple[str, float], ...] = ()
     self.dora: tuple[str, ...] = ()  # Adapters that are DoRA (magnitude + direction).
     self.dropout = nnx.Dropout(0.0)  # On the LoRA branch's input; set by apply_lora.

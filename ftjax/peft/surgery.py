@@ -69,3 +69,17 @@ def match_linears(model: nnx.Module, targets: str, method: str,
                      f'{type(node).__name__} and {what}: narrow the regex (anchor it with $) '
                      'to plain linear layers')
   return matched
+
+
+def take_over(wrapper: nnx.Linear, base: nnx.Linear) -> None:
+  """Makes `wrapper` (a Linear subclass built without Linear.__init__) use `base`'s parameters.
+
+  Linear.__init__ would create fresh weights; a PEFT wrapper instead keeps the very `kernel`
+  and `bias` Params of the layer it replaces, so their state paths (and the HF key map) hold.
+  """
+  for key, value in vars(base).items():
+    if key.startswith('_') or key in ('kernel', 'bias'):
+      continue
+    setattr(wrapper, key, value)
+  wrapper.kernel = base.kernel
+  wrapper.bias = nnx.data(base.bias)
