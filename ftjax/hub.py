@@ -24,8 +24,8 @@ import safetensors
 import safetensors.numpy
 
 from ftjax import models
+from ftjax import tasks as tasks_lib
 from ftjax.errors import FtjaxError
-from ftjax.models.heads import SequenceClassifier
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
@@ -320,6 +320,7 @@ def _build_and_load(
     *,
     prefix: tuple[str, ...],
     from_checkpoint: bool,
+    head_map: dict[str, models.WeightMapping] | None = None,
 ) -> tuple[nnx.Module, LoadReport]:
   """Builds `build()` abstractly, fills it from the checkpoint, initialises the rest.
 
@@ -330,21 +331,24 @@ def _build_and_load(
     directory: checkpoint directory.
     prefix: state path of the encoder inside the built model (() when it is the model).
     from_checkpoint: False builds everything from random init ('scratch').
+    head_map: full HF names -> paths in the built model of pretrained head weights (a causal
+      LM's `lm_head`), matched before any prefix is stripped.
   """
   graphdef, state = nnx.split(nnx.eval_shape(build))
   variables = dict(nnx.to_flat_state(state))
   hf_map = {
-      key: mapping
+      key: dataclasses.replace(mapping, path=(*prefix, *mapping.path))
       for key, mapping in family.hf_key_map(config).items()
       if (*prefix, *mapping.path) in variables
   }
+  head_map = {k: m for k, m in (head_map or {}).items() if m.path in variables}
   report = LoadReport(checkpoint=str(directory))
   values: dict[tuple[Any, ...], jax.Array] = {}
 
   if from_checkpoint:
     for key, hf_shape, read in iter_tensors(directory):
-      mapping = hf_map.get(_strip_prefix(key, family.hf_prefixes))
-      path = None if mapping is None else (*prefix, *mapping.path)
+      mapping = head_map.get(key) or hf_map.get(_strip_prefix(key, family.hf_prefixes))
+      path = None if mapping is None else mapping.path
       if path is None or path in values:
         report.unexpected.append(key)
         continue
@@ -359,7 +363,7 @@ def _build_and_load(
       values[path] = jnp.asarray(mapping.to_nnx(read()), dtype=abstract.dtype)
       report.loaded.append(key)
 
-  hf_name = {(*prefix, *m.path): key for key, m in hf_map.items()}
+  hf_name = {m.path: key for key, m in (hf_map | head_map).items()}
   todo = [path for path in variables if path not in values]
   for path in todo:
     if from_checkpoint and path in hf_name:
@@ -385,34 +389,42 @@ def _build_and_load(
 def load_model(
     checkpoint: str,
     *,
-    num_labels: int,
+    num_labels: int = 2,
+    task: str = 'classification',
     pooling: str = 'mean',
     classifier_dropout: float = 0.1,
     init: str = 'pretrained',
     dtype: Any = 'float32',
     seed: int = 0,
     dropout: float | None = None,
-) -> tuple[SequenceClassifier, LoadReport, pathlib.Path]:
-  """Loads a pretrained encoder and puts a fresh classification head on it.
+) -> tuple[nnx.Module, LoadReport, pathlib.Path]:
+  """Loads a pretrained backbone and puts the head of `task` on it.
 
   Args:
     checkpoint: a directory or Hugging Face id (see `resolve_checkpoint`).
-    num_labels: classes of the new head.
-    pooling: 'mean', 'cls' or 'pooler' (see `SequenceClassifier`).
-    classifier_dropout: dropout before the head.
+    num_labels: classes of a new classification head (ignored by regression and causal_lm).
+    task: a name in `ftjax.tasks.TASKS`: 'classification' (the default), 'regression',
+      'token_classification', 'causal_lm' or 'image_classification'.
+    pooling: for (sequence) classification and regression: 'mean', 'cls' or 'pooler' for
+      encoders, 'last' or 'mean' for decoders (see `heads.SequenceClassifier`).
+    classifier_dropout: dropout before a new head.
     init: 'pretrained' loads the weights; 'scratch' builds the same architecture at random.
     dtype: compute dtype, 'float32' or 'bfloat16' ('float16' too); parameters stay float32.
     seed: seeds every freshly initialised parameter.
-    dropout: replaces the checkpoint's own dropout rates in the encoder (None keeps them).
+    dropout: replaces the checkpoint's own dropout rates in the backbone (None keeps them).
 
   Returns:
-    (model, report, checkpoint directory); the directory also holds the tokenizer files.
+    (model, report, checkpoint directory); the directory also holds the tokenizer files. A
+    causal LM's `lm_head` is pretrained (loaded, or tied to the word embeddings); other heads
+    are new.
 
   Raises:
-    FtjaxError: for a checkpoint that cannot be found or read, or that disagrees with its config.
+    FtjaxError: for a checkpoint that cannot be found or read, that disagrees with its config,
+      or whose family does not serve `task`.
   """
   if init not in ('pretrained', 'scratch'):
     raise FtjaxError(f"unknown init {init!r}: use 'pretrained' or 'scratch'")
+  task_spec = tasks_lib.get_task(task)
   compute_dtype = _compute_dtype(dtype)
   directory = resolve_checkpoint(checkpoint)
   family, config = read_config(directory)
@@ -421,17 +433,18 @@ def load_model(
       raise FtjaxError(f'dropout must be in [0, 1), got {dropout}')
     config = config.with_dropout(dropout)
 
-  def build() -> SequenceClassifier:
+  def build() -> nnx.Module:
     rngs = nnx.Rngs(seed)
-    encoder = family.model_cls(config, dtype=compute_dtype, rngs=rngs)
-    return SequenceClassifier(
-        encoder, num_labels, pooling=pooling, dropout=classifier_dropout, rngs=rngs
-    )
+    backbone = family.model_cls(config, dtype=compute_dtype, rngs=rngs)
+    return task_spec.build_head(backbone, kind=family.kind, num_labels=num_labels,
+                                pooling=pooling, dropout=classifier_dropout,
+                                dtype=compute_dtype, rngs=rngs)
 
+  lm_head = {'lm_head.weight': models.WeightMapping(('lm_head', 'kernel'), _transpose,
+                                                    _transpose)}
   model, report = _build_and_load(
-      build, family, config, directory,
-      prefix=('encoder',), from_checkpoint=init == 'pretrained',
-  )
+      build, family, config, directory, prefix=('encoder',),
+      from_checkpoint=init == 'pretrained', head_map=lm_head if task == 'causal_lm' else None)
   return model, report, directory
 
 
@@ -453,31 +466,109 @@ def load_encoder(
 # ------------------------------------------------------------------------------
 
 
-def export_encoder(
-    model: nnx.Module, config: Any, out_dir: str | os.PathLike[str]
-) -> pathlib.Path:
-  """Writes an encoder as config.json + model.safetensors with Hugging Face names.
+def _transpose(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(a.T)
 
-  The result loads with the reference implementation, e.g. `transformers.BertModel`.
+
+def head_key(model: nnx.Module) -> str:
+  """How `Family.architectures` names a model: '' for a bare backbone, else the head class
+  ('SequenceClassifier/<pooling>' for sequence classifiers, whose HF form depends on it)."""
+  if not hasattr(model, 'encoder'):
+    return ''
+  name = type(model).__name__
+  return f'{name}/{model.pooling}' if hasattr(model, 'pooling') else name
+
+
+def _merged_copy(model: nnx.Module) -> nnx.Module:
+  """A copy of `model` with LoRA and (IA)^3 folded into plain linear layers."""
+  from ftjax.peft import ia3, lora  # pylint: disable=g-import-not-at-top
+  model = nnx.clone(model)
+  lora_layers = [layer for _, layer in lora._lora_layers(model)]  # pylint: disable=protected-access
+  if lora_layers:
+    if not any(layer.merged for layer in lora_layers):
+      lora.merge_lora(model)
+    lora.strip_lora(model)
+  ia3_layers = [layer for _, layer in ia3._ia3_layers(model)]  # pylint: disable=protected-access
+  if ia3_layers and not any(layer.merged for layer in ia3_layers):
+    ia3.merge_ia3(model)
+  return model
+
+
+def export_model(model: nnx.Module, out_dir: str | os.PathLike[str], *,
+                 label_names: list[str] | None = None) -> pathlib.Path:
+  """Writes a model as a `transformers` checkpoint: config.json + model.safetensors.
+
+  A bare backbone is written as e.g. `BertModel`/`LlamaModel`; a model with a head as the
+  family's task architecture (`LlamaForCausalLM`, `ViTForImageClassification`, ...). LoRA and
+  (IA)^3 adapters are merged into the written weights (the model itself is not changed).
+
+  Args:
+    model: a backbone, or a head from `load_model`.
+    out_dir: created if needed; existing files of the same names are replaced.
+    label_names: class names for config.json's id2label (default: 'LABEL_i').
 
   Raises:
-    FtjaxError: if the model has parameters without a Hugging Face name (e.g. unmerged adapters).
+    FtjaxError: if `transformers` has no architecture for this head and family, or the model
+      has parameters without a Hugging Face name (e.g. bottleneck adapters or soft prompts).
   """
+  from ftjax.peft import ia3  # pylint: disable=g-import-not-at-top
+  model = _merged_copy(model)
+  key = head_key(model)
+  backbone = model.encoder if key else model
+  config = backbone.config
   family = models.get_family(config.model_type)
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  architecture = family.architectures.get(key)
+  if architecture is None:
+    exportable = ', '.join(k or 'the bare backbone' for k in family.architectures)
+    raise FtjaxError(f'transformers has no {family.model_type} architecture for a {key} head: '
+                     f'export one of: {exportable}; or export the backbone with '
+                     'export_encoder(model.encoder, ...)')
+  params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if not isinstance(var, ia3.IA3Param)}  # Merged into the kernels above.
+  prefix, base = (family.hf_prefixes[0], ('encoder',)) if key else ('', ())
+  names = {f'{prefix}{hf}': dataclasses.replace(m, path=(*base, *m.path))
+           for hf, m in family.hf_key_map(config).items()}
+  head = family.head_names.get(key)
+  if head:
+    names[f'{head}.weight'] = models.WeightMapping(('classifier', 'kernel'), _transpose,
+                                                   _transpose)
+    names[f'{head}.bias'] = models.WeightMapping(('classifier', 'bias'), lambda a: a, lambda a: a)
+  if key == 'CausalLM':
+    names['lm_head.weight'] = models.WeightMapping(('lm_head', 'kernel'), _transpose, _transpose)
   tensors = {}
-  for key, mapping in family.hf_key_map(config).items():
+  for hf, mapping in names.items():
     if mapping.path in params:
       array = np.asarray(params.pop(mapping.path).get_value(), dtype=np.float32)
-      tensors[key] = np.ascontiguousarray(mapping.to_hf(array))
+      tensors[hf] = np.ascontiguousarray(mapping.to_hf(array))
   if params:
-    names = ', '.join('/'.join(map(str, p)) for p in params)
-    raise FtjaxError(
-        f'cannot export parameters with no Hugging Face name: {names}; merge or drop them first'
-    )
+    leftover = ', '.join('/'.join(map(str, p)) for p in params)
+    raise FtjaxError(f'cannot export parameters with no Hugging Face name: {leftover}; merge or '
+                     'drop them first')
+  hf_config = config.to_hf() | {'architectures': [architecture]}
+  num_labels = getattr(model, 'num_labels', None)
+  if num_labels is not None and key != 'CausalLM':
+    names_ = label_names or [f'LABEL_{i}' for i in range(num_labels)]
+    hf_config |= {'id2label': dict(enumerate(names_)),
+                  'label2id': {n: i for i, n in enumerate(names_)}}
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   # transformers refuses safetensors files whose metadata does not name a known format.
   safetensors.numpy.save_file(tensors, out / WEIGHTS_NAME, metadata={'format': 'pt'})
-  (out / CONFIG_NAME).write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True) + '\n')
+  (out / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + '\n')
   return out
+
+
+def export_encoder(
+    model: nnx.Module, config: Any, out_dir: str | os.PathLike[str]
+) -> pathlib.Path:
+  """Writes a bare backbone (e.g. a `BertModel`) as a `transformers` checkpoint.
+
+  `config` must be the backbone's own config (kept for callers that pass it explicitly).
+
+  Raises:
+    FtjaxError: if the model has parameters without a Hugging Face name (e.g. bottleneck
+      adapters); LoRA and (IA)^3 are merged into the written weights.
+  """
+  if model.config != config:
+    raise FtjaxError('export_encoder: config is not the config of the model being exported')
+  return export_model(model, out_dir)

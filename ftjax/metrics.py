@@ -1,10 +1,11 @@
-"""Classification metrics and the writers that record them (JSON lines + TensorBoard)."""
+"""Classification and regression metrics, and their writers (JSON lines + TensorBoard)."""
 
 import json
 import pathlib
 import time
 
 import numpy as np
+import scipy.stats
 
 
 class ClassificationMetrics:
@@ -39,6 +40,36 @@ class ClassificationMetrics:
         'macro_f1': float(f1[present].mean()),
         'num_examples': self.count,
     }
+
+
+class RegressionMetrics:
+  """Accumulates weighted predictions and targets into MSE (the loss), RMSE, Pearson, Spearman."""
+
+  def __init__(self):
+    self.predictions: list[np.ndarray] = []
+    self.targets: list[np.ndarray] = []
+
+  def update(self, out: dict) -> None:
+    keep = np.asarray(out['weight']) > 0
+    self.predictions.append(np.asarray(out['prediction'], np.float64)[keep])
+    self.targets.append(np.asarray(out['target'], np.float64)[keep])
+
+  def compute(self) -> dict[str, float]:
+    """MSE as 'loss', RMSE, and the two correlations (0 when a side is constant)."""
+    predictions, targets = np.concatenate(self.predictions), np.concatenate(self.targets)
+    if not len(targets):
+      raise ValueError('no examples were evaluated')
+    mse = float(np.mean(np.square(predictions - targets)))
+
+    def correlation(a, b):
+      if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return 0.0
+      return float(np.corrcoef(a, b)[0, 1])
+
+    rank = lambda x: scipy.stats.rankdata(x)  # Ties get their average rank, as Spearman's rho.
+    return {'loss': mse, 'rmse': mse**0.5, 'pearson': correlation(predictions, targets),
+            'spearman': correlation(rank(predictions), rank(targets)),
+            'num_examples': len(targets)}
 
 
 class MetricWriter:

@@ -28,36 +28,31 @@ class TrainState:
   rng: jax.Array  # Base PRNG key; per-step keys are derived from it.
 
 
-def _forward(graphdef, params, rest, batch: Batch, *, deterministic: bool, key=None):
-  model = nnx.merge(graphdef, params, rest)
-  rngs = None if deterministic else nnx.Rngs(dropout=key)
-  logits = model(batch['input_ids'], batch['attention_mask'], batch['token_type_ids'],
-                 deterministic=deterministic, rngs=rngs)
-  return logits.astype(jnp.float32)
-
-
-def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), labels_B)
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def train_step(state: TrainState, batch: Batch, rest, *, graphdef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on `batch`; returns the new state and scalar metrics."""
+               schedule: optax.Schedule, task) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on `batch`; returns the new state and scalar metrics.
+
+  The loss is the task's weighted mean over items (examples or tokens), so padding never counts.
+  """
   key = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
-    logits = _forward(graphdef, params, rest, batch, deterministic=False, key=key)
-    loss = cross_entropy(logits, batch['label']).mean()
-    accuracy = (logits.argmax(-1) == batch['label']).mean()
-    return loss, accuracy
+    model = nnx.merge(graphdef, params, rest)
+    logits = task.forward(model, batch, deterministic=False, rngs=nnx.Rngs(dropout=key))
+    losses, weights, correct = task.losses(logits, batch)
+    aux = {} if correct is None else {'accuracy': _weighted_mean(correct, weights)}
+    return _weighted_mean(losses, weights), aux
 
-  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
       'loss': loss,
-      'accuracy': accuracy,
+      **aux,
       'grad_norm': optax.global_norm(grads),
       'lr': schedule(state.step),
   }
@@ -65,15 +60,15 @@ def train_step(state: TrainState, batch: Batch, rest, *, graphdef, tx: optax.Gra
   return new_state, metrics
 
 
-def eval_step(params, rest, batch: Batch, *, graphdef) -> dict[str, jax.Array]:
-  """Per-example predictions and losses; the host turns them into metrics (padding weighted 0)."""
-  logits = _forward(graphdef, params, rest, batch, deterministic=True)
-  return {'prediction': logits.argmax(-1), 'loss': cross_entropy(logits, batch['label'])}
+def eval_step(params, rest, batch: Batch, *, graphdef, task) -> dict[str, jax.Array]:
+  """The task's per-item outputs; the host turns them into metrics (padding weighted 0)."""
+  model = nnx.merge(graphdef, params, rest)
+  return task.eval_outputs(task.forward(model, batch, deterministic=True), batch)
 
 
-def jit_steps(graphdef, tx, schedule):
+def jit_steps(graphdef, tx, schedule, task):
   """Compiles the two steps once; the train state is donated so its buffers are reused."""
-  train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule),
-                  donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef))
+  train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                    task=task), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, task=task))
   return train, evaluate

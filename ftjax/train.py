@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from flax import nnx
 
 from ftjax import checkpoints as checkpoints_lib
-from ftjax import configs, data, hub, metrics as metrics_lib, optim, steps
+from ftjax import configs, data, hub, metrics as metrics_lib, optim, steps, tasks
 from ftjax import params as params_lib
 from ftjax import peft as peft_lib
 from ftjax.errors import FtjaxError
@@ -31,15 +31,17 @@ from ftjax.errors import FtjaxError
 logger = logging.getLogger('ftjax')
 
 
-def _check_train_config(train: ml_collections.ConfigDict) -> None:
+def _check_train_config(train: ml_collections.ConfigDict, task: tasks.Task) -> None:
   for name in ('batch_size', 'eval_every', 'eval_batch_size', 'checkpoint_every', 'log_every'):
     if train[name] <= 0:
       raise FtjaxError(f'train.{name} must be a positive integer, got {train[name]}')
   if train.num_epochs <= 0:
     raise FtjaxError(f'train.num_epochs must be positive, got {train.num_epochs}')
-  if train.best_metric not in ('loss', 'accuracy', 'macro_f1'):
-    raise FtjaxError(f"train.best_metric must be 'loss', 'accuracy' or 'macro_f1', "
-                     f'got {train.best_metric!r}')
+  if train.best_metric not in task.metrics:
+    raise FtjaxError(f'train.best_metric must be one of {", ".join(task.metrics)} for task '
+                     f'{task.name!r}, got {train.best_metric!r}')
+  if train.best_mode not in ('min', 'max'):
+    raise FtjaxError(f"train.best_mode must be 'min' or 'max', got {train.best_mode!r}")
 
 
 _END = 2**62  # A step after every unfreeze: the split into ever-trainable and always-frozen.
@@ -85,13 +87,21 @@ def _ensure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
-def evaluate(eval_step, params, rest, batches, num_classes: int) -> dict[str, float]:
-  """Loss, accuracy and macro-F1 over padded evaluation batches."""
-  accumulated = metrics_lib.ClassificationMetrics(num_classes)
+def evaluate(eval_step, params, rest, batches, accumulator) -> dict[str, float]:
+  """The task's metrics (e.g. loss, accuracy, macro-F1) over padded evaluation batches."""
   for batch in batches:
-    out = eval_step(params, rest, batch)
-    accumulated.update(batch['label'], out['prediction'], out['loss'], batch['weight'])
-  return accumulated.compute()
+    accumulator.update(jax.device_get(eval_step(params, rest, batch)))
+  return accumulator.compute()
+
+
+def _processor(dataset: data.Dataset, checkpoint_dir: pathlib.Path, max_length: int):
+  """What turns records into model inputs: the checkpoint's tokenizer, or its image settings."""
+  if dataset.kind == 'image':
+    from ftjax.data import images  # pylint: disable=g-import-not-at-top
+    return images.image_processor_settings(checkpoint_dir), None
+  tokenizer = data.load_tokenizer(checkpoint_dir, max_length)
+  eos = data.eos_id(checkpoint_dir, tokenizer) if dataset.kind == 'instruction' else None
+  return tokenizer, eos
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -108,11 +118,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise FtjaxError(f'--workdir {workdir} exists and is not a directory')
-  _check_train_config(config.train)
+  task = tasks.get_task(config.get('task', 'classification'))
+  _check_train_config(config.train, task)
   is_main = jax.process_index() == 0
 
   # Data first: its label set sizes the new head.
-  dataset = data.build_dataset(config.data)
+  dataset = data.build_dataset(config.data, task.name)
   for split in ('train', 'validation', 'test'):
     logger.info('data %-10s %6d examples', split, dataset.num_examples[split])
   steps_per_epoch = dataset.num_examples['train'] // config.train.batch_size
@@ -122,12 +133,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   total_steps = max(1, round(config.train.num_epochs * steps_per_epoch))
 
   model, report, checkpoint_dir = hub.load_model(
-      config.model.checkpoint, num_labels=len(dataset.label_names),
+      config.model.checkpoint, task=task.name, num_labels=max(1, len(dataset.label_names)),
       pooling=config.model.pooling, classifier_dropout=config.model.classifier_dropout,
       init=config.model.init, dtype=config.model.dtype, seed=config.seed,
       dropout=None if config.model.dropout < 0 else config.model.dropout)
   logger.info('%s', report.format())
-  tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
+  processor, eos_id = _processor(dataset, checkpoint_dir, config.data.max_length)
 
   peft_paths = peft_lib.apply(model, config.peft, seed=config.seed)
   groups = params_lib.build_policy(config.policy, model, peft_paths)
@@ -136,8 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   phases = params_lib.phase_starts(groups)  # Gradual unfreezing: one compilation per phase.
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  train_iter = data.train_iterator(dataset, tokenizer, config.train.batch_size, config.seed,
-                                   num_workers=config.data.num_workers)
+  train_iter = data.train_iterator(dataset, processor, config.train.batch_size, config.seed,
+                                   num_workers=config.data.num_workers, eos_id=eos_id)
 
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
@@ -154,10 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if is_main:
     _save_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  train_step, eval_step = steps.jit_steps(graphdef, tx, schedule)
-  eval_batches = lambda split: data.eval_batches(dataset, split, tokenizer,
-                                                 config.train.eval_batch_size)
-  num_classes = len(dataset.label_names)
+  train_step, eval_step = steps.jit_steps(graphdef, tx, schedule, task)
+  eval_batches = lambda split: data.eval_batches(dataset, split, processor,
+                                                 config.train.eval_batch_size, eos_id=eos_id)
+  accumulator = lambda: task.metrics_accumulator(len(dataset.label_names))
   logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)
 
@@ -180,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       step_starts.append(time.perf_counter())
       if step - 1 in phases and step - 1 > start_step:  # New groups unfreeze now.
         graphdef, state, rest = _unfreeze(graphdef, state, rest, groups, step - 1, tx)
-        train_step, eval_step = steps.jit_steps(graphdef, tx, schedule)
+        train_step, eval_step = steps.jit_steps(graphdef, tx, schedule, task)
         logger.info('step %d: unfroze %d more parameters', step - 1,
                     sum(g.num_params for g in groups if g.rule.unfreeze_step == step - 1))
       batch = next(train_iter)
@@ -192,14 +203,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if step % config.train.eval_every == 0 or step == total_steps:
         flush(pending)
         pending = None
-        val = evaluate(eval_step, state.params, rest, eval_batches('validation'), num_classes)
+        val = evaluate(eval_step, state.params, rest, eval_batches('validation'), accumulator())
         writer.write(step, 'validation', val)
         # Every parameter that trains in any phase: frozen-for-now ones included, so the best
         # step can be rebuilt exactly after later phases have changed them.
         ckpts.save_best(step, _split(nnx.merge(graphdef, state.params, rest), groups, _END)[1],
                         val)
-        logger.info('step %d validation: loss %.4f accuracy %.4f macro_f1 %.4f', step,
-                    val['loss'], val['accuracy'], val['macro_f1'])
+        logger.info('step %d validation: %s', step,
+                    ' '.join(f'{k} {val[k]:.4f}' for k in task.metrics))
       if step % config.train.checkpoint_every == 0 or step == total_steps:
         ckpts.save_latest(step, state, train_iter.get_state())
     if pending:
@@ -210,12 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   best_step = ckpts.best_step()
   if len(phases) > 1:
     graphdef, final_params, rest = _split(nnx.merge(graphdef, state.params, rest), groups, _END)
-    eval_step = steps.jit_steps(graphdef, tx, schedule)[1]
+    eval_step = steps.jit_steps(graphdef, tx, schedule, task)[1]
   else:
     final_params = state.params
   abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, final_params)
   best_params = ckpts.restore_best_params(abstract_params)
-  results = {split: evaluate(eval_step, best_params, rest, eval_batches(split), num_classes)
+  results = {split: evaluate(eval_step, best_params, rest, eval_batches(split), accumulator())
              for split in ('validation', 'test')}
   if is_main:
     writer.write(best_step, 'test', results['test'])

@@ -15,6 +15,7 @@ from ftjax.data.pipeline import train_iterator
 from ftjax.data.pipeline import TrainIterator
 from ftjax.data.splits import SPLITS
 from ftjax.data.tokenizer import encode
+from ftjax.data.tokenizer import eos_id
 from ftjax.data.tokenizer import load_tokenizer
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     'TrainIterator',
     'build_dataset',
     'encode',
+    'eos_id',
     'eval_batches',
     'load_tokenizer',
     'num_eval_batches',

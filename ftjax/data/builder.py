@@ -16,6 +16,7 @@ import re
 import time
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax.data import files as files_lib
@@ -28,21 +29,44 @@ logger = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = '~/.cache/ftjax/tfds'
 
 
+# What a record holds, per kind of text dataset (the task decides the kind).
+KINDS = ('classification', 'regression', 'tagging', 'instruction')
+
+
+def _features(kind: str, names: tuple[str, ...] | None) -> dict:
+  labels = lambda: tfds.features.ClassLabel(names=list(names) if names else None)
+  if kind == 'classification':
+    return {'text': tfds.features.Text(), 'label': labels()}
+  if kind == 'regression':
+    return {'text': tfds.features.Text(), 'target': tfds.features.Scalar(dtype=np.float32)}
+  if kind == 'tagging':
+    return {'tokens': tfds.features.Sequence(tfds.features.Text()),
+            'tags': tfds.features.Sequence(labels())}
+  if kind == 'instruction':
+    return {'prompt': tfds.features.Text(), 'response': tfds.features.Text()}
+  raise ValueError(f'unknown dataset kind {kind!r}')
+
+
 @dataclasses.dataclass(eq=False)
 class TextClassificationConfig(tfds.core.BuilderConfig):
-  """One dataset: its label names and, only when it must be built, its examples.
+  """One dataset: its kind, label names and, only when it must be built, its examples.
 
-  Both stay None when the build already exists: TFDS then restores the label names from disk,
-  and the source files need not be parsed again.
+  The names and examples stay None when the build already exists: TFDS then restores the label
+  names from disk, and the source files need not be parsed again.
   """
 
+  kind: str = 'classification'
   label_names: tuple[str, ...] | None = None
-  examples: dict[str, list[splits_lib.Example]] | None = dataclasses.field(default=None,
-                                                                          repr=False)
+  # Split -> examples: `splits.Example`s for classification, feature dicts for the other kinds.
+  examples: dict[str, list] | None = dataclasses.field(default=None, repr=False)
 
 
 class TextClassification(tfds.core.GeneratorBasedBuilder):
-  """Text + class label, with train/validation/test splits; one builder config per dataset."""
+  """Text datasets with train/validation/test splits; one builder config per dataset.
+
+  Classification (text + class), regression (text + real target), tagging (words + a class per
+  word) and instruction (prompt + response) records, chosen by the config's `kind`.
+  """
 
   # Not the class name's default 'text_classification', which a TFDS catalogue entry could take.
   name = 'ftjax_text_classification'
@@ -51,15 +75,11 @@ class TextClassification(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'VADER lexicon task and user .jsonl/.csv files.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    names = self.builder_config.label_names
+    config = self.builder_config
     return tfds.core.DatasetInfo(
         builder=self,
-        description=self.builder_config.description,
-        features=tfds.features.FeaturesDict({
-            'text': tfds.features.Text(),
-            'label': tfds.features.ClassLabel(names=list(names) if names else None),
-        }),
-        supervised_keys=('text', 'label'),
+        description=config.description,
+        features=tfds.features.FeaturesDict(_features(config.kind, config.label_names)),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -72,7 +92,7 @@ class TextClassification(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, examples: list[splits_lib.Example]):
     # Keys only need to be unique: TFDS orders the written records by a hash of them.
     for index, example in enumerate(examples):
-      yield index, {'text': example.text, 'label': example.label}
+      yield index, example._asdict() if isinstance(example, splits_lib.Example) else example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +110,11 @@ class Dataset:
   label_names: list[str]
   num_examples: dict[str, int]
   path: pathlib.Path
-  builder: TextClassification = dataclasses.field(repr=False)
+  builder: tfds.core.GeneratorBasedBuilder = dataclasses.field(repr=False)
+  kind: str = 'classification'  # 'classification', 'regression', 'tagging', 'instruction', 'image'
 
   def source(self, split: str):
-    """Returns the split as a random-access TFDS data source of {'text': bytes, 'label': int}."""
+    """Returns the split as a random-access TFDS data source of feature dicts."""
     if split not in splits_lib.SPLITS:
       raise ValueError(f'unknown split {split!r}; expected one of {splits_lib.SPLITS}')
     return self.builder.as_data_source(split=split)
@@ -105,12 +126,19 @@ def resolve_data_dir(data_dir: str) -> pathlib.Path:
                       ).expanduser()
 
 
-def build_dataset(data_cfg: ml_collections.ConfigDict) -> Dataset:
-  """Builds (first time only) and opens the dataset that `config.data` describes.
+# Which kind of records each task trains on.
+TASK_KINDS = {'classification': 'classification', 'regression': 'regression',
+              'token_classification': 'tagging', 'causal_lm': 'instruction',
+              'image_classification': 'image'}
+
+
+def build_dataset(data_cfg: ml_collections.ConfigDict, task: str = 'classification') -> Dataset:
+  """Builds (first time only) and opens the dataset that `config.data` describes for `task`.
 
   Args:
     data_cfg: `config.data`: source, text_column, label_column, label_names, split_fractions,
       data_dir (see configs/minilm_vader.py).
+    task: `config.task`; it decides what a record holds.
 
   Returns:
     The opened dataset.
@@ -119,10 +147,15 @@ def build_dataset(data_cfg: ml_collections.ConfigDict) -> Dataset:
     FtjaxError: for any problem with the source files or label names (one line).
   """
   data_dir = resolve_data_dir(data_cfg.data_dir)
+  kind = TASK_KINDS.get(task)
+  if kind == 'image':
+    from ftjax.data import images  # pylint: disable=g-import-not-at-top
+    return images.build_image_dataset(data_cfg.source, data_dir=str(data_dir),
+                                      split_fractions=tuple(data_cfg.split_fractions))
   if data_cfg.source == 'vader':
-    config, load = _vader_config(data_cfg)
+    config, load = _vader_config(data_cfg, kind)
   else:
-    config, load = _user_config(data_cfg)
+    config, load = _user_config(data_cfg, kind)
   builder = _open(config, data_dir)
   if not builder.is_prepared():
     start = time.time()
@@ -140,12 +173,18 @@ def build_dataset(data_cfg: ml_collections.ConfigDict) -> Dataset:
     logger.info('built dataset %s in %.1fs at %s', config.name, time.time() - start,
                 builder.data_path)
   info = builder.info
+  label_feature = {'classification': 'label', 'tagging': 'tags'}.get(kind)
+  label_names = []
+  if label_feature:
+    feature = info.features[label_feature]
+    label_names = list(getattr(feature, 'feature', feature).names)
   return Dataset(
       name=config.name,
-      label_names=list(info.features['label'].names),
+      label_names=label_names,
       num_examples={split: info.splits[split].num_examples for split in splits_lib.SPLITS},
       path=pathlib.Path(os.fspath(builder.data_path)),
       builder=builder,
+      kind=kind,
   )
 
 
@@ -166,32 +205,44 @@ def _quiet_tfds():
     absl_logger.setLevel(level)
 
 
-def _vader_config(data_cfg: ml_collections.ConfigDict):
+def _vader_config(data_cfg: ml_collections.ConfigDict, kind: str):
   given = [name.strip() for name in data_cfg.label_names.split(',') if name.strip()]
   if given and given != list(vader.LABEL_NAMES):
     raise FtjaxError(f"config.data.label_names='{data_cfg.label_names}' does not fit the vader "
                      f"task, whose labels are fixed ({','.join(vader.LABEL_NAMES)}); clear it")
+  if kind == 'instruction':
+    raise FtjaxError("data.source='vader' has no instruction data: give a .jsonl file of "
+                     'prompt/response records (e.g. the shipped ftjax/data/assets/'
+                     'word_sentiment_sft.jsonl)')
+  what = {'classification': '3 classes by mean rating',
+          'regression': 'the mean rating (-4..4) as the target',
+          'tagging': 'runs of 6 entries, each tagged with its class'}[kind]
+  suffix = '' if kind == 'classification' else f'-{kind}'
   config = TextClassificationConfig(
-      name=f'vader-{vader.fingerprint()}',
-      description='VADER lexicon entries, 3 classes by mean rating, fixed 80/10/10 splits.')
-  return config, lambda: (vader.LABEL_NAMES, vader.load_splits())
+      name=f'vader{suffix}-{vader.fingerprint()}', kind=kind,
+      description=f'VADER lexicon entries, {what}, fixed 80/10/10 splits.')
+  load = {'classification': vader.load_splits, 'regression': vader.load_rating_splits,
+          'tagging': vader.load_tagging_splits}[kind]
+  return config, lambda: (vader.LABEL_NAMES, load())
 
 
-def _user_config(data_cfg: ml_collections.ConfigDict):
+def _user_config(data_cfg: ml_collections.ConfigDict, kind: str):
   source_files = files_lib.source_files(data_cfg.source)
   single = 'all' in source_files
   fractions = tuple(data_cfg.split_fractions) if single else None
-  fields = (data_cfg.text_column, data_cfg.label_column, data_cfg.label_names, fractions)
+  fields = (kind, data_cfg.text_column, data_cfg.label_column, data_cfg.label_names, fractions)
+  if kind == 'classification':  # Earlier builds hashed no kind: keep their names valid.
+    fields = fields[1:]
   path = pathlib.Path(data_cfg.source).expanduser()
   # A readable stem in front of the hash helps a user find their build on disk.
   stem = re.sub(r'[^a-z0-9]+', '_', (path.stem if single else path.resolve().name).lower())
   config = TextClassificationConfig(
       name=f"{stem.strip('_')[:40] or 'data'}-{files_lib.fingerprint(source_files, *fields)}",
-      description=f'User data from {path.resolve()}.')
+      kind=kind, description=f'User data from {path.resolve()}.')
 
   def load():
     data = files_lib.load_user_data(source_files, data_cfg.text_column, data_cfg.label_column,
-                                    data_cfg.label_names, data_cfg.split_fractions)
+                                    data_cfg.label_names, data_cfg.split_fractions, kind=kind)
     return data.label_names, data.splits
 
   return config, load

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pathlib
 import re
 
@@ -86,8 +87,11 @@ def fingerprint(files: dict[str, pathlib.Path], *fields: object) -> str:
 
 
 def load_user_data(files: dict[str, pathlib.Path], text_column: str, label_column: str,
-                   label_names: str, split_fractions: Sequence[float]) -> UserData:
+                   label_names: str, split_fractions: Sequence[float], *,
+                   kind: str = 'classification') -> UserData:
   """Reads, splits and labels a user's data (the files from `source_files`).
+
+  `kind` other than 'classification' reads records of that kind (see `_load_records`).
 
   Args:
     files: {'all': file} (deduplicated, then split by `split_fractions`) or {split: file}.
@@ -100,6 +104,8 @@ def load_user_data(files: dict[str, pathlib.Path], text_column: str, label_colum
   Raises:
     FtjaxError: for any problem with the files or labels, naming the file and line.
   """
+  if kind != 'classification':
+    return _load_records(files, kind, text_column, label_column, label_names, split_fractions)
   if 'all' in files:
     fractions = splits_lib.check_fractions(split_fractions)
     rows = _dedup(_read(files['all'], text_column, label_column))
@@ -139,6 +145,94 @@ def load_user_data(files: dict[str, pathlib.Path], text_column: str, label_colum
   return UserData(splits=splits, label_names=names)
 
 
+def _load_records(files: dict[str, pathlib.Path], kind: str, text_column: str, label_column: str,
+                  label_names: str, split_fractions: Sequence[float]) -> UserData:
+  """Regression (text + number), tagging (word list + tag list) or instruction records.
+
+  The columns are `text_column` (text / word list / prompt) and `label_column` (target / tag
+  list / response). A single file is deduplicated on the text (first record kept) and split like
+  classification data.
+  """
+  per_split: dict[str, list[tuple[str, dict]]] = {}
+  for role, path in files.items():
+    _check_extension(path)
+    if kind == 'tagging' and path.suffix.lower() != '.jsonl':
+      raise FtjaxError(f'{path}: tagging data must be .jsonl (lists of words and tags per line)')
+    content = _read_text(path)
+    records = _jsonl_records if path.suffix.lower() == '.jsonl' else _csv_records
+    per_split[role] = [(where, _record(where, kind, record, text_column, label_column))
+                       for where, record in records(path, content, (text_column, label_column))]
+  if 'all' in files:
+    fractions = splits_lib.check_fractions(split_fractions)
+    seen, split_records = set(), {split: [] for split in splits_lib.SPLITS}
+    for where, record in per_split['all']:
+      key = splits_lib.dedup_key(_identity(kind, record))
+      if key not in seen:
+        seen.add(key)
+        split_records[splits_lib.split_of(key, fractions)].append((where, record))
+  else:
+    split_records = per_split
+  for split, records_in_split in split_records.items():
+    if not records_in_split:
+      raise FtjaxError(f'the {split} split of {", ".join(map(str, files.values()))} is empty; add '
+                       'data or change config.data.split_fractions')
+  names: list[str] = []
+  if kind == 'tagging':
+    train_tags = [Row('', tag, where) for where, r in split_records['train'] for tag in r['tags']]
+    names = _label_names(label_names, train_tags)
+    ids = {name: i for i, name in enumerate(names)}
+    for split, records_in_split in split_records.items():
+      for where, record in records_in_split:
+        unknown = [tag for tag in record['tags'] if tag not in ids]
+        if unknown:
+          raise FtjaxError(f"{where}: unknown tag '{unknown[0]}' in the {split} split (tags: "
+                           f'{_preview(names)}); fix it or set config.data.label_names')
+        record['tags'] = [ids[tag] for tag in record['tags']]
+  return UserData(splits={split: [r for _, r in records_in_split]
+                          for split, records_in_split in split_records.items()},
+                  label_names=names)
+
+
+def _identity(kind: str, record: dict) -> str:
+  if kind == 'tagging':
+    return ' '.join(record['tokens'])
+  return record['prompt' if kind == 'instruction' else 'text']
+
+
+def _record(where: str, kind: str, record: dict, text_column: str, label_column: str) -> dict:
+  """One record of `kind` as stored in the TFDS build, every field checked."""
+  if kind == 'regression':
+    value = record[label_column]
+    try:
+      target = float(value)
+      if isinstance(value, bool) or not math.isfinite(target):
+        raise ValueError
+    except (TypeError, ValueError):
+      raise FtjaxError(f"{where}: column '{label_column}' holds {value!r}; a regression target "
+                       'must be a finite number') from None
+    return {'text': _text(where, record[text_column], text_column), 'target': target}
+  if kind == 'instruction':
+    return {'prompt': _text(where, record[text_column], text_column),
+            'response': _text(where, record[label_column], label_column)}
+  tokens, tags = record[text_column], record[label_column]
+  if (not isinstance(tokens, list) or not tokens
+      or not all(isinstance(t, str) and t.strip() for t in tokens)):
+    raise FtjaxError(f"{where}: column '{text_column}' must be a non-empty list of words")
+  if not isinstance(tags, list) or len(tags) != len(tokens):
+    raise FtjaxError(f"{where}: column '{label_column}' must be a list of one tag per word "
+                     f'({len(tokens)} words)')
+  return {'tokens': [t.strip() for t in tokens],
+          'tags': [_label(where, tag, label_column) for tag in tags]}
+
+
+def _read_text(path: pathlib.Path) -> str:
+  try:
+    return path.read_text(encoding='utf-8-sig')  # -sig: spreadsheets prepend a BOM.
+  except UnicodeDecodeError as e:
+    raise FtjaxError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as '
+                     'UTF-8') from e
+
+
 def _check_extension(path: pathlib.Path) -> None:
   if path.suffix.lower() not in EXTENSIONS:
     raise FtjaxError(f"{path} has unsupported extension '{path.suffix}'; use a .jsonl file (one "
@@ -148,11 +242,7 @@ def _check_extension(path: pathlib.Path) -> None:
 def _read(path: pathlib.Path, text_column: str, label_column: str) -> list[Row]:
   """Parses one file into rows, checking columns, text and labels as it goes."""
   _check_extension(path)
-  try:
-    content = path.read_text(encoding='utf-8-sig')  # -sig: spreadsheets prepend a BOM.
-  except UnicodeDecodeError as e:
-    raise FtjaxError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as '
-                     'UTF-8') from e
+  content = _read_text(path)
   records = _jsonl_records if path.suffix.lower() == '.jsonl' else _csv_records
   rows = []
   for where, record in records(path, content, (text_column, label_column)):

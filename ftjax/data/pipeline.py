@@ -33,24 +33,31 @@ MAX_IN_MEMORY = 250_000
 
 
 class _Records:
-  """Random access to a split's (text, label) pairs."""
+  """Random access to a split's records, decoded to Python values (bytes -> str)."""
 
   def __init__(self, source):
     self._source = source
-    self._texts, self._labels = None, None
+    self._records = None
     if len(source) <= MAX_IN_MEMORY:
-      self._texts, self._labels = self._read(range(len(source)))
+      self._records = self._read(range(len(source)))
       self._source = None  # Keeps what grain pickles to workers small.
 
-  def __call__(self, indices: np.ndarray) -> tuple[list[str], np.ndarray]:
-    if self._texts is None:
+  def __call__(self, indices: np.ndarray) -> list[dict]:
+    if self._records is None:
       return self._read(indices)
-    return [self._texts[i] for i in indices], self._labels[indices]
+    return [self._records[i] for i in indices]
 
-  def _read(self, indices) -> tuple[list[str], np.ndarray]:
+  def _read(self, indices) -> list[dict]:
     records = self._source.__getitems__([int(i) for i in indices])  # One batched read.
-    return ([r['text'].decode('utf-8') for r in records],
-            np.asarray([r['label'] for r in records], np.int32))
+    return [{key: _decode(value) for key, value in r.items()} for r in records]
+
+
+def _decode(value):
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, (list, np.ndarray)) and len(value) and isinstance(value[0], bytes):
+    return [v.decode('utf-8') for v in value]  # A sequence of Text.
+  return value
 
 
 class _ReadAndTokenize:
@@ -60,24 +67,50 @@ class _ReadAndTokenize:
   call. A class, not a closure, so grain can pickle it to worker processes.
   """
 
-  def __init__(self, records: _Records, tokenizer: tokenizers.Tokenizer,
-               pad_to: int | None = None):
+  def __init__(self, records: _Records, tokenizer: tokenizers.Tokenizer, kind: str,
+               pad_to: int | None = None, eos_id: int | None = None):
     self.records = records
     self.tokenizer = tokenizer
+    self.kind = kind
     self.pad_to = pad_to  # Eval only: pad a short last batch to this size and add `weight`.
+    self.eos_id = eos_id  # Instruction data: appended after the response.
+    self.raw = tokenizer_lib.unpadded(tokenizer) if kind == 'instruction' else None
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    texts, labels = self.records(indices)
+    records = self.records(indices)
     out = {}
     if self.pad_to is not None:
-      missing = self.pad_to - len(texts)
-      out['weight'] = np.concatenate([np.ones(len(texts), np.float32),
+      # Padding repeats a real record (valid for every kind) and weighs it 0.
+      missing = self.pad_to - len(records)
+      out['weight'] = np.concatenate([np.ones(len(records), np.float32),
                                       np.zeros(missing, np.float32)])
-      texts = texts + [''] * missing
-      labels = np.concatenate([labels, np.zeros(missing, np.int32)])
-    out.update(tokenizer_lib.encode(self.tokenizer, texts))
-    out['label'] = labels
+      records = records + [records[0]] * missing
+    if self.kind == 'tagging':
+      out.update(tokenizer_lib.encode_tagged(self.tokenizer, [r['tokens'] for r in records],
+                                             [r['tags'] for r in records]))
+    elif self.kind == 'instruction':
+      out.update(tokenizer_lib.encode_instructions(
+          self.tokenizer, [r['prompt'] for r in records], [r['response'] for r in records],
+          eos_id=self.eos_id, raw=self.raw))
+    else:
+      out.update(tokenizer_lib.encode(self.tokenizer, [r['text'] for r in records]))
+      if self.kind == 'regression':
+        out['target'] = np.asarray([r['target'] for r in records], np.float32)
+      else:
+        out['label'] = np.asarray([r['label'] for r in records], np.int32)
     return out
+
+
+def _reader(dataset: builder_lib.Dataset, split: str, processor, pad_to: int | None = None,
+            eos_id: int | None = None):
+  """The batch reader of a split: tokenizes text, or decodes and resizes images."""
+  if dataset.kind == 'image':
+    from ftjax.data import images  # pylint: disable=g-import-not-at-top
+    image_size, mean, std = processor
+    return images.ReadImages(dataset.source(split), image_size=image_size, mean=mean, std=std,
+                             pad_to=pad_to)
+  return _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, pad_to,
+                          eos_id)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -144,18 +177,20 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self._iterator = None
 
 
-def train_iterator(dataset: builder_lib.Dataset, tokenizer: tokenizers.Tokenizer,
-                   batch_size: int, seed: int, *, num_workers: int = 0) -> TrainIterator:
+def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, seed: int, *,
+                   num_workers: int = 0, eos_id: int | None = None) -> TrainIterator:
   """Returns endless, seed-determined training batches of the train split.
 
   Args:
     dataset: From `build_dataset`.
-    tokenizer: From `load_tokenizer` (fixed max_length).
+    tokenizer: From `load_tokenizer` (fixed max_length); for an image dataset, the
+      (image_size, mean, std) of `images.image_processor_settings`.
     batch_size: Examples per batch; every batch is full.
     seed: Fixes the order; each epoch is shuffled differently.
     num_workers: grain worker processes for reading and tokenizing; 0 tokenizes in the calling
       process (threads). Workers are spawned, so a script using them needs an
       `if __name__ == '__main__':` guard. The batch sequence is the same for any value.
+    eos_id: instruction data only: the end-of-sequence token appended to each response.
 
   Raises:
     FtjaxError: if `batch_size` or `num_workers` is invalid.
@@ -169,26 +204,25 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer: tokenizers.Tokenizer
              .shuffle(seed=seed)
              .repeat()
              .batch(batch_size, drop_remainder=True)
-             .map(_ReadAndTokenize(_Records(dataset.source('train')), tokenizer)))
+             .map(_reader(dataset, 'train', tokenizer, eos_id=eos_id)))
   identity = {'dataset': dataset.name, 'seed': seed, 'batch_size': batch_size}
   return TrainIterator(batches, identity, steps_per_epoch=max(1, num_train // batch_size),
                        num_workers=num_workers)
 
 
-def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer: tokenizers.Tokenizer,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size: int, *,
+                 eos_id: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example of `split` once, in order, in batches of exactly `batch_size`.
 
-  Each batch is {'input_ids', 'attention_mask', 'token_type_ids': [B, L] int32,
-  'label': [B] int32, 'weight': [B] float32}; weight is 1 for real examples and 0 for the
-  padding that fills the last batch (weight the metrics by it).
+  Each batch holds the model inputs (e.g. 'input_ids', 'attention_mask', 'token_type_ids':
+  [B, L] int32), the targets ('label', 'labels' or 'target') and 'weight': [B] float32, 1 for
+  real examples and 0 for the padding that fills the last batch (weight the metrics by it).
   """
   if batch_size < 1:
     raise FtjaxError(f'train.eval_batch_size={batch_size} must be at least 1')
   ds = (grain.MapDataset.range(dataset.num_examples[split])
         .batch(batch_size, drop_remainder=False)
-        .map(_ReadAndTokenize(_Records(dataset.source(split)), tokenizer,
-                                   pad_to=batch_size))
+        .map(_reader(dataset, split, tokenizer, pad_to=batch_size, eos_id=eos_id))
         .to_iter_dataset(_READ_OPTIONS))
   yield from ds
 

@@ -67,3 +67,35 @@ def load_splits() -> dict[str, list[splits_lib.Example]]:
     split = splits_lib.split_of(key, SPLIT_FRACTIONS)
     out[split].append(splits_lib.Example(key, rating_to_label(entries[key])))
   return out
+
+
+def load_rating_splits() -> dict[str, list[dict]]:
+  """The regression variant: each entry's mean rating (-4..4) is the target; same splits."""
+  entries = parse_lexicon(lexicon_bytes().decode('utf-8'))
+  out = {split: [] for split in splits_lib.SPLITS}
+  for key in sorted(entries):
+    out[splits_lib.split_of(key, SPLIT_FRACTIONS)].append({'text': key,
+                                                           'target': entries[key]})
+  return out
+
+
+TAGGING_RUN = 6  # Entries per sequence of the tagging variant.
+
+
+def load_tagging_splits() -> dict[str, list[dict]]:
+  """The token-classification variant: runs of entries, each entry tagged with its class.
+
+  Within a split, entries are ordered by a hash of their text (a fixed, unsorted order) and cut
+  into runs of `TAGGING_RUN`; an entry keeps the split of the classification task, so no word of
+  a test sequence is ever seen in training.
+  """
+  entries = parse_lexicon(lexicon_bytes().decode('utf-8'))
+  by_split = {split: [] for split in splits_lib.SPLITS}
+  for key in sorted(entries, key=lambda k: hashlib.sha1(k.encode('utf-8')).hexdigest()):
+    by_split[splits_lib.split_of(key, SPLIT_FRACTIONS)].append(key)
+  out = {}
+  for split, keys in by_split.items():
+    runs = [keys[i:i + TAGGING_RUN] for i in range(0, len(keys), TAGGING_RUN)]
+    out[split] = [{'tokens': run, 'tags': [rating_to_label(entries[k]) for k in run]}
+                  for run in runs]
+  return out

@@ -44,7 +44,15 @@ class Family:
     model_cls: the encoder, called as `model_cls(config, *, dtype=..., rngs=...)`.
     hf_key_map: config -> {HF tensor name: WeightMapping}, every tensor the family can hold.
     hf_prefixes: prefixes that task checkpoints put before the encoder's names (e.g. 'bert.' in
-      a BertForSequenceClassification file); the loader strips them.
+      a BertForSequenceClassification file); the loader strips them, and export writes the first
+      one before the backbone's names when it writes a task model.
+    kind: 'encoder' (bidirectional text), 'decoder' (causal text, with a KV cache) or 'vision'
+      (pixels in); it decides which heads and tasks the family serves.
+    architectures: ftjax head class name ('CausalLM', 'SequenceClassifier', ...; '' for the bare
+      backbone) -> the `transformers` class an export of that model is written as. A head
+      missing here cannot be exported as a whole model.
+    head_names: ftjax head class name -> the HF module name of its output layer in that
+      architecture ('classifier' for BERT and ViT, 'score' for Llama and GPT-2).
   """
 
   model_type: str
@@ -52,11 +60,20 @@ class Family:
   model_cls: type
   hf_key_map: Callable[[Any], dict[str, WeightMapping]]
   hf_prefixes: tuple[str, ...] = ()
+  kind: str = 'encoder'
+  architectures: dict[str, str] = dataclasses.field(default_factory=dict)
+  head_names: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-# model_type -> module defining `FAMILY`. Later families (roberta, llama, gpt2, vit) add a line.
+# model_type -> module defining `FAMILY` (a module may serve several model types).
 _FAMILY_MODULES: dict[str, str] = {
     'bert': 'ftjax.models.bert',
+    'roberta': 'ftjax.models.roberta',
+    'llama': 'ftjax.models.llama',
+    'mistral': 'ftjax.models.llama',
+    'qwen2': 'ftjax.models.llama',
+    'gpt2': 'ftjax.models.gpt2',
+    'vit': 'ftjax.models.vit',
 }
 
 
@@ -77,4 +94,6 @@ def get_family(model_type: str | None) -> Family:
         f'unsupported model_type {model_type!r} in the checkpoint config.json: ftjax supports '
         f'{", ".join(supported_model_types())}; pick a checkpoint of one of those families'
     )
-  return importlib.import_module(module_name).FAMILY
+  module = importlib.import_module(module_name)
+  families = getattr(module, 'FAMILIES', None)
+  return families[model_type] if families else module.FAMILY

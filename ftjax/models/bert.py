@@ -10,7 +10,6 @@ dimensions that are never sharded (positions, token types). Variables are create
 mesh applies them via `nnx.get_partition_spec` + logical axis rules at jitted init / load time.
 """
 
-from collections.abc import Callable
 import dataclasses
 from typing import Any, ClassVar
 
@@ -21,17 +20,9 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models import Family, WeightMapping
+from ftjax.models import layers
 
-Axes = tuple[str | None, ...]
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'relu': jax.nn.relu,
-    'silu': jax.nn.silu,
-    'swish': jax.nn.silu,
-}
+_ACTIVATIONS = layers.ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,81 +101,23 @@ class BertConfig:
     return d
 
 
-def _param_init(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
-  # eager_sharding=False: the axis names must not demand a mesh when a model is built on one
-  # CPU device (flax shards eagerly by default); sharded init applies them explicitly instead.
-  return nnx.with_partitioning(init, axes, eager_sharding=False)
-
-
-def _dense(
-    config: BertConfig,
-    in_features: int,
-    out_features: int,
-    axes: Axes,
-    *,
-    dtype: jnp.dtype,
-    rngs: nnx.Rngs,
-) -> nnx.Linear:
-  return nnx.Linear(
-      in_features,
-      out_features,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=_param_init(nnx.initializers.normal(config.initializer_range), axes),
-      bias_init=_param_init(nnx.initializers.zeros_init(), axes[-1:]),
-      rngs=rngs,
-  )
+def _dense(config: BertConfig, in_features: int, out_features: int, axes: layers.Axes, *,
+           dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return layers.linear(in_features, out_features, axes, std=config.initializer_range,
+                       dtype=dtype, rngs=rngs)
 
 
 def _layer_norm(config: BertConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
-      config.hidden_size,
-      epsilon=config.layer_norm_eps,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      # The two-pass variance matches torch; the fast one drifts past parity tolerances.
-      use_fast_variance=False,
-      scale_init=_param_init(nnx.initializers.ones_init(), ('embed',)),
-      bias_init=_param_init(nnx.initializers.zeros_init(), ('embed',)),
-      rngs=rngs,
-  )
+  return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
 
-def _embed(
-    config: BertConfig,
-    num_embeddings: int,
-    axes: Axes,
-    *,
-    dtype: jnp.dtype,
-    rngs: nnx.Rngs,
-    padding_idx: int | None = None,
-) -> nnx.Embed:
-  std = config.initializer_range
-
-  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    table = std * jax.random.normal(key, shape, dtype)
-    # As torch's nn.Embedding(padding_idx=...): the pad row starts at zero.
-    if padding_idx is not None and 0 <= padding_idx < shape[0]:
-      table = table.at[padding_idx].set(0)
-    return table
-
-  return nnx.Embed(
-      num_embeddings,
-      config.hidden_size,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      embedding_init=_param_init(init, axes),
-      rngs=rngs,
-  )
+def _embed(config: BertConfig, num_embeddings: int, axes: layers.Axes, *, dtype: jnp.dtype,
+           rngs: nnx.Rngs, padding_idx: int | None = None) -> nnx.Embed:
+  return layers.embed(num_embeddings, config.hidden_size, axes, std=config.initializer_range,
+                      dtype=dtype, rngs=rngs, padding_idx=padding_idx)
 
 
-def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
-  """Calls a linear layer, passing dropout's call-time randomness to those that take it.
-
-  Plain `nnx.Linear` has no randomness; PEFT layers that wrap it (LoRA with dropout) set
-  `takes_rngs` and receive `deterministic` and `rngs` like every other dropout in the model.
-  """
-  return layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+dense = layers.dense  # Kept under this name: PEFT layers document their calling convention by it.
 
 
 class BertEmbeddings(nnx.Module):
@@ -214,6 +147,7 @@ class BertEmbeddings(nnx.Module):
       rngs: nnx.Rngs | None,
       prompt_PxD: jax.Array | None = None,
       position_offset: int = 0,
+      position_ids_BxL: jax.Array | None = None,
   ) -> jax.Array:
     words_BxLxD = self.word_embeddings(input_ids_BxL)
     if prompt_PxD is not None:
@@ -231,10 +165,12 @@ class BertEmbeddings(nnx.Module):
           f'sequence length {seq_len} exceeds max_position_embeddings '
           f'{self.config.max_position_embeddings} of this BERT model: lower the max length'
       )
+    if position_ids_BxL is None:
+      position_ids_BxL = jnp.arange(position_offset, seq_len)[None]
     x_BxLxD = (
         words_BxLxD
         + self.token_type_embeddings(token_type_ids_BxL)
-        + self.position_embeddings(jnp.arange(position_offset, seq_len))[None]
+        + self.position_embeddings(position_ids_BxL)
     )
     x_BxLxD = self.layer_norm(x_BxLxD)
     return self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
@@ -347,6 +283,10 @@ class BertModel(nnx.Module):
   def hidden_size(self) -> int:
     return self.config.hidden_size
 
+  @property
+  def word_embeddings(self) -> nnx.Embed:
+    return self.embeddings.word_embeddings
+
   def __call__(
       self,
       input_ids: jax.Array,
@@ -393,12 +333,21 @@ class BertModel(nnx.Module):
           [jnp.zeros((*mask_bias.shape[:3], num_prefix), mask_bias.dtype), mask_bias], axis=-1)
     kw = dict(deterministic=deterministic, rngs=rngs)
     x_BxLxD = self.embeddings(input_ids, token_type_ids, prompt_PxD=prompt_PxD,
-                              position_offset=num_prefix, **kw)
+                              position_offset=num_prefix,
+                              position_ids_BxL=self.position_ids(input_ids), **kw)
     for i, layer in enumerate(self.layers):
       prefix_kv = None if not num_prefix else (prefix_PxNxHxK[:, 2 * i],
                                                prefix_PxNxHxK[:, 2 * i + 1])
       x_BxLxD = layer(x_BxLxD, mask_bias, prefix_kv=prefix_kv, **kw)
     return x_BxLxD
+
+  def position_ids(self, input_ids: jax.Array) -> jax.Array | None:
+    """The position ids of `input_ids`, [B, L]; None numbers the tokens 0, 1, ... as BERT does.
+
+    Families that derive positions from the tokens (RoBERTa) override this.
+    """
+    del input_ids
+    return None
 
   def pool(self, hidden_BxLxD: jax.Array) -> jax.Array:
     """BERT's pooler: dense + tanh of the first ([CLS]) token, [B, D]."""
@@ -458,4 +407,8 @@ FAMILY = Family(
     model_cls=BertModel,
     hf_key_map=hf_key_map,
     hf_prefixes=('bert.',),
+    kind='encoder',
+    architectures={'': 'BertModel', 'TokenClassifier': 'BertForTokenClassification',
+                   'SequenceClassifier/pooler': 'BertForSequenceClassification'},
+    head_names={'TokenClassifier': 'classifier', 'SequenceClassifier/pooler': 'classifier'},
 )

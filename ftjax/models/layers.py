@@ -1,0 +1,195 @@
+"""Building blocks every model family shares: parameter factories, attention and its cache.
+
+Parameters are float32 (the master weights) and carry logical axis names for the sharding rules;
+the compute dtype (float32 or bfloat16) is a constructor argument of each layer. Softmax and
+normalisation statistics always run in float32.
+
+Logical axes: 'vocab' (vocabulary rows), 'embed' (the residual stream D), 'heads' (query heads x
+head_dim, concatenated), 'kv_heads' (key/value heads x head_dim, grouped-query attention), 'mlp'
+(the feed-forward hidden size), 'classes' (a head's outputs) and None for dimensions that are
+never sharded (positions, token types, patches). Variables are created with
+`eager_sharding=False`, so on one device the names are metadata only; a mesh applies them at
+jitted init / load time through the rules table.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_fast': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+    'tanh': jnp.tanh,
+}
+
+# Added to float32 attention logits of masked keys; finfo.min (not -inf) keeps a fully masked
+# row (a padding query) free of NaNs.
+MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def param_init(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
+  """`init` with logical axis names attached as metadata (no eager sharding on one device)."""
+  # eager_sharding=False: the names must not demand a mesh when a model is built on one CPU
+  # device (flax shards eagerly by default); sharded init applies them explicitly instead.
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, axes: Axes, *, std: float, dtype: Any,
+           rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  """A float32-parameter linear layer, kernel N(0, std^2), bias zero; `axes` names the kernel."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=param_init(nnx.initializers.normal(std), axes),
+      bias_init=param_init(nnx.initializers.zeros_init(), axes[-1:]),
+      rngs=rngs,
+  )
+
+
+def layer_norm(features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
+               use_bias: bool = True) -> nnx.LayerNorm:
+  """LayerNorm over the residual stream, statistics in float32 as torch computes them."""
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias,
+      # The two-pass variance matches torch; the fast one drifts past parity tolerances.
+      use_fast_variance=False,
+      scale_init=param_init(nnx.initializers.ones_init(), ('embed',)),
+      bias_init=param_init(nnx.initializers.zeros_init(), ('embed',)),
+      rngs=rngs,
+  )
+
+
+def embed(num_embeddings: int, features: int, axes: Axes, *, std: float, dtype: Any,
+          rngs: nnx.Rngs, padding_idx: int | None = None) -> nnx.Embed:
+  """An embedding table N(0, std^2); as torch's nn.Embedding(padding_idx=...), that row is 0."""
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    table = std * jax.random.normal(key, shape, dtype)
+    if padding_idx is not None and 0 <= padding_idx < shape[0]:
+      table = table.at[padding_idx].set(0)
+    return table
+
+  return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=jnp.float32,
+                   embedding_init=param_init(init, axes), rngs=rngs)
+
+
+def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
+  """Calls a linear layer, passing dropout's call-time randomness to those that take it.
+
+  Plain `nnx.Linear` has no randomness; PEFT layers that wrap it (LoRA with dropout) set
+  `takes_rngs` and receive `deterministic` and `rngs` like every other dropout in the model.
+  """
+  return layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+
+
+# Attention
+# ------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of the tokens a decoder has seen, for generation one token at a time.
+
+  Slots fill left to right; `mask` marks the slots that hold a real token (a left-padded
+  prompt's padding stays False), so attention skips them. A jitted decode loop carries it.
+
+  Attributes:
+    keys: per layer, [B, S, kv_heads, head_dim] in the compute dtype.
+    values: per layer, like `keys`.
+    mask: [B, S] bool, slots holding a real token.
+    index: int32 scalar, the number of slots written so far.
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, *, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
+             head_dim: int, dtype: Any = jnp.float32) -> 'KVCache':
+    """An empty cache with room for `max_length` tokens per sequence."""
+    shape = (batch_size, max_length, num_kv_heads, head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return cls(keys=zeros, values=zeros, mask=jnp.zeros((batch_size, max_length), bool),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.mask.shape[1]
+
+  def write(self, layer: int, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array
+            ) -> tuple['KVCache', jax.Array, jax.Array]:
+    """Stores one layer's new keys/values at `index`; returns the cache and all S slots' k, v."""
+    at = (0, self.index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(self.keys[layer], k_BxLxGxK.astype(self.keys[layer].dtype),
+                                         at)
+    v_all = jax.lax.dynamic_update_slice(self.values[layer],
+                                         v_BxLxGxK.astype(self.values[layer].dtype), at)
+    keys = self.keys[:layer] + (k_all,) + self.keys[layer + 1:]
+    values = self.values[:layer] + (v_all,) + self.values[layer + 1:]
+    return self.replace(keys=keys, values=values), k_all, v_all
+
+
+def causal_bias(attention_mask_BxL: jax.Array | None, length: int,
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+  """The additive float32 attention bias of causal self-attention, [B, 1, L, S].
+
+  Without a cache, S = L: query i sees keys j <= i that are not padding. With a cache, the L new
+  tokens take slots [index, index + L) of S = cache.max_length; query i sees the filled,
+  non-padding slots up to its own. The returned cache has the new tokens' mask entries (its
+  keys and values are written per layer by `KVCache.write`, its index advanced by `advance`).
+  """
+  if attention_mask_BxL is None:
+    batch = 1 if cache is None else cache.mask.shape[0]
+    attention_mask_BxL = jnp.ones((batch, length), bool)
+  keep_BxL = attention_mask_BxL.astype(bool)
+  if cache is None:
+    keys_BxS, offset, size = keep_BxL, 0, length
+  else:
+    keys_BxS = jax.lax.dynamic_update_slice(cache.mask, keep_BxL, (0, cache.index))
+    offset, size = cache.index, cache.max_length
+    cache = cache.replace(mask=keys_BxS)
+  query_pos_L = offset + jnp.arange(length)
+  causal_LxS = jnp.arange(size)[None, :] <= query_pos_L[:, None]
+  visible_BxLxS = causal_LxS[None] & keys_BxS[:, None, :]
+  return jnp.where(visible_BxLxS, 0.0, MASKED)[:, None].astype(jnp.float32), cache
+
+
+def advance(cache: KVCache | None, length: int) -> KVCache | None:
+  """The cache after `length` new tokens have been written to every layer."""
+  return None if cache is None else cache.replace(index=cache.index + length)
+
+
+def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+           bias_Bx1xLxS: jax.Array, *, dtype: Any, scale: float | None = None,
+           dropout: nnx.Dropout | None = None, deterministic: bool = True,
+           rngs: nnx.Rngs | None = None) -> jax.Array:
+  """Scaled dot-product attention with grouped-query heads; returns [B, L, H * K].
+
+  H query heads share G key/value heads (H % G == 0): query head h reads kv head h // (H / G),
+  as `transformers`' repeat_kv lays them out. Logits and softmax are float32.
+  """
+  batch, length, heads, head_dim = q_BxLxHxK.shape
+  groups = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
+  logits = jnp.einsum('blgrk,bsgk->bgrls', q_BxLxGxRxK, k_BxSxGxK.astype(q_BxLxHxK.dtype),
+                      preferred_element_type=jnp.float32)
+  scale = head_dim**-0.5 if scale is None else scale
+  logits = logits * scale + bias_Bx1xLxS[:, :, None]
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  if dropout is not None:
+    probs = dropout(probs, deterministic=deterministic, rngs=rngs)
+  out = jnp.einsum('bgrls,bsgk->blgrk', probs, v_BxSxGxK.astype(dtype))
+  return out.reshape(batch, length, heads * head_dim)

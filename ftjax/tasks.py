@@ -1,0 +1,251 @@
+"""Tasks: which head a backbone gets, what the model reads from a batch, and how it is scored.
+
+A task is data, not a branch in the loop: `train.py` and `steps.py` call `task.forward`,
+`task.losses` and `task.eval_outputs` and never name a task. Every loss is a weighted mean of
+per-item losses (an item is an example, or a token for token classification and language
+modelling), so padding (weight 0) never counts.
+
+  classification        text -> one of C classes          (encoders: mean/cls/pooler pooling;
+                                                            decoders: the last real token)
+  regression            text -> a real number              (the same heads with one output)
+  token_classification  text -> a class per token           (first sub-word of each word labelled)
+  causal_lm             prompt + response -> next tokens    (decoders; loss on the response only)
+  image_classification  pixels -> one of C classes          (ViT: the [CLS] token)
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftjax import metrics as metrics_lib
+from ftjax.errors import FtjaxError
+from ftjax.models import heads
+
+Batch = dict[str, Any]
+IGNORE = -1  # Label of items that carry no loss (prompt tokens, continuation sub-words, padding).
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
+  """Per-item CE (labels IGNORE get weight 0 and a valid dummy class), weights, correctness."""
+  weights = weights * (labels != IGNORE)
+  labels = jnp.where(labels == IGNORE, 0, labels)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return loss, weights, (logits.argmax(-1) == labels).astype(jnp.float32)
+
+
+def _example_weights(batch: Batch, size: int) -> jax.Array:
+  return batch['weight'] if 'weight' in batch else jnp.ones((size,), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One kind of supervised problem.
+
+  Attributes:
+    name: the value of `config.task`.
+    kinds: backbone kinds (`Family.kind`) the task works with.
+    inputs: batch keys the model is called with, in order.
+    metrics: validation metrics; `train.best_metric` must be one of them.
+    best: the default (best_metric, best_mode).
+  """
+
+  name: str
+  kinds: tuple[str, ...]
+  inputs: tuple[str, ...]
+  metrics: tuple[str, ...]
+  best: tuple[str, str]
+  _head: Callable[..., nnx.Module] = dataclasses.field(repr=False)
+  _losses: Callable[[jax.Array, Batch], tuple] = dataclasses.field(repr=False)
+  _eval: Callable[[jax.Array, Batch], dict] = dataclasses.field(repr=False)
+  _accumulator: Callable[[int], Any] = dataclasses.field(repr=False)
+
+  def build_head(self, backbone: nnx.Module, *, kind: str, num_labels: int, pooling: str,
+                 dropout: float, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """Puts this task's head on `backbone` (a model of family kind `kind`)."""
+    if kind not in self.kinds:
+      raise FtjaxError(f'task {self.name!r} needs a {" or ".join(self.kinds)} model, and this '
+                       f'checkpoint is a {kind} ({type(backbone).__name__}): pick another '
+                       'checkpoint or task')
+    return self._head(backbone, kind=kind, num_labels=num_labels, pooling=pooling,
+                      dropout=dropout, dtype=dtype, rngs=rngs)
+
+  def forward(self, model: nnx.Module, batch: Batch, *, deterministic: bool,
+              rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The model's float32 logits (or predictions) for `batch`."""
+    out = model(*(batch[k] for k in self.inputs), deterministic=deterministic, rngs=rngs)
+    return out.astype(jnp.float32)
+
+  def losses(self, logits: jax.Array, batch: Batch):
+    """(per-item loss, per-item weight, per-item correctness or None), same shapes."""
+    return self._losses(logits, batch)
+
+  def eval_outputs(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """What an eval step returns to the host for `metrics_accumulator().update`."""
+    return self._eval(logits, batch)
+
+  def metrics_accumulator(self, num_labels: int):
+    """A fresh host-side accumulator: `update(eval_outputs)`, then `compute()`."""
+    return self._accumulator(num_labels)
+
+
+# Heads
+# ------------------------------------------------------------------------------
+
+
+def _sequence_head(backbone, *, kind, num_labels, pooling, dropout, dtype, rngs):
+  del dtype
+  if kind == 'decoder':
+    if pooling in ('cls', 'pooler'):
+      raise FtjaxError(f"model.pooling={pooling!r} does not fit a causal decoder (its first "
+                       "token has seen nothing else): use 'last' or 'mean'")
+    # 'last' without a bias is exactly transformers' *ForSequenceClassification `score`.
+    return heads.SequenceClassifier(backbone, num_labels, pooling=pooling, dropout=dropout,
+                                    use_bias=pooling != 'last', rngs=rngs)
+  if pooling == 'last':
+    raise FtjaxError("model.pooling='last' is for causal decoders; an encoder uses 'mean', "
+                     "'cls' or 'pooler'")
+  return heads.SequenceClassifier(backbone, num_labels, pooling=pooling, dropout=dropout,
+                                  rngs=rngs)
+
+
+def _regression_head(backbone, **kw):
+  kw['num_labels'] = 1
+  return _sequence_head(backbone, **kw)
+
+
+def _token_head(backbone, *, kind, num_labels, pooling, dropout, dtype, rngs):
+  del kind, pooling, dtype
+  return heads.TokenClassifier(backbone, num_labels, dropout=dropout, rngs=rngs)
+
+
+def _lm_head(backbone, *, kind, num_labels, pooling, dropout, dtype, rngs):
+  del kind, num_labels, pooling, dropout
+  return heads.CausalLM(backbone, tie_word_embeddings=backbone.config.tie_word_embeddings,
+                        dtype=dtype, rngs=rngs)
+
+
+def _image_head(backbone, *, kind, num_labels, pooling, dropout, dtype, rngs):
+  del kind, pooling, dtype
+  return heads.ImageClassifier(backbone, num_labels, dropout=dropout, rngs=rngs)
+
+
+# Losses and evaluation outputs
+# ------------------------------------------------------------------------------
+
+
+def _classify_losses(logits, batch):
+  return _cross_entropy(logits, batch['label'], _example_weights(batch, logits.shape[0]))
+
+
+def _classify_eval(logits, batch):
+  loss, weight, _ = _classify_losses(logits, batch)
+  return {'label': batch['label'], 'prediction': logits.argmax(-1), 'loss': loss,
+          'weight': weight}
+
+
+def _regression_losses(logits, batch):
+  error = logits[:, 0] - batch['target']
+  return jnp.square(error), _example_weights(batch, logits.shape[0]), None
+
+
+def _regression_eval(logits, batch):
+  loss, weight, _ = _regression_losses(logits, batch)
+  return {'prediction': logits[:, 0], 'target': batch['target'], 'loss': loss, 'weight': weight}
+
+
+def _token_losses(logits, batch):
+  weights = _example_weights(batch, logits.shape[0])[:, None]
+  return _cross_entropy(logits, batch['labels'], jnp.broadcast_to(weights, batch['labels'].shape))
+
+
+def _token_eval(logits, batch):
+  loss, weight, _ = _token_losses(logits, batch)
+  return {'label': batch['labels'], 'prediction': logits.argmax(-1), 'loss': loss,
+          'weight': weight}
+
+
+def _lm_losses(logits, batch):
+  # Position t predicts token t + 1; labels are the input ids with IGNORE on the prompt.
+  labels = batch['labels'][:, 1:]
+  weights = _example_weights(batch, logits.shape[0])[:, None]
+  return _cross_entropy(logits[:, :-1], labels, jnp.broadcast_to(weights, labels.shape))
+
+
+def _lm_eval(logits, batch):
+  loss, weight, correct = _lm_losses(logits, batch)
+  # Sums only: a [B, L, vocab] prediction tensor would dwarf everything else sent to the host.
+  return {'loss_sum': jnp.sum(loss * weight), 'count': jnp.sum(weight),
+          'correct': jnp.sum(correct * weight)}
+
+
+class LanguageModelMetrics:
+  """Token-level loss, perplexity and next-token accuracy over the response tokens."""
+
+  def __init__(self, num_labels: int = 0):
+    del num_labels
+    self.loss_sum = self.count = self.correct = 0.0
+
+  def update(self, out: dict) -> None:
+    self.loss_sum += float(out['loss_sum'])
+    self.count += float(out['count'])
+    self.correct += float(out['correct'])
+
+  def compute(self) -> dict[str, float]:
+    if self.count == 0:
+      raise ValueError('no tokens were evaluated')
+    loss = self.loss_sum / self.count
+    return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
+            'accuracy': self.correct / self.count, 'num_tokens': int(self.count)}
+
+
+class _Classification(metrics_lib.ClassificationMetrics):
+  """Adapts `ClassificationMetrics` to eval-output dicts (items may be tokens: [B, L])."""
+
+  def update(self, out: dict) -> None:  # pytype: disable=signature-mismatch
+    keep = np.asarray(out['weight']) > 0
+    super().update(np.asarray(out['label'])[keep], np.asarray(out['prediction'])[keep],
+                   np.asarray(out['loss'])[keep], np.ones(int(keep.sum())))
+
+
+TASKS: dict[str, Task] = {
+    'classification': Task(
+        'classification', ('encoder', 'decoder'), ('input_ids', 'attention_mask',
+                                                    'token_type_ids'),
+        ('loss', 'accuracy', 'macro_f1'), ('accuracy', 'max'),
+        _sequence_head, _classify_losses, _classify_eval, _Classification),
+    'regression': Task(
+        'regression', ('encoder', 'decoder'), ('input_ids', 'attention_mask', 'token_type_ids'),
+        ('loss', 'rmse', 'pearson', 'spearman'), ('loss', 'min'),
+        _regression_head, _regression_losses, _regression_eval,
+        lambda num_labels: metrics_lib.RegressionMetrics()),
+    'token_classification': Task(
+        'token_classification', ('encoder', 'decoder'),
+        ('input_ids', 'attention_mask', 'token_type_ids'),
+        ('loss', 'accuracy', 'macro_f1'), ('macro_f1', 'max'),
+        _token_head, _token_losses, _token_eval, _Classification),
+    'causal_lm': Task(
+        'causal_lm', ('decoder',), ('input_ids', 'attention_mask'),
+        ('loss', 'perplexity', 'accuracy'), ('loss', 'min'),
+        _lm_head, _lm_losses, _lm_eval, LanguageModelMetrics),
+    'image_classification': Task(
+        'image_classification', ('vision',), ('pixel_values',),
+        ('loss', 'accuracy', 'macro_f1'), ('accuracy', 'max'),
+        _image_head, _classify_losses, _classify_eval, _Classification),
+}
+
+
+def get_task(name: str) -> Task:
+  """The task `config.task` names.
+
+  Raises:
+    FtjaxError: for an unknown name.
+  """
+  if name not in TASKS:
+    raise FtjaxError(f'unknown task {name!r}: use one of {", ".join(TASKS)}')
+  return TASKS[name]
