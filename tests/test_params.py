@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import configs, optim, params, steps
+from ftjax import configs, optim, params, steps, tasks
 from ftjax.errors import FtjaxError
 from ftjax.models import bert
 from ftjax.models.heads import SequenceClassifier
@@ -101,7 +101,7 @@ def _train_a_few_steps(model, policy, n=3, l2_sp=0.0):
       model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=tx.init(trainable), rng=jax.random.key(0))
-  train_step, _ = steps.jit_steps(graphdef, tx, schedule)
+  train_step, _ = steps.jit_steps(graphdef, tx, schedule, tasks.get_task('classification'))
   batch = {'input_ids': jnp.arange(16).reshape(2, 8) % 99,
            'attention_mask': jnp.ones((2, 8), jnp.int32),
            'token_type_ids': jnp.zeros((2, 8), jnp.int32), 'label': jnp.array([0, 2])}
