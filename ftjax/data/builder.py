@@ -126,6 +126,8 @@ def resolve_data_dir(data_dir: str) -> pathlib.Path:
                       ).expanduser()
 
 
+DIGITS = 'sklearn_digits'  # Image source name: scikit-learn's 1797 digits as a PNG folder.
+
 # Which kind of records each task trains on.
 TASK_KINDS = {'classification': 'classification', 'regression': 'regression',
               'token_classification': 'tagging', 'causal_lm': 'instruction',
@@ -150,7 +152,11 @@ def build_dataset(data_cfg: ml_collections.ConfigDict, task: str = 'classificati
   kind = TASK_KINDS.get(task)
   if kind == 'image':
     from ftjax.data import images  # pylint: disable=g-import-not-at-top
-    return images.build_image_dataset(data_cfg.source, data_dir=str(data_dir),
+    source = data_cfg.source
+    if source == DIGITS:  # scikit-learn's digits, written once as a folder of PNGs.
+      source = str(images.write_digits_folder(data_dir / 'sklearn_digits_png',
+                                              size=data_cfg.get('digits_size', 32)))
+    return images.build_image_dataset(source, data_dir=str(data_dir),
                                       split_fractions=tuple(data_cfg.split_fractions))
   if data_cfg.source == 'vader':
     config, load = _vader_config(data_cfg, kind)
