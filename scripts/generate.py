@@ -9,6 +9,7 @@ Greedy by default (--temperature=0); each --prompt is one sequence of the batch.
 """
 
 import argparse
+import logging
 import sys
 
 from ftjax import cli
@@ -24,6 +25,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
   cli.setup_logging()
+  # Load reports go to stderr: stdout holds only the completions.
+  for handler in logging.getLogger().handlers:
+    if isinstance(handler, logging.StreamHandler):
+      handler.setStream(sys.stderr)
   parser = _Parser(prog='generate.py', description=__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--workdir', help='a training run of task causal_lm (its best step)')
