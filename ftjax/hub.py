@@ -217,33 +217,57 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
   return shards
 
 
+# safetensors dtype names -> numpy; BF16 has no numpy type and is widened to float32.
+_NUMPY_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64,
+                 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+                 'BOOL': np.bool_}
+
+
+def _header(shard: pathlib.Path) -> tuple[int, dict]:
+  """(byte offset of the data, tensor entries) of a safetensors file."""
+  with open(shard, 'rb') as fh:
+    header_len = int.from_bytes(fh.read(8), 'little')
+    try:
+      header = json.loads(fh.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise FtjaxError(f'{shard} is not a safetensors file (unreadable header): re-download '
+                       'or re-save it') from e
+  header.pop('__metadata__', None)
+  return 8 + header_len, header
+
+
+def _read_entry(shard: pathlib.Path, start: int, key: str, entry: dict) -> np.ndarray:
+  # A plain read, not a memory map: mapped file pages would stay resident (and count) until
+  # the whole shard is unmapped, doubling the loader's peak memory.
+  begin, end = entry['data_offsets']
+  with open(shard, 'rb') as fh:
+    fh.seek(start + begin)
+    raw = fh.read(end - begin)
+  if entry['dtype'] == 'BF16':
+    bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(entry['shape'])
+  dtype = _NUMPY_DTYPES.get(entry['dtype'])
+  if dtype is None:
+    raise FtjaxError(f'{shard}: tensor {key} has dtype {entry["dtype"]}, which ftjax cannot read')
+  return np.frombuffer(raw, dtype=dtype).reshape(entry['shape'])
+
+
 def iter_tensors(
     directory: pathlib.Path,
 ) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
-  """Yields (name, shape, read) per tensor, one shard open at a time; `read()` loads it."""
+  """Yields (name, shape, read) per tensor of every shard; `read()` loads that tensor alone."""
   for shard in weight_files(directory):
-    with safetensors.safe_open(shard, framework='numpy') as f:
-      for key in f.keys():
-        tensor_slice = f.get_slice(key)
-        if tensor_slice.get_dtype() == 'BF16':
-          # numpy has no bfloat16, so safetensors' numpy reader refuses these tensors.
-          read = lambda shard=shard, key=key: read_bf16(shard, key)
-        else:
-          read = lambda f=f, key=key: f.get_tensor(key)
-        yield key, tuple(tensor_slice.get_shape()), read
+    start, header = _header(shard)
+    for key, entry in header.items():
+      read = lambda shard=shard, start=start, key=key, entry=entry: _read_entry(
+          shard, start, key, entry)
+      yield key, tuple(entry['shape']), read
 
 
 def read_bf16(shard: pathlib.Path, key: str) -> np.ndarray:
   """Reads bfloat16 tensor `key` of a safetensors file as float32 (numpy has no bfloat16)."""
-  # The safetensors layout: u64 header length, JSON header, then raw little-endian data.
-  with open(shard, 'rb') as fh:
-    header_len = int.from_bytes(fh.read(8), 'little')
-    entry = json.loads(fh.read(header_len))[key]
-    begin, end = entry['data_offsets']
-    fh.seek(8 + header_len + begin)
-    raw = np.frombuffer(fh.read(end - begin), dtype=np.uint16)
-  bits = raw.astype(np.uint32) << 16
-  return bits.view(np.float32).reshape(entry['shape'])
+  start, header = _header(shard)
+  return _read_entry(shard, start, key, header[key])
 
 
 # Loading
