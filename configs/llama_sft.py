@@ -33,7 +33,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.classifier_dropout = 0.0  # No new head: the pretrained lm_head is kept.
     config.policy.preset = 'peft'  # Only the LoRA factors train.
     config.peft.method = 'lora'
-    config.peft.lora.targets = r'self_attn/(q_proj|v_proj)$'  # Hugging Face PEFT's default.
     config.peft.lora.rank = 8
     config.peft.lora.alpha = 16.0
     config.data.source = SHIPPED

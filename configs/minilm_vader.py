@@ -67,16 +67,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.lora = ml_collections.ConfigDict()
   config.peft.lora.rank = 8  # Rank r of the update B @ A.
   config.peft.lora.alpha = 16.0  # Scaling alpha / r (alpha / sqrt(r) with rslora).
-  config.peft.lora.targets = r'attention/(query|value)$'  # Regex over linear-layer paths.
+  # Regex over linear-layer paths; '' = the family's default, as Hugging Face PEFT's (BERT:
+  # attention/(query|value)$, Llama: self_attn/(q_proj|v_proj)$, GPT-2: attn/c_attn$).
+  config.peft.lora.targets = ''
   config.peft.lora.rslora = False  # rsLoRA scaling (Kalajdzievski, 2023).
   config.peft.lora.dora = False  # DoRA: learned magnitude x normalised direction (Liu, 2024).
   config.peft.lora.dropout = 0.0  # Dropout on the LoRA branch's input while training.
   config.peft.ia3 = ml_collections.ConfigDict()
-  config.peft.ia3.targets = r'attention/(key|value)$|/output$'  # Layers whose output is rescaled.
-  config.peft.ia3.feedforward = r'/output$'  # Among targets: rescale the input instead (FFN).
+  # Layers whose output is rescaled; '' = the family's default (BERT: key, value, FFN output).
+  config.peft.ia3.targets = ''
+  config.peft.ia3.feedforward = ''  # Among targets: rescale the input instead (FFN); '' = default.
   config.peft.adapters = ml_collections.ConfigDict()
   config.peft.adapters.reduction_factor = 16  # Bottleneck width = hidden size / this.
   config.peft.adapters.non_linearity = 'relu'  # 'relu', 'gelu', 'swish' or 'tanh'.
+  # Layers an adapter follows; '' = the kind's placement in this family (BERT houlsby:
+  # attention/out$|/output$, pfeiffer: /output$).
+  config.peft.adapters.targets = ''
   config.peft.prompt = ml_collections.ConfigDict()
   config.peft.prompt.num_virtual_tokens = 8  # Soft tokens put before every input.
   config.peft.prompt.init = 'vocab'  # 'vocab': copies of random token embeddings; 'random'.

@@ -494,7 +494,16 @@ def load_encoder(
   compute_dtype = _compute_dtype(dtype)
   directory = resolve_checkpoint(checkpoint)
   family, config = read_config(directory)
-  build = lambda: family.model_cls(config, dtype=compute_dtype, rngs=nnx.Rngs(seed))
+  # A task checkpoint (e.g. ViTForImageClassification) may have been saved without the
+  # backbone's pooler: the backbone is then built without one rather than reported incomplete.
+  has_pooler = any('pooler.' in name for name, _, _ in iter_tensors(directory))
+
+  def build() -> nnx.Module:
+    backbone = family.model_cls(config, dtype=compute_dtype, rngs=nnx.Rngs(seed))
+    if not has_pooler and getattr(backbone, 'pooler', None) is not None:
+      backbone.pooler = None
+    return backbone
+
   model, report = _build_and_load(
       build, family, config, directory, prefix=(), from_checkpoint=True,
       allow_missing=allow_missing)

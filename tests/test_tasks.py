@@ -6,6 +6,7 @@ gives the tokens of a plain full forward per step, and of transformers' own gree
 """
 
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -261,3 +262,32 @@ def test_bfloat16_switch_trains(tiny_llama_dir, data_dir, tmp_path):
   assert np.isfinite(results['test']['loss'])
   model, _, _ = restore_model(tmp_path)
   assert model.encoder.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32
+
+
+# Every PEFT method on every new family, from the family's default targets
+# ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('method', ['lora', 'ia3', 'houlsby', 'pfeiffer'])
+@pytest.mark.parametrize('fixture,task', [('tiny_llama_dir', 'causal_lm'),
+                                          ('tiny_gpt2_dir', 'classification'),
+                                          ('tiny_vit_dir', 'image_classification')])
+def test_peft_methods_apply_to_every_family_unchanged_at_init(fixture, task, method, request):
+  from ftjax import params, peft  # pylint: disable=g-import-not-at-top
+  directory = str(request.getfixturevalue(fixture))
+  pooling = {'classification': 'last'}.get(task, 'mean')
+  model, _, _ = hub.load_model(directory, task=task, num_labels=3, pooling=pooling)
+  if task == 'image_classification':
+    inputs = (jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32),)
+  else:
+    inputs = tuple(map(jnp.asarray, _padded(PROMPTS)))
+  before = np.asarray(model(*inputs))
+  config = configs.load_config(str(ROOT / 'configs/minilm_vader.py'))
+  configs.apply_overrides(config, [f'peft.method={method}', 'policy.preset=peft'])
+  new = peft.apply(model, config.peft, seed=0)
+  # Identity at init: LoRA's B = 0, (IA)^3 vectors of ones, adapters' up projection = 0.
+  np.testing.assert_allclose(np.asarray(model(*inputs)), before, atol=1e-6)
+  groups = params.build_policy(config.policy, model, new)
+  trainable = params.trainable_paths(groups, 0)
+  assert trainable and all(re.search(new, p) or p.startswith('classifier/') for p in trainable)
+  assert len(trainable) < len(params.param_paths(model)) / 2

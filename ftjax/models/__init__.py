@@ -53,6 +53,9 @@ class Family:
       missing here cannot be exported as a whole model.
     head_names: ftjax head class name -> the HF module name of its output layer in that
       architecture ('classifier' for BERT and ViT, 'score' for Llama and GPT-2).
+    peft_targets: the default module-path regex of each PEFT method for this family (as
+      Hugging Face PEFT's defaults): 'lora', 'ia3', 'ia3_feedforward' (among the (IA)^3
+      targets, the layers that scale their input), 'houlsby' and 'pfeiffer' (adapter placement).
   """
 
   model_type: str
@@ -63,6 +66,7 @@ class Family:
   kind: str = 'encoder'
   architectures: dict[str, str] = dataclasses.field(default_factory=dict)
   head_names: dict[str, str] = dataclasses.field(default_factory=dict)
+  peft_targets: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # model_type -> module defining `FAMILY` (a module may serve several model types).

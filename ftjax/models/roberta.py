@@ -73,6 +73,9 @@ FAMILY = Family(
     hf_key_map=bert.hf_key_map,
     hf_prefixes=('roberta.',),
     kind='encoder',
+    peft_targets={'lora': r'attention/(query|value)$',
+                  'ia3': r'attention/(key|value)$|/output$', 'ia3_feedforward': r'/output$',
+                  'houlsby': r'attention/out$|/output$', 'pfeiffer': r'/output$'},
     architectures={'': 'RobertaModel', 'TokenClassifier': 'RobertaForTokenClassification'},
     head_names={'TokenClassifier': 'classifier'},
 )

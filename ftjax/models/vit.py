@@ -347,6 +347,9 @@ FAMILY = Family(
     hf_key_map=hf_key_map,
     hf_prefixes=('vit.',),
     kind='vision',
+    peft_targets={'lora': r'attention/(query|value)$',
+                  'ia3': r'attention/(key|value)$|/output$', 'ia3_feedforward': r'/output$',
+                  'houlsby': r'attention/out$|/output$', 'pfeiffer': r'/output$'},
     architectures={'': 'ViTModel', 'ImageClassifier': 'ViTForImageClassification'},
     head_names={'ImageClassifier': 'classifier'},
 )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import ml_collections
 from flax import nnx
 
+from ftjax import models
 from ftjax.errors import FtjaxError
 from ftjax.peft import adapters, ia3, prompts
 from ftjax.peft.lora import (
@@ -26,9 +27,25 @@ from ftjax.peft.lora import (
 )
 
 
+def default_targets(model: nnx.Module, method: str) -> str:
+  """The family's default module regex for `method` (e.g. LoRA on BERT's query and value)."""
+  backbone = getattr(model, 'encoder', model)
+  family = models.get_family(getattr(getattr(backbone, 'config', None), 'model_type', None))
+  if method not in family.peft_targets:
+    raise FtjaxError(f'{family.model_type} has no default {method} targets: set them in the '
+                     'config (a regex over module paths)')
+  return family.peft_targets[method]
+
+
+def _targets(model: nnx.Module, given: str, method: str) -> str:
+  """`given` if the config sets it, else the family's default for `method`."""
+  return given or default_targets(model, method)
+
+
 def _lora(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
-  apply_lora(model, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-             use_rslora=cfg.rslora, use_dora=cfg.dora, rngs=nnx.Rngs(seed))
+  apply_lora(model, targets=_targets(model, cfg.targets, 'lora'), rank=cfg.rank,
+             alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.rslora, use_dora=cfg.dora,
+             rngs=nnx.Rngs(seed))
   return r'/lora_(a|b|magnitude)$'
 
 
@@ -46,14 +63,16 @@ def _prefix(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str
 
 def _ia3(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
   del seed  # IA3 starts at ones: nothing random.
-  ia3.apply_ia3(model, targets=cfg.targets, feedforward=cfg.feedforward)
+  ia3.apply_ia3(model, targets=_targets(model, cfg.targets, 'ia3'),
+                feedforward=_targets(model, cfg.feedforward, 'ia3_feedforward'))
   return r'/ia3_l$'
 
 
 def _bottleneck(kind: str):
   def surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, seed: int) -> str:
     adapters.apply_adapters(model, kind=kind, reduction_factor=cfg.reduction_factor,
-                            non_linearity=cfg.non_linearity, rngs=nnx.Rngs(seed))
+                            non_linearity=cfg.non_linearity, rngs=nnx.Rngs(seed),
+                            targets=_targets(model, cfg.get('targets', ''), kind))
     return r'/adapter_(down|up)/'
   return surgery
 
