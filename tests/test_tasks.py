@@ -291,3 +291,21 @@ def test_peft_methods_apply_to_every_family_unchanged_at_init(fixture, task, met
   trainable = params.trainable_paths(groups, 0)
   assert trainable and all(re.search(new, p) or p.startswith('classifier/') for p in trainable)
   assert len(trainable) < len(params.param_paths(model)) / 2
+
+
+# The VADER regression and tagging configs run (on a tiny BERT with MiniLM's tokenizer)
+# ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name,metrics', [
+    ('minilm_vader_rating.py', {'loss', 'rmse', 'pearson', 'spearman'}),
+    ('minilm_vader_tagging.py', {'loss', 'accuracy', 'macro_f1'})])
+def test_vader_task_configs_train(name, metrics, tiny_bert_dir, data_dir, tmp_path):
+  config = configs.load_config(str(ROOT / f'configs/{name}:runlocal'))
+  configs.apply_overrides(config, [f'model.checkpoint={tiny_bert_dir}',
+                                   f'data.data_dir={data_dir}', 'optim.lr=1e-3'])
+  results = train_and_evaluate(config, tmp_path)
+  assert set(results['test']) >= metrics
+  if name == 'minilm_vader_tagging.py':
+    # Items are tagged words: the test split's 757 entries, each scored once.
+    assert results['test']['num_examples'] == 757

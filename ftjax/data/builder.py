@@ -162,22 +162,11 @@ def build_dataset(data_cfg: ml_collections.ConfigDict, task: str = 'classificati
     config, load = _vader_config(data_cfg, kind)
   else:
     config, load = _user_config(data_cfg, kind)
-  builder = _open(config, data_dir)
-  if not builder.is_prepared():
-    start = time.time()
+  def full_config():
     label_names, examples = load()
-    full = dataclasses.replace(config, label_names=tuple(label_names), examples=examples)
-    tfds.disable_progress_bar()  # Progress bars would flood logs; ftjax logs the outcome.
-    try:
-      _open(full, data_dir).download_and_prepare(file_format='array_record')
-    except OSError as e:
-      raise FtjaxError(f'cannot write the dataset under {data_dir} ({e}); set '
-                       'config.data.data_dir or $FTJAX_DATA_DIR to a writable directory') from e
-    # Reopened without the examples: data sources pickle their builder (and its config) to
-    # grain workers.
-    builder = _open(config, data_dir)
-    logger.info('built dataset %s in %.1fs at %s', config.name, time.time() - start,
-                builder.data_path)
+    return dataclasses.replace(config, label_names=tuple(label_names), examples=examples)
+
+  builder = prepare_once(_open, config, full_config, data_dir)
   info = builder.info
   label_feature = {'classification': 'label', 'tagging': 'tags'}.get(kind)
   label_names = []
@@ -192,6 +181,38 @@ def build_dataset(data_cfg: ml_collections.ConfigDict, task: str = 'classificati
       builder=builder,
       kind=kind,
   )
+
+
+def prepare_once(open_builder, config: tfds.core.BuilderConfig, full_config,
+                 data_dir: pathlib.Path) -> tfds.core.GeneratorBasedBuilder:
+  """Opens the dataset `config` names, building it first if it is not on disk yet.
+
+  Args:
+    open_builder: (builder config, data_dir) -> builder.
+    config: the config without its examples (what a prepared build is opened with).
+    full_config: () -> the same config with the examples; only called to build.
+    data_dir: where TFDS builds live.
+
+  Raises:
+    FtjaxError: if the build cannot be written.
+  """
+  builder = open_builder(config, data_dir)
+  if builder.is_prepared():
+    return builder
+  start = time.time()
+  full = full_config()
+  tfds.disable_progress_bar()  # Progress bars would flood logs; ftjax logs the outcome.
+  try:
+    open_builder(full, data_dir).download_and_prepare(file_format='array_record')
+  except OSError as e:
+    raise FtjaxError(f'cannot write the dataset under {data_dir} ({e}); set '
+                     'config.data.data_dir or $FTJAX_DATA_DIR to a writable directory') from e
+  # Reopened without the examples: data sources pickle their builder (and its config) to grain
+  # workers.
+  builder = open_builder(config, data_dir)
+  logger.info('built dataset %s in %.1fs at %s', config.name, time.time() - start,
+              builder.data_path)
+  return builder
 
 
 def _open(config: TextClassificationConfig, data_dir: pathlib.Path) -> TextClassification:

@@ -23,7 +23,6 @@ import logging
 import os
 import pathlib
 import re
-import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -282,21 +281,11 @@ def build_image_dataset(root: str, *, data_dir: str,
   config = ImageFolderConfig(name=f'{stem}-{digest.hexdigest()[:12]}',
                              description=f'Image folders from {path.resolve()}.')
   out_dir = builder_lib.resolve_data_dir(data_dir)
-  builder = _open(config, out_dir)
-  if not builder.is_prepared():
-    start = time.time()
+  def full_config():
     split_images = images if per_split else _assign_splits(images['all'], names, fractions, path)
-    full = dataclasses.replace(config, label_names=tuple(names), images=split_images)
-    tfds.disable_progress_bar()  # Progress bars would flood logs; ftjax logs the outcome.
-    try:
-      _open(full, out_dir).download_and_prepare(file_format='array_record')
-    except OSError as e:
-      raise FtjaxError(f'cannot write the dataset under {out_dir} ({e}); set '
-                       'config.data.data_dir or $FTJAX_DATA_DIR to a writable directory') from e
-    # Reopened without the images: data sources pickle their builder to grain workers.
-    builder = _open(config, out_dir)
-    logger.info('built image dataset %s in %.1fs at %s', config.name, time.time() - start,
-                builder.data_path)
+    return dataclasses.replace(config, label_names=tuple(names), images=split_images)
+
+  builder = builder_lib.prepare_once(_open, config, full_config, out_dir)
   info = builder.info
   return builder_lib.Dataset(
       name=config.name,
