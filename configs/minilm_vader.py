@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.classifier_dropout = 0.1  # Dropout before the new classification head.
   config.model.dropout = -1.0  # Encoder dropout (hidden + attention); -1 keeps the checkpoint's.
   config.model.dtype = 'float32'  # Compute dtype of the encoder: 'float32' or 'bfloat16'.
+  # Recompute each block's activations in the backward pass instead of storing them (less
+  # memory for about a third more compute).
+  config.model.remat = False
   config.policy = ml_collections.ConfigDict()
   # Which parameters train and how (ftjax/params.py): 'full', 'head_only' (linear probe),
   # 'freeze_lower', 'layerwise_lr_decay', 'gradual_unfreeze', 'bitfit', or 'custom' (`rules`).
@@ -104,7 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain worker processes for tokenization; 0 = in-process.
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32  # Examples per optimizer step.
+  config.train.batch_size = 32  # Examples per optimizer step (all devices and processes).
+  # Micro-batches per step: their gradients are summed, so a step sees the whole batch while
+  # only batch_size / grad_accum_steps examples' activations are in memory at once.
+  config.train.grad_accum_steps = 1
   config.train.num_epochs = 3.0  # Length of training in passes over the train split.
   config.train.eval_every = 200  # Evaluate on the validation split every this many steps.
   config.train.eval_batch_size = 256  # Examples per evaluation step (last batch is padded).
@@ -112,6 +118,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every = 20  # Write training metrics every this many steps.
   config.train.best_metric = 'accuracy'  # Validation metric that picks the best checkpoint.
   config.train.best_mode = 'max'  # 'max' or 'min': which direction of best_metric is better.
+
+  # The device mesh (ftjax/parallel.py): sizes of the 'data' (batch split, weights whole),
+  # 'fsdp' (batch, weights and optimizer state split) and 'tensor' (heads and feed-forward
+  # columns split) axes; their product is the device count, and one may be -1 (the rest).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Every device data-parallel by default (one CPU: a 1x1x1 mesh).
+  config.mesh.fsdp = 1  # e.g. --config.mesh.data=1 --config.mesh.fsdp=-1 for fully sharded.
+  config.mesh.tensor = 1  # Tensor parallelism within each layer.
+  # Multi-process runs (TPU pod slices and SLURM jobs are detected without these): an explicit
+  # coordinator 'host:port', the number of processes and this process's index.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # 'host:port' of process 0; '' = detect or none.
+  config.distributed.num_processes = 1  # With coordinator_address: processes in the job.
+  config.distributed.process_id = 0  # With coordinator_address: this process's index.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-4  # Peak learning rate (AdamW).

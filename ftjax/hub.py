@@ -24,6 +24,7 @@ import safetensors
 import safetensors.numpy
 
 from ftjax import models
+from ftjax import parallel
 from ftjax import tasks as tasks_lib
 from ftjax.errors import FtjaxError
 
@@ -346,6 +347,7 @@ def _build_and_load(
     from_checkpoint: bool,
     head_map: dict[str, models.WeightMapping] | None = None,
     allow_missing: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[nnx.Module, LoadReport]:
   """Builds `build()` abstractly, fills it from the checkpoint, initialises the rest.
 
@@ -359,6 +361,8 @@ def _build_and_load(
     head_map: full HF names -> paths in the built model of pretrained head weights (a causal
       LM's `lm_head`), matched before any prefix is stripped.
     allow_missing: initialise weights the checkpoint lacks instead of failing.
+    mesh: place every parameter straight into its shards on this mesh (by its logical axes
+      and `parallel.RULES`): a device only ever receives its own block of a weight.
 
   Raises:
     FtjaxError: for a tensor whose shape disagrees with the config, or (unless allow_missing) a
@@ -372,6 +376,14 @@ def _build_and_load(
       if (*prefix, *mapping.path) in variables
   }
   head_map = {k: m for k, m in (head_map or {}).items() if m.path in variables}
+  target = None if mesh is None else {
+      path: v.get_value() for path, v in nnx.to_flat_state(parallel.shardings(state, mesh))}
+
+  def place(path, host: np.ndarray, dtype) -> jax.Array:
+    if target is None:
+      return jnp.asarray(host, dtype=dtype)
+    return parallel.to_shards(host, target[path], dtype)
+
   report = LoadReport(checkpoint=str(directory))
   values: dict[tuple[Any, ...], jax.Array] = {}
 
@@ -390,7 +402,7 @@ def _build_and_load(
             f'{directory / CONFIG_NAME} expects {expected}: the config and the weights disagree'
         )
       # One tensor at a time: host copy -> device, then the host copy is dropped.
-      values[path] = jnp.asarray(mapping.to_nnx(read()), dtype=abstract.dtype)
+      values[path] = place(path, mapping.to_nnx(read()), abstract.dtype)
       report.loaded.append(key)
 
   hf_name = {m.path: key for key, m in (hf_map | head_map).items()}
@@ -409,12 +421,12 @@ def _build_and_load(
   if todo:
     # Only the returned parameters survive XLA's dead-code elimination, so this materialises the
     # new head (and anything missing) without initialising the whole model a second time.
-    @jax.jit
     def init_some() -> list[jax.Array]:
       fresh_state = dict(nnx.to_flat_state(nnx.state(build())))
       return [fresh_state[path].get_value() for path in todo]
 
-    values.update(zip(todo, init_some()))
+    out_shardings = None if target is None else [target[path] for path in todo]
+    values.update(zip(todo, jax.jit(init_some, out_shardings=out_shardings)()))
 
   for path, variable in variables.items():
     variable.set_value(values[path])
@@ -433,6 +445,8 @@ def load_model(
     seed: int = 0,
     dropout: float | None = None,
     allow_missing: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    remat: bool = False,
 ) -> tuple[nnx.Module, LoadReport, pathlib.Path]:
   """Loads a pretrained backbone and puts the head of `task` on it.
 
@@ -450,6 +464,10 @@ def load_model(
     dropout: replaces the checkpoint's own dropout rates in the backbone (None keeps them).
     allow_missing: initialise weights the checkpoint lacks at random (listed in the report)
       instead of failing.
+    mesh: load every parameter straight into its shards on this device mesh (see
+      `ftjax.parallel`); None keeps them on the default device.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (less memory, about a third more compute).
 
   Returns:
     (model, report, checkpoint directory); the directory also holds the tokenizer files. A
@@ -474,6 +492,7 @@ def load_model(
   def build() -> nnx.Module:
     rngs = nnx.Rngs(seed)
     backbone = family.model_cls(config, dtype=compute_dtype, rngs=rngs)
+    backbone.remat = remat
     return task_spec.build_head(backbone, kind=family.kind, num_labels=num_labels,
                                 pooling=pooling, dropout=classifier_dropout,
                                 dtype=compute_dtype, rngs=rngs)
@@ -483,7 +502,7 @@ def load_model(
   model, report = _build_and_load(
       build, family, config, directory, prefix=('encoder',),
       from_checkpoint=init == 'pretrained', head_map=lm_head if task == 'causal_lm' else None,
-      allow_missing=allow_missing)
+      allow_missing=allow_missing, mesh=mesh)
   return model, report, directory
 
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ftjax import parallel
+
 Batch = dict[str, jax.Array]
 
 
@@ -28,31 +30,50 @@ class TrainState:
   rng: jax.Array  # Base PRNG key; per-step keys are derived from it.
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def train_step(state: TrainState, batch: Batch, rest, *, graphdef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, task) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, task, accum_steps: int = 1
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch`; returns the new state and scalar metrics.
 
   The loss is the task's weighted mean over items (examples or tokens), so padding never counts.
+  With `accum_steps` > 1 the batch is split into that many micro-batches whose gradients are
+  summed in a `lax.scan` (one micro-batch's activations in memory at a time) and divided by the
+  batch's total weight: the same update as the whole batch at once. Micro-batch i takes rows
+  i, i + accum_steps, ..., so each device keeps its own rows.
   """
   key = jax.random.fold_in(state.rng, state.step)
+  has_accuracy = 'accuracy' in task.metrics
 
-  def loss_fn(params):
+  def sums(params, micro: Batch, micro_key):
     model = nnx.merge(graphdef, params, rest)
-    logits = task.forward(model, batch, deterministic=False, rngs=nnx.Rngs(dropout=key))
-    losses, weights, correct = task.losses(logits, batch)
-    aux = {} if correct is None else {'accuracy': _weighted_mean(correct, weights)}
-    return _weighted_mean(losses, weights), aux
+    logits = task.forward(model, micro, deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
+    losses, weights, correct = task.losses(logits, micro)
+    correct_sum = jnp.sum(correct * weights) if has_accuracy else jnp.zeros(())
+    return jnp.sum(losses * weights), (jnp.sum(weights), correct_sum)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(sums, has_aux=True)
+  if accum_steps == 1:
+    (total, (weight, correct)), grads = grad_fn(state.params, batch, key)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def accumulate(carry, xs):
+      index, micro_batch = xs
+      (t, (w, c)), g = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+      return jax.tree.map(jnp.add, carry, (t, w, c, g)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()),
+             jax.tree.map(jnp.zeros_like, state.params))
+    (total, weight, correct, grads), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(accum_steps), micro))
+  weight = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
-      'loss': loss,
-      **aux,
+      'loss': total / weight,
+      **({'accuracy': correct / weight} if has_accuracy else {}),
       'grad_norm': optax.global_norm(grads),
       'lr': schedule(state.step),
   }
@@ -66,9 +87,22 @@ def eval_step(params, rest, batch: Batch, *, graphdef, task) -> dict[str, jax.Ar
   return task.eval_outputs(task.forward(model, batch, deterministic=True), batch)
 
 
-def jit_steps(graphdef, tx, schedule, task):
-  """Compiles the two steps once; the train state is donated so its buffers are reused."""
-  train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                                    task=task), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, task=task))
+def jit_steps(graphdef, tx, schedule, task, *, mesh=None, state_shardings=None,
+              rest_shardings=None, accum_steps: int = 1):
+  """Compiles the two steps once; the train state is donated so its buffers are reused.
+
+  With a `mesh`, the steps take explicit shardings: the state and the frozen `rest` as placed
+  (`state_shardings`, `rest_shardings`), batches split over the data axes, metrics and eval
+  outputs replicated (every process can read them).
+  """
+  train_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                               task=task, accum_steps=accum_steps)
+  eval_fn = functools.partial(eval_step, graphdef=graphdef, task=task)
+  if mesh is None:
+    return jax.jit(train_fn, donate_argnums=0), jax.jit(eval_fn)
+  batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  train = jax.jit(train_fn, in_shardings=(state_shardings, batch, rest_shardings),
+                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_fn, in_shardings=(state_shardings.params, rest_shardings, batch),
+                     out_shardings=replicated)
   return train, evaluate

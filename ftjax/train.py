@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from flax import nnx
 
 from ftjax import checkpoints as checkpoints_lib
-from ftjax import configs, data, hub, metrics as metrics_lib, optim, steps, tasks
+from ftjax import configs, data, hub, metrics as metrics_lib, optim, parallel, steps, tasks
 from ftjax import params as params_lib
 from ftjax import peft as peft_lib
 from ftjax.errors import FtjaxError
@@ -44,6 +44,17 @@ def _check_train_config(train: ml_collections.ConfigDict, task: tasks.Task) -> N
     raise FtjaxError(f"train.best_mode must be 'min' or 'max', got {train.best_mode!r}")
 
 
+def _check_batch_sizes(train: ml_collections.ConfigDict, accum_steps: int, divisor: int) -> None:
+  if accum_steps < 1:
+    raise FtjaxError(f'train.grad_accum_steps must be >= 1, got {accum_steps}')
+  if train.batch_size % (accum_steps * divisor):
+    raise FtjaxError(f'train.batch_size={train.batch_size} must be a multiple of '
+                     f'grad_accum_steps ({accum_steps}) x the data-parallel devices ({divisor})')
+  if train.eval_batch_size % divisor:
+    raise FtjaxError(f'train.eval_batch_size={train.eval_batch_size} must be a multiple of the '
+                     f'data-parallel devices ({divisor})')
+
+
 _END = 2**62  # A step after every unfreeze: the split into ever-trainable and always-frozen.
 
 
@@ -53,7 +64,22 @@ def _split(model: nnx.Module, groups, step: int):
                    ...)
 
 
-def _unfreeze(graphdef, state: steps.TrainState, rest, groups, step: int, tx):
+def _place(tree, mesh):
+  """`tree` moved onto its shardings (a no-op for arrays already there, e.g. loaded weights)."""
+  return jax.device_put(tree, parallel.shardings(tree, mesh))
+
+
+def _init_opt_state(tx, params, mesh):
+  """The optimizer state, created directly in its shards (moments follow their parameter)."""
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.jit(tx.init, out_shardings=parallel.shardings(abstract, mesh))(params)
+
+
+def _shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _unfreeze(graphdef, state: steps.TrainState, rest, groups, step: int, tx, mesh):
   """Moves the groups that unfreeze at `step` into the trainable state.
 
   Optimizer state is carried over by parameter path, so groups already training keep their
@@ -64,8 +90,18 @@ def _unfreeze(graphdef, state: steps.TrainState, rest, groups, step: int, tx):
   old = {jax.tree_util.keystr(k): v for k, v in
          jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
   opt_state = jax.tree_util.tree_map_with_path(
-      lambda k, fresh: old.get(jax.tree_util.keystr(k), fresh), tx.init(params))
+      lambda k, fresh: old.get(jax.tree_util.keystr(k), fresh), _init_opt_state(tx, params, mesh))
   return graphdef, dataclasses.replace(state, params=params, opt_state=opt_state), rest
+
+
+def _main_process_first(fn):
+  """Runs `fn` on process 0, then on the others (e.g. a dataset build they then reuse)."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('ftjax: process 0 done first')
+  return result if jax.process_index() == 0 else fn()
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -104,22 +140,27 @@ def _processor(dataset: data.Dataset, checkpoint_dir: pathlib.Path, max_length: 
   return tokenizer, eos
 
 
-def _build_model(config: ml_collections.ConfigDict, task: tasks.Task, dataset: data.Dataset):
-  """Pretrained backbone + the task's head + PEFT surgery, and the policy's groups."""
+def _build_model(config: ml_collections.ConfigDict, task: tasks.Task, dataset: data.Dataset,
+                 mesh):
+  """Pretrained backbone (loaded into its shards) + the task's head + PEFT surgery, and the
+  policy's groups."""
   model, report, checkpoint_dir = hub.load_model(
       config.model.checkpoint, task=task.name, num_labels=max(1, len(dataset.label_names)),
       pooling=config.model.pooling, classifier_dropout=config.model.classifier_dropout,
       init=config.model.init, dtype=config.model.dtype, seed=config.seed,
       dropout=None if config.model.dropout < 0 else config.model.dropout,
-      allow_missing=config.model.get('allow_missing', False))
+      allow_missing=config.model.get('allow_missing', False), mesh=mesh,
+      remat=config.model.get('remat', False))
   logger.info('%s', report.format())
   peft_paths = peft_lib.apply(model, config.peft, seed=config.seed)
   groups = params_lib.build_policy(config.policy, model, peft_paths)
   return model, checkpoint_dir, groups
 
 
-def restore_model(workdir: str | pathlib.Path):
+def restore_model(workdir: str | pathlib.Path, mesh=None):
   """The fine-tuned model of a finished (or running) workdir, at its best checkpoint.
+
+  `mesh` (default: every device as data parallel) need not be the mesh the run trained on.
 
   Returns:
     (model, checkpoint directory of the pretrained model (its tokenizer), the run's config).
@@ -135,8 +176,11 @@ def restore_model(workdir: str | pathlib.Path):
                      'the --workdir a run wrote') from e
   task = tasks.get_task(config.get('task', 'classification'))
   dataset = data.build_dataset(config.data, task.name)
-  model, checkpoint_dir, groups = _build_model(config, task, dataset)
+  mesh = mesh or parallel.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1,
+                                                               'tensor': 1}))
+  model, checkpoint_dir, groups = _build_model(config, task, dataset, mesh)
   graphdef, params, rest = _split(model, groups, _END)
+  params, rest = _place(params, mesh), _place(rest, mesh)
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
   if ckpts.best_step() is None:
@@ -146,11 +190,13 @@ def restore_model(workdir: str | pathlib.Path):
   return nnx.merge(graphdef, params, rest), checkpoint_dir, config
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       mesh: jax.sharding.Mesh | None = None) -> dict:
   """Fine-tunes the configured model and returns validation and test metrics of the best step.
 
   Rerunning on the same workdir resumes from its latest checkpoint with the data position and
-  RNG state restored, so it sees the batches an uninterrupted run would.
+  RNG state restored, so it sees the batches an uninterrupted run would, also on another mesh
+  or device count. `mesh` replaces the one `config.mesh` describes (e.g. a subset of devices).
 
   Raises:
     FtjaxError: for any problem with the config, checkpoint, data or workdir (one line).
@@ -162,10 +208,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     raise FtjaxError(f'--workdir {workdir} exists and is not a directory')
   task = tasks.get_task(config.get('task', 'classification'))
   _check_train_config(config.train, task)
+  parallel.initialize_distributed(config.get('distributed'))
+  mesh = mesh or parallel.make_mesh(config.mesh)
+  accum_steps = config.train.get('grad_accum_steps', 1)
+  _check_batch_sizes(config.train, accum_steps, parallel.batch_divisor(mesh))
   is_main = jax.process_index() == 0
+  logger.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
+              jax.process_count())
 
   # Data first: its label set sizes the new head.
-  dataset = data.build_dataset(config.data, task.name)
+  dataset = _main_process_first(lambda: data.build_dataset(config.data, task.name))
   for split in ('train', 'validation', 'test'):
     logger.info('data %-10s %6d examples', split, dataset.num_examples[split])
   steps_per_epoch = dataset.num_examples['train'] // config.train.batch_size
@@ -174,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                      f"({dataset.num_examples['train']} examples): lower it")
   total_steps = max(1, round(config.train.num_epochs * steps_per_epoch))
 
-  model, checkpoint_dir, groups = _build_model(config, task, dataset)
+  model, checkpoint_dir, groups = _build_model(config, task, dataset, mesh)
   processor, eos_id = _processor(dataset, checkpoint_dir, config.data.max_length)
   logger.info('parameter policy (%s):\n%s', config.policy.preset, params_lib.format_table(
       groups, config.optim.lr, config.optim.weight_decay))
@@ -182,15 +234,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   train_iter = data.train_iterator(dataset, processor, config.train.batch_size, config.seed,
-                                   num_workers=config.data.num_workers, eos_id=eos_id)
+                                   num_workers=config.data.num_workers, eos_id=eos_id,
+                                   rows=parallel.local_rows(config.train.batch_size))
 
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
   start_step = ckpts.latest_step() or 0
   graphdef, params, rest = _split(model, groups, start_step)
   del model  # Its arrays live on in `params` and `rest`.
-  state = steps.TrainState(step=jnp.asarray(start_step, jnp.int32), params=params,
-                           opt_state=tx.init(params), rng=rng)
+  # Loaded weights are in their shards already; this places what surgery added (e.g. LoRA).
+  params, rest = _place(params, mesh), _place(rest, mesh)
+  replicated = parallel.replicated(mesh)
+  state = steps.TrainState(step=jax.device_put(jnp.asarray(start_step, jnp.int32), replicated),
+                           params=params, opt_state=_init_opt_state(tx, params, mesh),
+                           rng=jax.device_put(rng, replicated))
   if start_step:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state, data_state = ckpts.restore_latest(start_step, abstract)
@@ -198,10 +255,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     logger.info('resumed from %s at step %d', ckpts.latest.directory, start_step)
   if is_main:
     _save_config(config, workdir)
+    # Where every parameter and optimizer moment lives on the mesh ('path': PartitionSpec).
+    (workdir / 'shardings.json').write_text(json.dumps(
+        {'mesh': dict(mesh.shape), 'params': parallel.describe(state.params),
+         'frozen': parallel.describe(rest)}, indent=1, sort_keys=True) + '\n')
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  train_step, eval_step = steps.jit_steps(graphdef, tx, schedule, task)
-  eval_batches = lambda split: data.eval_batches(dataset, split, processor,
-                                                 config.train.eval_batch_size, eos_id=eos_id)
+  jit_steps = lambda graphdef, state, rest: steps.jit_steps(
+      graphdef, tx, schedule, task, mesh=mesh, state_shardings=_shardings_of(state),
+      rest_shardings=_shardings_of(rest), accum_steps=accum_steps)
+  train_step, eval_step = jit_steps(graphdef, state, rest)
+  eval_rows = parallel.local_rows(config.train.eval_batch_size)
+  eval_batches = lambda split: (parallel.global_batch(b, mesh) for b in data.eval_batches(
+      dataset, split, processor, config.train.eval_batch_size, eos_id=eos_id, rows=eval_rows))
   accumulator = lambda: task.metrics_accumulator(len(dataset.label_names))
   logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)
@@ -224,11 +289,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     for step in range(start_step + 1, total_steps + 1):
       step_starts.append(time.perf_counter())
       if step - 1 in phases and step - 1 > start_step:  # New groups unfreeze now.
-        graphdef, state, rest = _unfreeze(graphdef, state, rest, groups, step - 1, tx)
-        train_step, eval_step = steps.jit_steps(graphdef, tx, schedule, task)
+        graphdef, state, rest = _unfreeze(graphdef, state, rest, groups, step - 1, tx, mesh)
+        train_step, eval_step = jit_steps(graphdef, state, rest)
         logger.info('step %d: unfroze %d more parameters', step - 1,
                     sum(g.num_params for g in groups if g.rule.unfreeze_step == step - 1))
-      batch = next(train_iter)
+      batch = parallel.global_batch(next(train_iter), mesh)
       state, device_metrics = train_step(state, batch, rest)
       if pending:
         flush(pending)
@@ -255,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   best_step = ckpts.best_step()
   if len(phases) > 1:
     graphdef, final_params, rest = _split(nnx.merge(graphdef, state.params, rest), groups, _END)
-    eval_step = steps.jit_steps(graphdef, tx, schedule, task)[1]
+    eval_step = jit_steps(graphdef, dataclasses.replace(state, params=final_params), rest)[1]
   else:
     final_params = state.params
   abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, final_params)

@@ -238,8 +238,8 @@ def test_eval_batches_cover_split_once(small_ds, vader_ds, tokenizer):
   assert weight.tolist() == [1.0] * 13 + [0.0] * 3
   labels = np.concatenate([b['label'] for b in batches])[weight > 0]
   assert sorted(labels.tolist()) == list(range(13))
-  # The padding repeats the batch's real record (valid input for every kind), weighted 0.
-  assert (batches[-1]['input_ids'][1:] == batches[-1]['input_ids'][0]).all()
+  # The padding repeats the split's first record (valid input for every kind), weighted 0.
+  assert (batches[-1]['input_ids'][1:] == batches[0]['input_ids'][0]).all()
   total = sum(b['weight'].sum() for b in data.eval_batches(vader_ds, 'test', tokenizer, 256))
   assert total == vader_ds.num_examples['test']
 

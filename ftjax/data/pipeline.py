@@ -68,23 +68,16 @@ class _ReadAndTokenize:
   """
 
   def __init__(self, records: _Records, tokenizer: tokenizers.Tokenizer, kind: str,
-               pad_to: int | None = None, eos_id: int | None = None):
+               eos_id: int | None = None):
     self.records = records
     self.tokenizer = tokenizer
     self.kind = kind
-    self.pad_to = pad_to  # Eval only: pad a short last batch to this size and add `weight`.
     self.eos_id = eos_id  # Instruction data: appended after the response.
     self.raw = tokenizer_lib.unpadded(tokenizer) if kind == 'instruction' else None
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     records = self.records(indices)
     out = {}
-    if self.pad_to is not None:
-      # Padding repeats a real record (valid for every kind) and weighs it 0.
-      missing = self.pad_to - len(records)
-      out['weight'] = np.concatenate([np.ones(len(records), np.float32),
-                                      np.zeros(missing, np.float32)])
-      records = records + [records[0]] * missing
     if self.kind == 'tagging':
       out.update(tokenizer_lib.encode_tagged(self.tokenizer, [r['tokens'] for r in records],
                                              [r['tags'] for r in records]))
@@ -101,16 +94,41 @@ class _ReadAndTokenize:
     return out
 
 
-def _reader(dataset: builder_lib.Dataset, split: str, processor, pad_to: int | None = None,
-            eos_id: int | None = None):
+class _ProcessRows:
+  """An index batch -> this process's rows of it, read; eval batches padded to full size first.
+
+  Every process sees the same global index batch and reads only its own contiguous rows, which
+  `jax.make_array_from_process_local_data` assembles into the global batch. Padding (index -1)
+  reads the split's first record and weighs it 0, so a process whose rows are all padding still
+  gets a well-formed batch.
+  """
+
+  def __init__(self, reader, rows: slice, pad_to: int | None):
+    self.reader = reader
+    self.rows = rows
+    self.pad_to = pad_to
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    if self.pad_to is not None:
+      indices = np.concatenate([indices, np.full(self.pad_to - len(indices), -1, indices.dtype)])
+    indices = indices[self.rows]
+    valid = indices >= 0
+    out = self.reader(np.where(valid, indices, 0))
+    if self.pad_to is not None:
+      out['weight'] = valid.astype(np.float32)
+    return out
+
+
+def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
+            pad_to: int | None = None, eos_id: int | None = None) -> _ProcessRows:
   """The batch reader of a split: tokenizes text, or decodes and resizes images."""
   if dataset.kind == 'image':
     from ftjax.data import images  # pylint: disable=g-import-not-at-top
     image_size, mean, std = processor
-    return images.ReadImages(dataset.source(split), image_size=image_size, mean=mean, std=std,
-                             pad_to=pad_to)
-  return _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, pad_to,
-                          eos_id)
+    read = images.ReadImages(dataset.source(split), image_size=image_size, mean=mean, std=std)
+  else:
+    read = _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, eos_id)
+  return _ProcessRows(read, rows, pad_to)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -178,7 +196,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
 
 def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, seed: int, *,
-                   num_workers: int = 0, eos_id: int | None = None) -> TrainIterator:
+                   num_workers: int = 0, eos_id: int | None = None,
+                   rows: slice = slice(None)) -> TrainIterator:
   """Returns endless, seed-determined training batches of the train split.
 
   Args:
@@ -191,6 +210,8 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
       process (threads). Workers are spawned, so a script using them needs an
       `if __name__ == '__main__':` guard. The batch sequence is the same for any value.
     eos_id: instruction data only: the end-of-sequence token appended to each response.
+    rows: the rows of each global batch this process reads (`parallel.local_rows`); the
+      default, all of them, is one process's view.
 
   Raises:
     FtjaxError: if `batch_size` or `num_workers` is invalid.
@@ -204,14 +225,15 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
              .shuffle(seed=seed)
              .repeat()
              .batch(batch_size, drop_remainder=True)
-             .map(_reader(dataset, 'train', tokenizer, eos_id=eos_id)))
+             .map(_reader(dataset, 'train', tokenizer, rows=rows, eos_id=eos_id)))
   identity = {'dataset': dataset.name, 'seed': seed, 'batch_size': batch_size}
   return TrainIterator(batches, identity, steps_per_epoch=max(1, num_train // batch_size),
                        num_workers=num_workers)
 
 
 def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size: int, *,
-                 eos_id: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 eos_id: int | None = None,
+                 rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example of `split` once, in order, in batches of exactly `batch_size`.
 
   Each batch holds the model inputs (e.g. 'input_ids', 'attention_mask', 'token_type_ids':
@@ -222,7 +244,7 @@ def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size
     raise FtjaxError(f'train.eval_batch_size={batch_size} must be at least 1')
   ds = (grain.MapDataset.range(dataset.num_examples[split])
         .batch(batch_size, drop_remainder=False)
-        .map(_reader(dataset, split, tokenizer, pad_to=batch_size, eos_id=eos_id))
+        .map(_reader(dataset, split, tokenizer, rows=rows, pad_to=batch_size, eos_id=eos_id))
         .to_iter_dataset(_READ_OPTIONS))
   yield from ds
 

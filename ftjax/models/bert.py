@@ -266,6 +266,8 @@ class BertModel(nnx.Module):
   def __init__(self, config: BertConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.embeddings = BertEmbeddings(config, dtype=dtype, rngs=rngs)
+    # Recompute each block's activations in the backward pass (hub.load_model(remat=True)).
+    self.remat = False
     self.layers = nnx.List(
         [BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
     )
@@ -338,7 +340,7 @@ class BertModel(nnx.Module):
     for i, layer in enumerate(self.layers):
       prefix_kv = None if not num_prefix else (prefix_PxNxHxK[:, 2 * i],
                                                prefix_PxNxHxK[:, 2 * i + 1])
-      x_BxLxD = layer(x_BxLxD, mask_bias, prefix_kv=prefix_kv, **kw)
+      x_BxLxD = layers.run_block(layer, self.remat, x_BxLxD, mask_bias, prefix_kv=prefix_kv, **kw)
     return x_BxLxD
 
   def position_ids(self, input_ids: jax.Array) -> jax.Array | None:

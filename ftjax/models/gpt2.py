@@ -222,6 +222,8 @@ class GPT2Model(nnx.Module):
     self.wpe = layers.embed(config.n_positions, config.n_embd, (None, 'embed'), std=std,
                             dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(config.embd_pdrop)
+    # Recompute each block's activations in the backward pass (hub.load_model(remat=True)).
+    self.remat = False
     self.layers = nnx.List(
         [GPT2Block(config, i, dtype=dtype, rngs=rngs) for i in range(config.n_layer)]
     )
@@ -288,7 +290,8 @@ class GPT2Model(nnx.Module):
     x_BxLxD = self.dropout(x_BxLxD, **kw)
     bias_Bx1xLxS, cache = layers.causal_bias(attention_mask, length, cache)
     for block in self.layers:
-      x_BxLxD, cache = block(x_BxLxD, bias_Bx1xLxS, cache=cache, **kw)
+      x_BxLxD, cache = layers.run_block(block, self.remat, x_BxLxD, bias_Bx1xLxS, cache=cache,
+                                        **kw)
     x_BxLxD = self.ln_f(x_BxLxD)
     return x_BxLxD if cache is None else (x_BxLxD, layers.advance(cache, length))
 

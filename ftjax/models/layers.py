@@ -193,3 +193,18 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
     probs = dropout(probs, deterministic=deterministic, rngs=rngs)
   out = jnp.einsum('bgrls,bsgk->blgrk', probs, v_BxSxGxK.astype(dtype))
   return out.reshape(batch, length, heads * head_dim)
+
+
+def run_block(block: nnx.Module, remat: bool, *args, **kwargs):
+  """Calls a transformer block; with `remat`, its activations are recomputed in the backward pass.
+
+  Rematerialisation trades about a third more compute for not storing every block's
+  activations. Python values (flags, the layer index) stay static; arrays, caches and the
+  dropout `rngs` go through the transform as arguments.
+  """
+  if not remat:
+    return block(*args, **kwargs)
+  static = {k: v for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, str))}
+  dynamic = {k: v for k, v in kwargs.items() if k not in static}
+  return nnx.remat(lambda block, args, dynamic: block(*args, **dynamic, **static))(
+      block, args, dynamic)

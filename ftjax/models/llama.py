@@ -462,6 +462,8 @@ class LlamaModel(nnx.Module):
     self.embed_tokens = layers.embed(
         config.vocab_size, config.hidden_size, ('vocab', 'embed'),
         std=config.initializer_range, dtype=dtype, rngs=rngs, padding_idx=config.pad_token_id)
+    # Recompute each block's activations in the backward pass (hub.load_model(remat=True)).
+    self.remat = False
     self.layers = nnx.List([LlamaDecoderLayer(config, dtype=dtype, rngs=rngs)
                             for _ in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -521,7 +523,8 @@ class LlamaModel(nnx.Module):
     x_BxLxD = self.embed_tokens(input_ids)
     for i, layer in enumerate(self.layers):
       bias = window_bias if self.config.uses_window(i) else bias_Bx1xLxS
-      x_BxLxD, cache = layer(x_BxLxD, rotary, bias, layer=i, cache=cache, **kw)
+      x_BxLxD, cache = layers.run_block(layer, self.remat, x_BxLxD, rotary, bias, layer=i,
+                                        cache=cache, **kw)
     x_BxLxD = self.norm(x_BxLxD)
     return x_BxLxD if cache is None else (x_BxLxD, layers.advance(cache, length))
 

@@ -227,6 +227,8 @@ class ViTModel(nnx.Module):
   def __init__(self, config: ViTConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.embeddings = ViTEmbeddings(config, dtype=dtype, rngs=rngs)
+    # Recompute each block's activations in the backward pass (hub.load_model(remat=True)).
+    self.remat = False
     self.layers = nnx.List(
         [ViTLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
     )
@@ -271,7 +273,7 @@ class ViTModel(nnx.Module):
     kw = dict(deterministic=deterministic, rngs=rngs)
     x_BxLxD = self.embeddings(pixel_values, **kw)
     for layer in self.layers:
-      x_BxLxD = layer(x_BxLxD, **kw)
+      x_BxLxD = layers.run_block(layer, self.remat, x_BxLxD, **kw)
     return self.layernorm(x_BxLxD)
 
   def pool(self, hidden_BxLxD: jax.Array) -> jax.Array:
