@@ -210,6 +210,25 @@ def to_shards(host: np.ndarray, sharding: NamedSharding, dtype: Any) -> jax.Arra
                                       lambda index: np.asarray(host[index], dtype=dtype))
 
 
+def put(tree: Any, target: Any) -> Any:
+  """Places every array of `tree` on its sharding in `target` (a tree of the same structure).
+
+  Works across processes, where `jax.device_put` cannot reach other hosts' devices: an array
+  not yet where it belongs is read to the host (every process holds the same value, e.g. a
+  freshly initialised adapter) and each process fills only its own devices' blocks. PRNG keys
+  travel as their key data.
+  """
+  def one(x, sharding):
+    if getattr(x, 'sharding', None) == sharding:
+      return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=impl)
+    return to_shards(np.asarray(jax.device_get(x)), sharding, x.dtype)
+
+  return jax.tree.map(one, tree, target)
+
+
 def describe(tree: Any) -> dict[str, str]:
   """'path' -> the PartitionSpec of every array in a tree of placed arrays (for tables, tests)."""
   out = {}

@@ -66,7 +66,7 @@ def _split(model: nnx.Module, groups, step: int):
 
 def _place(tree, mesh):
   """`tree` moved onto its shardings (a no-op for arrays already there, e.g. loaded weights)."""
-  return jax.device_put(tree, parallel.shardings(tree, mesh))
+  return parallel.put(tree, parallel.shardings(tree, mesh))
 
 
 def _init_opt_state(tx, params, mesh):
@@ -245,9 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # Loaded weights are in their shards already; this places what surgery added (e.g. LoRA).
   params, rest = _place(params, mesh), _place(rest, mesh)
   replicated = parallel.replicated(mesh)
-  state = steps.TrainState(step=jax.device_put(jnp.asarray(start_step, jnp.int32), replicated),
+  state = steps.TrainState(step=parallel.put(jnp.asarray(start_step, jnp.int32), replicated),
                            params=params, opt_state=_init_opt_state(tx, params, mesh),
-                           rng=jax.device_put(rng, replicated))
+                           rng=parallel.put(rng, replicated))
   if start_step:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state, data_state = ckpts.restore_latest(start_step, abstract)
