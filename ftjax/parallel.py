@@ -210,6 +210,19 @@ def to_shards(host: np.ndarray, sharding: NamedSharding, dtype: Any) -> jax.Arra
                                       lambda index: np.asarray(host[index], dtype=dtype))
 
 
+def init_sharded(build, mesh: Mesh, rules: Sequence[tuple[str, Any]] = RULES) -> nnx.Module:
+  """Builds the NNX module `build()` returns with every parameter initialised in its shards.
+
+  The module is traced abstractly (`nnx.eval_shape`) to find each parameter's sharding, then
+  initialised by one jitted call whose outputs land in those shards: no device ever holds an
+  unsharded copy of a sharded weight.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  state = jax.jit(lambda: nnx.split(build())[1],
+                  out_shardings=shardings(abstract, mesh, rules))()
+  return nnx.merge(graphdef, state)
+
+
 def put(tree: Any, target: Any) -> Any:
   """Places every array of `tree` on its sharding in `target` (a tree of the same structure).
 
