@@ -79,8 +79,10 @@ def _multi_process_environment() -> bool:
     return True
   if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:  # srun with several tasks.
     return True
-  # A multi-host TPU slice names its workers; one host needs no distributed runtime.
-  return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+  # A TPU VM (Cloud TPU or GKE): JAX's own cluster detection finds the slice's other hosts, and
+  # on a single-host slice it simply starts one process.
+  return bool(os.environ.get('TPU_ACCELERATOR_TYPE') or os.environ.get('TPU_WORKER_HOSTNAMES')
+              or os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0'))
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
