@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     logger.info('resumed from %s at step %d', ckpts.latest.directory, start_step)
   if is_main:
     _save_config(config, workdir)
-    # Where every parameter and optimizer moment lives on the mesh ('path': PartitionSpec).
+    # Where every parameter, trained or frozen, lives on the mesh ('path': PartitionSpec).
     (workdir / 'shardings.json').write_text(json.dumps(
         {'mesh': dict(mesh.shape), 'params': parallel.describe(state.params),
          'frozen': parallel.describe(rest)}, indent=1, sort_keys=True) + '\n')
