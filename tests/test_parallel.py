@@ -183,3 +183,39 @@ def test_gradient_accumulation_and_remat_give_the_same_step(tiny_bert_dir):
     assert abs(other_loss - loss) <= 1e-6 * abs(loss)
     for a, b in zip(whole, other):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_reuses_the_donated_state_and_never_touches_frozen_weights(tiny_bert_dir):
+  model = hub.load_model(str(tiny_bert_dir), num_labels=3)[0]
+  config = configs.load_config(str(ROOT / 'configs/minilm_vader.py'))  # Word embeddings frozen.
+  groups = params_lib.build_policy(config.policy, model)
+  tx, schedule = optim.make_optimizer(config.optim, 10, groups)
+  graphdef, trainable, rest = nnx.split(
+      model, params_lib.trainable_filter(params_lib.trainable_paths(groups, 0)), ...)
+  mesh = parallel.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  trainable, rest = parallel.put(trainable, parallel.shardings(trainable, mesh)), \
+      parallel.put(rest, parallel.shardings(rest, mesh))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                           opt_state=tx.init(trainable), rng=jax.random.key(0))
+  shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  train_step, _ = steps.jit_steps(graphdef, tx, schedule, tasks.get_task('classification'),
+                                  mesh=mesh, state_shardings=shard(state),
+                                  rest_shardings=shard(rest))
+  batch = parallel.global_batch({'input_ids': np.full((4, 8), 1000, np.int32),
+                                 'attention_mask': np.ones((4, 8), np.int32),
+                                 'token_type_ids': np.zeros((4, 8), np.int32),
+                                 'label': np.arange(4, dtype=np.int32) % 3}, mesh)
+  old_leaves = jax.tree.leaves((state.params, state.opt_state))
+  frozen = parallel.describe(rest)  # Path -> sharding of every frozen weight.
+  frozen_before = [np.asarray(x) for x in jax.tree.leaves(rest)]
+  new_state, _ = train_step(state, batch, rest)
+  # The step wrote the new state into the old one's buffers (donation), so every array of the
+  # old state is gone, and the frozen weights were inputs only: unchanged and still alive.
+  assert all(x.is_deleted() for x in old_leaves)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(rest))
+  for before, after in zip(frozen_before, jax.tree.leaves(rest)):
+    np.testing.assert_array_equal(before, np.asarray(after))
+  assert 'encoder/embeddings/word_embeddings/embedding' in frozen
+  # Optimizer state exists for the trainable parameters only: two AdamW moments each.
+  moments = sum(x.size for x in jax.tree.leaves(new_state.opt_state) if x.ndim)
+  assert moments == 2 * sum(x.size for x in jax.tree.leaves(new_state.params))
