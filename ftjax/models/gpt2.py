@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models import Family, WeightMapping
+from ftjax.models import same as _same
 from ftjax.models import layers
 
 
@@ -294,10 +294,6 @@ class GPT2Model(nnx.Module):
                                         **kw)
     x_BxLxD = self.ln_f(x_BxLxD)
     return x_BxLxD if cache is None else (x_BxLxD, layers.advance(cache, length))
-
-
-def _same(a: np.ndarray) -> np.ndarray:
-  return a
 
 
 def hf_key_map(config: GPT2Config) -> dict[str, WeightMapping]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models import Family, WeightMapping
+from ftjax.models import same as _same, transpose as _transpose
 from ftjax.models import layers
 
 # model_type -> the prefix of its transformers class names.
@@ -527,14 +528,6 @@ class LlamaModel(nnx.Module):
                                         cache=cache, **kw)
     x_BxLxD = self.norm(x_BxLxD)
     return x_BxLxD if cache is None else (x_BxLxD, layers.advance(cache, length))
-
-
-def _transpose(a: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(a.T)
-
-
-def _same(a: np.ndarray) -> np.ndarray:
-  return a
 
 
 def hf_key_map(config: LlamaConfig) -> dict[str, WeightMapping]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models import Family, WeightMapping
+from ftjax.models import same as _same, transpose as _transpose
 from ftjax.models import layers
 
 _ACTIVATIONS = layers.ACTIVATIONS
@@ -283,20 +284,12 @@ class ViTModel(nnx.Module):
     return _ACTIVATIONS[self.config.pooler_act](self.pooler(hidden_BxLxD[:, 0]))
 
 
-def _transpose(a: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(a.T)
-
-
 def _conv_to_nnx(a: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(a.transpose(2, 3, 1, 0))  # [D, C, p, p] -> [p, p, C, D]
 
 
 def _conv_to_hf(a: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(a.transpose(3, 2, 0, 1))  # [p, p, C, D] -> [D, C, p, p]
-
-
-def _same(a: np.ndarray) -> np.ndarray:
-  return a
 
 
 def hf_key_map(config: ViTConfig) -> dict[str, WeightMapping]:
