@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import FtjaxError
 
 _BUCKET = 16  # Prompt lengths round up to a multiple of this: one compilation per bucket.
@@ -128,9 +129,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
 def complete(model: nnx.Module, tokenizer: tokenizers.Tokenizer, texts: Sequence[str], *,
              eos_id: int | None = None, **kwargs) -> list[str]:
   """`generate` on text: tokenizes each prompt (with special tokens), decodes what follows."""
-  raw = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-  raw.no_padding()
-  raw.no_truncation()
+  raw = tokenizer_lib.unpadded(tokenizer)
   pad_id = tokenizer.padding['pad_id'] if tokenizer.padding else 0
   prompts = [raw.encode(text).ids for text in texts]
   new = generate(model, prompts, eos_id=eos_id, pad_id=pad_id, **kwargs)
