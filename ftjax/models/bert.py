@@ -136,7 +136,7 @@ class BertEmbeddings(nnx.Module):
         config, config.type_vocab_size, (None, 'embed'), dtype=dtype, rngs=rngs
     )
     self.layer_norm = _layer_norm(config, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = layers.Dropout(config.hidden_dropout_prob)
 
   def __call__(
       self,
@@ -188,7 +188,7 @@ class BertSelfAttention(nnx.Module):
     self.key = _dense(config, d, d, ('embed', 'heads'), dtype=dtype, rngs=rngs)
     self.value = _dense(config, d, d, ('embed', 'heads'), dtype=dtype, rngs=rngs)
     self.out = _dense(config, d, d, ('heads', 'embed'), dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+    self.dropout = layers.Dropout(config.attention_probs_dropout_prob)
 
   def __call__(
       self,
@@ -240,7 +240,7 @@ class BertLayer(nnx.Module):
         dtype=dtype, rngs=rngs,
     )
     self.output_norm = _layer_norm(config, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = layers.Dropout(config.hidden_dropout_prob)
 
   def __call__(
       self,

@@ -157,7 +157,7 @@ class GPT2Attention(nnx.Module):
     self.c_attn = _linear(config, d, 3 * d, ('embed', 'heads'), dtype=dtype, rngs=rngs)
     self.c_proj = _linear(config, d, d, ('heads', 'embed'), dtype=dtype, rngs=rngs,
                           std=_residual_std(config))
-    self.attn_dropout = nnx.Dropout(config.attn_pdrop)
+    self.attn_dropout = layers.Dropout(config.attn_pdrop)
 
   def __call__(self, x_BxLxD: jax.Array, bias_Bx1xLxS: jax.Array, *,
                cache: layers.KVCache | None, deterministic: bool, rngs: nnx.Rngs | None
@@ -198,7 +198,7 @@ class GPT2Block(nnx.Module):
     self.attn = GPT2Attention(config, layer_idx, dtype=dtype, rngs=rngs)
     self.ln_2 = _layer_norm(config, dtype=dtype, rngs=rngs)
     self.mlp = GPT2MLP(config, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.resid_pdrop)
+    self.dropout = layers.Dropout(config.resid_pdrop)
 
   def __call__(self, x_BxLxD: jax.Array, bias_Bx1xLxS: jax.Array, *,
                cache: layers.KVCache | None, deterministic: bool, rngs: nnx.Rngs | None
@@ -221,7 +221,7 @@ class GPT2Model(nnx.Module):
                             dtype=dtype, rngs=rngs)
     self.wpe = layers.embed(config.n_positions, config.n_embd, (None, 'embed'), std=std,
                             dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.embd_pdrop)
+    self.dropout = layers.Dropout(config.embd_pdrop)
     # Recompute each block's activations in the backward pass (hub.load_model(remat=True)).
     self.remat = False
     self.layers = nnx.List(

@@ -87,7 +87,7 @@ class SequenceClassifier(nnx.Module):
     self.encoder = encoder
     self.pooling = pooling
     self.num_labels = num_labels
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = layers.Dropout(dropout)
     self.classifier = _new_linear(encoder.hidden_size, num_labels, use_bias=use_bias, rngs=rngs)
 
   def __call__(
@@ -136,7 +136,7 @@ class TokenClassifier(nnx.Module):
       encoder.pooler = None  # Unused: neither trained nor exported.
     self.encoder = encoder
     self.num_labels = num_labels
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = layers.Dropout(dropout)
     self.classifier = _new_linear(encoder.hidden_size, num_labels, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -209,7 +209,7 @@ class ImageClassifier(nnx.Module):
       encoder.pooler = None  # ViTForImageClassification classifies the CLS token, not the pooler.
     self.encoder = encoder
     self.num_labels = num_labels
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = layers.Dropout(dropout)
     self.classifier = _new_linear(encoder.hidden_size, num_labels, rngs=rngs)
 
   def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True,

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 Axes = tuple[str | None, ...]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    # Exact GELU through erf, as torch computes it: jax.nn.gelu(approximate=False) goes through
+    # erfc, which XLA CPU evaluates ~5x slower (~15% of a BERT step's elementwise time).
+    'gelu': lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))),
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_fast': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
@@ -84,13 +86,72 @@ def embed(num_embeddings: int, features: int, axes: Axes, *, std: float, dtype: 
                    embedding_init=param_init(init, axes), rngs=rngs)
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection on uint32 whose output bits all avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """A dropout keep-mask: each element True with probability 1 - rate, from `key`.
+
+  `jax.random.bernoulli` runs threefry (20 rounds of 32-bit ops) per element, which cost ~7% of
+  a BERT training step on CPU. Here `key` gives two 32-bit seeds (one small threefry call) and
+  each element hashes its flat index with them: two rounds of MurmurHash3's finaliser, a
+  handful of integer ops that XLA fuses into the masking. For a fixed key the map from index
+  to hash is a bijection, so the masks are exactly as uniform as the counter; different keys
+  (steps, layers) give unrelated masks. The index is the global one, so a sharded array draws
+  the same mask on every mesh.
+  """
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  size = 1
+  for dim in shape:
+    size *= dim
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  h = _mix32(index * jnp.uint32(0x9E3779B1) + seeds[0])
+  h = _mix32(h ^ seeds[1])
+  threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+  return h >= jnp.uint32(threshold)
+
+
+class Dropout(nnx.Dropout):
+  """`nnx.Dropout` with the hash-based `keep_mask` instead of threefry bits; same interface."""
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic is None:
+      raise ValueError('Dropout needs `deterministic` (at construction or call time)')
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    rngs = self.rngs if rngs is None else rngs
+    if rngs is None:
+      raise ValueError('Dropout with deterministic=False needs `rngs` with a dropout stream')
+    key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
+        rngs() if isinstance(rngs, nnx.RngStream) else rngs)
+    shape = tuple(1 if i in self.broadcast_dims else d for i, d in enumerate(inputs.shape))
+    keep = jnp.broadcast_to(keep_mask(key, shape, self.rate), inputs.shape)
+    scale = jnp.asarray(1.0 / (1.0 - self.rate), inputs.dtype)
+    return jnp.where(keep, inputs * scale, jnp.zeros((), inputs.dtype))
+
+
 def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
   """Calls a linear layer, passing dropout's call-time randomness to those that take it.
 
   Plain `nnx.Linear` has no randomness; PEFT layers that wrap it (LoRA with dropout) set
   `takes_rngs` and receive `deterministic` and `rngs` like every other dropout in the model.
   """
-  return layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+  lead = x.shape[:-1]
+  # Flattened to [tokens, features]: the weight gradient is then one plain 2-D matmul that
+  # contracts the token axis (XLA CPU's fast path) instead of a dot over two batch-like axes.
+  x = x.reshape(-1, x.shape[-1])
+  y = layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+  return y.reshape(*lead, y.shape[-1])
 
 
 # Attention
@@ -174,7 +235,7 @@ def advance(cache: KVCache | None, length: int) -> KVCache | None:
 
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
            bias_Bx1xLxS: jax.Array, *, dtype: Any, scale: float | None = None,
-           dropout: nnx.Dropout | None = None, deterministic: bool = True,
+           dropout: 'Dropout | None' = None, deterministic: bool = True,
            rngs: nnx.Rngs | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped-query heads; returns [B, L, H * K].
 

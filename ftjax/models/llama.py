@@ -397,7 +397,7 @@ class LlamaAttention(nnx.Module):
     self.v_proj = _linear(config, d, self.num_kv_heads * k, ('embed', 'kv_heads'), **qkv)
     self.o_proj = _linear(config, self.num_heads * k, d, ('heads', 'embed'),
                           use_bias=config.o_bias, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.attention_dropout)
+    self.dropout = layers.Dropout(config.attention_dropout)
 
   def __call__(self, x_BxLxD: jax.Array, rotary: tuple[jax.Array, jax.Array],
                bias_Bx1xLxS: jax.Array, *, layer: int, cache: layers.KVCache | None,

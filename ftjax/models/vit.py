@@ -154,7 +154,7 @@ class ViTEmbeddings(nnx.Module):
         layers.param_init(trunc, (None, None, 'embed'))(rngs.params(), (1, 1, d)))
     self.position_embeddings = nnx.Param(layers.param_init(trunc, (None, None, 'embed'))(
         rngs.params(), (1, config.num_patches + 1, d)))
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = layers.Dropout(config.hidden_dropout_prob)
 
   def __call__(self, pixels_BxHxWxC: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
@@ -181,7 +181,7 @@ class ViTSelfAttention(nnx.Module):
     self.key = _dense(config, d, d, ('embed', 'heads'), **qkv)
     self.value = _dense(config, d, d, ('embed', 'heads'), **qkv)
     self.out = _dense(config, d, d, ('heads', 'embed'), dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+    self.dropout = layers.Dropout(config.attention_probs_dropout_prob)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
@@ -210,7 +210,7 @@ class ViTLayer(nnx.Module):
                                ('embed', 'mlp'), dtype=dtype, rngs=rngs)
     self.output = _dense(config, config.intermediate_size, config.hidden_size,
                          ('mlp', 'embed'), dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = layers.Dropout(config.hidden_dropout_prob)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> jax.Array:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import FtjaxError
+from ftjax.models import layers
 from ftjax.peft import surgery
 
 DEFAULT_ADAPTER = 'default'
@@ -83,7 +84,7 @@ class LoRALinear(nnx.Linear):
     surgery.take_over(self, base)
     self.adapters: tuple[tuple[str, float], ...] = ()
     self.dora: tuple[str, ...] = ()  # Adapters that are DoRA (magnitude + direction).
-    self.dropout = nnx.Dropout(0.0)  # On the LoRA branch's input; set by apply_lora.
+    self.dropout = layers.Dropout(0.0)  # On the LoRA branch's input; set by apply_lora.
     self.active: str | None = None
     self.merged = False
 
@@ -229,7 +230,7 @@ def apply_lora(
     layer = node if isinstance(node, LoRALinear) else LoRALinear(node)
     layer.add_adapter(name, rank=rank, scaling=scaling, rngs=rngs, use_dora=use_dora)
     if dropout:
-      layer.dropout = nnx.Dropout(dropout)
+      layer.dropout = layers.Dropout(dropout)
     if layer is not node:
       surgery.replace(model, path, layer)
   set_active_adapter(model, name)
