@@ -37,6 +37,13 @@ def setup_logging() -> None:
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.ERROR)
 
 
+def entry() -> int:
+  """The command-line entry point: process settings first (`ftjax.launch`), then `main`."""
+  from ftjax import launch  # pylint: disable=g-import-not-at-top
+  launch.ensure_process_env()
+  return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `train_and_evaluate` from command-line arguments; returns the exit status."""
   argv = sys.argv[1:] if argv is None else argv

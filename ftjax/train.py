@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from flax import nnx
 
 from ftjax import checkpoints as checkpoints_lib
-from ftjax import configs, data, hub, metrics as metrics_lib, optim, parallel, steps, tasks
+from ftjax import configs, data, hub, launch, metrics as metrics_lib, optim, parallel, steps, tasks
 from ftjax import params as params_lib
 from ftjax import peft as peft_lib
 from ftjax.errors import FtjaxError
@@ -203,6 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   _ensure_logging()
   started = time.perf_counter()
+  launch.enable_compilation_cache()  # A rerun, resume or sweep skips compiling the steps.
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise FtjaxError(f'--workdir {workdir} exists and is not a directory')

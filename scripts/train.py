@@ -10,4 +10,4 @@ import sys
 from ftjax import cli
 
 if __name__ == '__main__':
-  sys.exit(cli.main())
+  sys.exit(cli.entry())

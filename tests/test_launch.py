@@ -1,0 +1,51 @@
+"""Process settings ftjax applies itself: huge pages for XLA's buffers, the compilation cache."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftjax import launch
+
+pytestmark = pytest.mark.skipif(not launch._glibc_supports_hugetlb(),
+                                reason='needs Linux with glibc >= 2.35 (huge-page tunable)')
+
+_PRINT_ENV = ('from ftjax import launch; launch.ensure_process_env(); import os; '
+              'print(os.environ.get("GLIBC_TUNABLES"), os.environ.get("FTJAX_REEXECUTED"))')
+
+
+def _run(code: str, **env: str) -> str:
+  full_env = {k: v for k, v in os.environ.items()
+              if k not in ('GLIBC_TUNABLES', 'FTJAX_REEXECUTED', 'FTJAX_HUGEPAGES')}
+  out = subprocess.run([sys.executable, '-c', code], env={**full_env, **env},
+                       capture_output=True, text=True, check=True)
+  return out.stdout.strip()
+
+
+def test_process_env_adds_the_huge_page_tunable_and_keeps_the_users():
+  assert launch.process_env({})['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+  mine = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  assert launch.process_env(mine)['GLIBC_TUNABLES'] == (
+      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+  chosen = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}
+  assert launch.process_env(chosen) == chosen  # The user's own choice stands.
+  assert 'GLIBC_TUNABLES' not in launch.process_env({'FTJAX_HUGEPAGES': '0'})
+
+
+def test_entry_point_reexecutes_once_with_the_settings():
+  # The interpreter restarts with the tunable in its environment (glibc reads it at start).
+  assert _run(_PRINT_ENV) == 'glibc.malloc.hugetlb=1 1'
+  # Already set: no re-execution.
+  assert _run(_PRINT_ENV, GLIBC_TUNABLES='glibc.malloc.hugetlb=1') == (
+      'glibc.malloc.hugetlb=1 None')
+  assert _run(_PRINT_ENV, FTJAX_HUGEPAGES='0') == 'None None'
+
+
+def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
+  code = ('from ftjax import launch; import jax; print(launch.enable_compilation_cache(), '
+          'jax.config.jax_compilation_cache_dir)')
+  cache = str(tmp_path / 'xla')
+  assert _run(code, FTJAX_COMPILATION_CACHE=cache) == f'{cache} {cache}'
+  assert _run(code, FTJAX_COMPILATION_CACHE='0') == 'None None'
+  assert _run(code, HOME=str(tmp_path)).split()[0] == str(tmp_path / '.cache/ftjax/xla')
