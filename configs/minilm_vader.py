@@ -104,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Where the TFDS (ArrayRecord) build is written; '' -> $FTJAX_DATA_DIR or ~/.cache/ftjax/tfds.
   config.data.data_dir = ''
   config.data.max_length = 8  # Tokens per example, truncated/padded (fits 99.9% of VADER).
+  # Batches are cut to the smallest of these lengths that holds their longest example (one
+  # compilation per bucket, short batches cost less); () pads every batch to max_length.
+  config.data.length_buckets = ()
   config.data.num_workers = 0  # grain worker processes for tokenization; 0 = in-process.
 
   config.train = ml_collections.ConfigDict()

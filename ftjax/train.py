@@ -190,6 +190,18 @@ def restore_model(workdir: str | pathlib.Path, mesh=None):
   return nnx.merge(graphdef, params, rest), checkpoint_dir, config
 
 
+def _length_buckets(data_config, dataset) -> tuple[int, ...]:
+  """`data.length_buckets`, checked; one process only (each process reads only its rows, and
+  all processes must cut a batch to the same length)."""
+  buckets = data.check_buckets(data_config.get('length_buckets', ()), data_config.max_length)
+  if buckets and dataset.kind == 'image':
+    raise FtjaxError('data.length_buckets applies to token data, not images: set it to ()')
+  if buckets and jax.process_count() > 1:
+    raise FtjaxError('data.length_buckets needs a single process (every process would cut its '
+                     'own rows differently): set it to () for multi-process runs')
+  return buckets
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        mesh: jax.sharding.Mesh | None = None) -> dict:
   """Fine-tunes the configured model and returns validation and test metrics of the best step.
@@ -234,9 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   phases = params_lib.phase_starts(groups)  # Gradual unfreezing: one compilation per phase.
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  buckets = _length_buckets(config.data, dataset)
   train_iter = data.train_iterator(dataset, processor, config.train.batch_size, config.seed,
                                    num_workers=config.data.num_workers, eos_id=eos_id,
-                                   rows=parallel.local_rows(config.train.batch_size))
+                                   rows=parallel.local_rows(config.train.batch_size),
+                                   length_buckets=buckets)
 
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
@@ -267,7 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_step, eval_step = jit_steps(graphdef, state, rest)
   eval_rows = parallel.local_rows(config.train.eval_batch_size)
   eval_batches = lambda split: (parallel.global_batch(b, mesh) for b in data.eval_batches(
-      dataset, split, processor, config.train.eval_batch_size, eos_id=eos_id, rows=eval_rows))
+      dataset, split, processor, config.train.eval_batch_size, eos_id=eos_id, rows=eval_rows,
+      length_buckets=buckets))
   accumulator = lambda: task.metrics_accumulator(len(dataset.label_names))
   logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)

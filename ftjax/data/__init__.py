@@ -9,6 +9,8 @@
 from ftjax.data.builder import build_dataset
 from ftjax.data.builder import Dataset
 from ftjax.data.builder import resolve_data_dir
+from ftjax.data.pipeline import check_buckets
+from ftjax.data.pipeline import cut_to_bucket
 from ftjax.data.pipeline import eval_batches
 from ftjax.data.pipeline import num_eval_batches
 from ftjax.data.pipeline import train_iterator
@@ -23,6 +25,8 @@ __all__ = [
     'Dataset',
     'TrainIterator',
     'build_dataset',
+    'check_buckets',
+    'cut_to_bucket',
     'encode',
     'eos_id',
     'eval_batches',

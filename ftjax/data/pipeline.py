@@ -7,6 +7,11 @@ resumes the exact batch sequence.
 
 Evaluation: each example once, in order, the last batch padded to full size and marked by a
 `weight` of 0, so every batch has the same shape and the eval step compiles once.
+
+Length buckets (`length_buckets`, e.g. (16, 32, 64)): token arrays are padded to `max_length`
+by the tokenizer, then each batch is cut to the smallest bucket that holds its longest row (the
+pad columns beyond it carry nothing). A step compiles once per bucket it meets and never again,
+and short batches cost what their length needs rather than `max_length`.
 """
 
 from collections.abc import Iterator
@@ -94,6 +99,39 @@ class _ReadAndTokenize:
     return out
 
 
+def check_buckets(length_buckets, max_length: int) -> tuple[int, ...]:
+  """The sorted bucket lengths, each in [1, max_length]; () means always `max_length`.
+
+  Raises:
+    FtjaxError: for a bucket that is not a positive integer up to `max_length`.
+  """
+  buckets = tuple(length_buckets or ())
+  for length in buckets:
+    if not isinstance(length, int) or not 1 <= length <= max_length:
+      raise FtjaxError(f'data.length_buckets={buckets} must hold token counts from 1 to '
+                       f'data.max_length={max_length}')
+  return tuple(sorted(set(buckets)))
+
+
+def cut_to_bucket(batch: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """`batch` with its [B, max_length] token arrays cut to the smallest bucket that fits.
+
+  Token arrays are right-padded, so the columns after the last one any row uses are padding in
+  every array (ids, masks, per-token labels); they are dropped. Other arrays are unchanged.
+  """
+  mask = batch.get('attention_mask')
+  if not buckets or mask is None:
+    return batch
+  max_length = mask.shape[1]
+  used = np.flatnonzero(mask.any(axis=0))
+  longest = int(used[-1]) + 1 if used.size else 1
+  length = next((b for b in buckets if b >= longest), max_length)
+  if length == max_length:
+    return batch
+  return {key: value[:, :length] if value.ndim >= 2 and value.shape[1] == max_length else value
+          for key, value in batch.items()}
+
+
 class _ProcessRows:
   """An index batch -> this process's rows of it, read; eval batches padded to full size first.
 
@@ -103,10 +141,11 @@ class _ProcessRows:
   gets a well-formed batch.
   """
 
-  def __init__(self, reader, rows: slice, pad_to: int | None):
+  def __init__(self, reader, rows: slice, pad_to: int | None, buckets: tuple[int, ...] = ()):
     self.reader = reader
     self.rows = rows
     self.pad_to = pad_to
+    self.buckets = buckets
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     if self.pad_to is not None:
@@ -116,11 +155,12 @@ class _ProcessRows:
     out = self.reader(np.where(valid, indices, 0))
     if self.pad_to is not None:
       out['weight'] = valid.astype(np.float32)
-    return out
+    return cut_to_bucket(out, self.buckets)
 
 
 def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
-            pad_to: int | None = None, eos_id: int | None = None) -> _ProcessRows:
+            pad_to: int | None = None, eos_id: int | None = None,
+            buckets: tuple[int, ...] = ()) -> _ProcessRows:
   """The batch reader of a split: tokenizes text, or decodes and resizes images."""
   if dataset.kind == 'image':
     from ftjax.data import images  # pylint: disable=g-import-not-at-top
@@ -128,7 +168,7 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
     read = images.ReadImages(dataset.source(split), image_size=image_size, mean=mean, std=std)
   else:
     read = _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, eos_id)
-  return _ProcessRows(read, rows, pad_to)
+  return _ProcessRows(read, rows, pad_to, buckets)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -197,7 +237,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
 def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, seed: int, *,
                    num_workers: int = 0, eos_id: int | None = None,
-                   rows: slice = slice(None)) -> TrainIterator:
+                   rows: slice = slice(None),
+                   length_buckets: tuple[int, ...] = ()) -> TrainIterator:
   """Returns endless, seed-determined training batches of the train split.
 
   Args:
@@ -212,6 +253,8 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
     eos_id: instruction data only: the end-of-sequence token appended to each response.
     rows: the rows of each global batch this process reads (`parallel.local_rows`); the
       default, all of them, is one process's view.
+    length_buckets: token batches are cut to the smallest of these lengths that fits them
+      (`cut_to_bucket`); () keeps every batch at the tokenizer's max_length.
 
   Raises:
     FtjaxError: if `batch_size` or `num_workers` is invalid.
@@ -225,26 +268,29 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
              .shuffle(seed=seed)
              .repeat()
              .batch(batch_size, drop_remainder=True)
-             .map(_reader(dataset, 'train', tokenizer, rows=rows, eos_id=eos_id)))
+             .map(_reader(dataset, 'train', tokenizer, rows=rows, eos_id=eos_id,
+                          buckets=tuple(length_buckets))))
   identity = {'dataset': dataset.name, 'seed': seed, 'batch_size': batch_size}
   return TrainIterator(batches, identity, steps_per_epoch=max(1, num_train // batch_size),
                        num_workers=num_workers)
 
 
 def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size: int, *,
-                 eos_id: int | None = None,
-                 rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+                 eos_id: int | None = None, rows: slice = slice(None),
+                 length_buckets: tuple[int, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example of `split` once, in order, in batches of exactly `batch_size`.
 
   Each batch holds the model inputs (e.g. 'input_ids', 'attention_mask', 'token_type_ids':
   [B, L] int32), the targets ('label', 'labels' or 'target') and 'weight': [B] float32, 1 for
   real examples and 0 for the padding that fills the last batch (weight the metrics by it).
+  With `length_buckets`, token arrays are cut as in `train_iterator`.
   """
   if batch_size < 1:
     raise FtjaxError(f'train.eval_batch_size={batch_size} must be at least 1')
   ds = (grain.MapDataset.range(dataset.num_examples[split])
         .batch(batch_size, drop_remainder=False)
-        .map(_reader(dataset, split, tokenizer, rows=rows, pad_to=batch_size, eos_id=eos_id))
+        .map(_reader(dataset, split, tokenizer, rows=rows, pad_to=batch_size, eos_id=eos_id,
+                     buckets=tuple(length_buckets)))
         .to_iter_dataset(_READ_OPTIONS))
   yield from ds
 
