@@ -95,18 +95,26 @@ def _mix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
+def _seeds(key: jax.Array) -> jax.Array:
+  """Two uint32 seeds from a key: its first and last words (threefry keys have exactly two)."""
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  data = data.reshape(-1).astype(jnp.uint32)
+  return jnp.stack([data[0], data[-1]])
+
+
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   """A dropout keep-mask: each element True with probability 1 - rate, from `key`.
 
   `jax.random.bernoulli` runs threefry (20 rounds of 32-bit ops) per element, which cost ~7% of
-  a BERT training step on CPU. Here `key` gives two 32-bit seeds (one small threefry call) and
-  each element hashes its flat index with them: two rounds of MurmurHash3's finaliser, a
+  a BERT training step on CPU. Here `key`'s own two 32-bit words are the seeds (a threefry or
+  rbg key is already the output of a hash: `fold_in`/`split`) and each element hashes its flat
+  index with them: two rounds of MurmurHash3's finaliser, a
   handful of integer ops that XLA fuses into the masking. For a fixed key the map from index
   to hash is a bijection, so the masks are exactly as uniform as the counter; different keys
   (steps, layers) give unrelated masks. The index is the global one, so a sharded array draws
   the same mask on every mesh.
   """
-  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  seeds = _seeds(key)
   size = 1
   for dim in shape:
     size *= dim

@@ -1,0 +1,48 @@
+"""The hash-based dropout mask: the right keep rate, independent across elements and keys."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax.models import layers
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5])
+def test_keep_rate_and_independence(rate):
+  key = jax.random.key(0)
+  masks = [np.asarray(layers.keep_mask(jax.random.fold_in(key, i), (512, 1024), rate))
+           for i in range(4)]
+  keep = 1 - rate
+  n = masks[0].size
+  tolerance = 5 * np.sqrt(keep * rate / n)  # 5 standard deviations of the mean.
+  for mask in masks:
+    assert abs(mask.mean() - keep) < tolerance
+    # Neighbours along both axes are independent: P(both kept) = keep^2.
+    assert abs((mask[:, 1:] & mask[:, :-1]).mean() - keep**2) < 2 * tolerance
+    assert abs((mask[1:] & mask[:-1]).mean() - keep**2) < 2 * tolerance
+  # Masks of different keys (steps, layers) are independent, and a key repeats its mask.
+  for a, b in ((0, 1), (1, 2), (0, 3)):
+    assert abs((masks[a] & masks[b]).mean() - keep**2) < 2 * tolerance
+  np.testing.assert_array_equal(
+      masks[2], layers.keep_mask(jax.random.fold_in(key, 2), (512, 1024), rate))
+
+
+def test_dropout_scales_kept_values_and_is_off_when_deterministic():
+  dropout = layers.Dropout(0.25)
+  x = jnp.ones((64, 256))
+  y = dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+  kept = np.asarray(y) != 0
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75)
+  assert abs(kept.mean() - 0.75) < 0.02
+  np.testing.assert_array_equal(dropout(x, deterministic=True), x)
+  np.testing.assert_array_equal(layers.Dropout(0.0)(x, deterministic=False), x)
+  with pytest.raises(ValueError, match='rngs'):
+    dropout(x, deterministic=False)
+
+
+def test_broadcast_dims_share_the_mask():
+  dropout = layers.Dropout(0.5, broadcast_dims=(0,))
+  y = np.asarray(dropout(jnp.ones((8, 300)), deterministic=False, rngs=nnx.Rngs(dropout=0)))
+  assert (y == y[0]).all() and 0 < (y[0] != 0).mean() < 1
