@@ -3,12 +3,14 @@
 Two things cannot be chosen from inside a running training loop:
 
 * **Huge pages for XLA's buffers** (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). XLA:CPU allocates
-  each step's scratch memory afresh (a BERT step: ~1.6 GiB); with 4 KiB pages the kernel takes
-  hundreds of thousands of page faults per step. With this tunable glibc's malloc asks for
-  transparent huge pages (`madvise`), which cut a MiniLM step by ~25% on an AMD Zen 5 machine
-  (no measurable change on an Intel Xeon whose kernel already backs them). glibc reads tunables
-  only at process start, so the command-line entry point re-executes itself once with the
-  variable set (`ensure_process_env`). `FTJAX_HUGEPAGES=0` turns this off.
+  each step's scratch memory afresh (a MiniLM step at 32 x 128 tokens: ~1.6 GiB, ~350,000 page
+  faults per step with 4 KiB pages). With this tunable glibc's malloc asks for transparent huge
+  pages (`madvise`), which cuts the faults to ~1,000. What that buys depends on the machine: a
+  MiniLM step ran 1.37x faster with it on a 2-core AMD EPYC (Zen 5) VM, and 0-15% slower on a
+  2-core Intel Xeon VM (same faults saved; measured with scripts/bench/speed.py --env). So it is
+  on by default on AMD CPUs only; `FTJAX_HUGEPAGES=1` or `0` forces it on or off. glibc reads
+  tunables only at process start, so the command-line entry point re-executes itself once with
+  the variable set (`ensure_process_env`).
 * **The persistent compilation cache**: the compiled train and eval steps are written to
   `$FTJAX_COMPILATION_CACHE` (default `~/.cache/ftjax/xla`; `0` or an empty value turns it off),
   so a rerun, a resume or a sweep over learning rates skips XLA compilation, most of the time to
@@ -37,6 +39,26 @@ def _glibc_supports_hugetlb() -> bool:
   return (major, minor) >= (2, 35)
 
 
+def _cpu_vendor() -> str:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('vendor_id'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
+
+
+def hugepages_wanted(env: dict[str, str] | None = None) -> bool:
+  """Whether malloc should ask for huge pages: `FTJAX_HUGEPAGES` if set, else on AMD CPUs."""
+  env = os.environ if env is None else env
+  choice = env.get('FTJAX_HUGEPAGES')
+  if choice is not None:
+    return choice != '0'
+  return _cpu_vendor() == 'AuthenticAMD'
+
+
 def process_env(env: dict[str, str] | None = None) -> dict[str, str]:
   """`env` (default: this process's) with the settings ftjax wants at process start added.
 
@@ -44,7 +66,7 @@ def process_env(env: dict[str, str] | None = None) -> dict[str, str]:
   run under the same environment.
   """
   env = dict(os.environ if env is None else env)
-  if env.get('FTJAX_HUGEPAGES', '1') != '0' and _glibc_supports_hugetlb():
+  if hugepages_wanted(env) and _glibc_supports_hugetlb():
     tunables = env.get('GLIBC_TUNABLES', '')
     if 'glibc.malloc.hugetlb' not in tunables:
       env['GLIBC_TUNABLES'] = f'{tunables}:{_HUGETLB}' if tunables else _HUGETLB

