@@ -251,17 +251,29 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
   as `transformers`' repeat_kv lays them out. Logits and softmax are float32.
   """
   batch, length, heads, head_dim = q_BxLxHxK.shape
-  groups = k_BxSxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
-  logits = jnp.einsum('blgrk,bsgk->bgrls', q_BxLxGxRxK, k_BxSxGxK.astype(q_BxLxHxK.dtype),
+  size, groups = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  repeats = heads // groups
+  # Heads-major operands, [B, G, R * L, K] and [B, G, S, K]: batch dims first and the contracted
+  # head_dim last, the layout XLA's batched matmul takes without copying the operands again
+  # (the transposes fuse into the producers, e.g. the rotary embedding). The query heads that
+  # share a key/value head are stacked along the query axis, so grouped-query attention is one
+  # batched matmul per group.
+  q_BxGxRLxK = q_BxLxHxK.reshape(batch, length, groups, repeats, head_dim).transpose(
+      0, 2, 3, 1, 4).reshape(batch, groups, repeats * length, head_dim)
+  k_BxGxSxK = k_BxSxGxK.astype(q_BxLxHxK.dtype).transpose(0, 2, 1, 3)
+  v_BxGxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
+  logits = jnp.einsum('bgqk,bgsk->bgqs', q_BxGxRLxK, k_BxGxSxK,
                       preferred_element_type=jnp.float32)
   scale = head_dim**-0.5 if scale is None else scale
-  logits = logits * scale + bias_Bx1xLxS[:, :, None]
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  logits_BxGxRxLxS = (logits.reshape(batch, groups, repeats, length, size) * scale
+                      + bias_Bx1xLxS[:, :, None])
+  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype)
   if dropout is not None:
     probs = dropout(probs, deterministic=deterministic, rngs=rngs)
-  out = jnp.einsum('bgrls,bsgk->blgrk', probs, v_BxSxGxK.astype(dtype))
-  return out.reshape(batch, length, heads * head_dim)
+  out_BxGxRLxK = jnp.einsum('bgqs,bgsk->bgqk',
+                            probs.reshape(batch, groups, repeats * length, size), v_BxGxSxK)
+  return out_BxGxRLxK.reshape(batch, groups, repeats, length, head_dim).transpose(
+      0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 
 
 def run_block(block: nnx.Module, remat: bool, *args, **kwargs):
