@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import shutil
 import statistics
@@ -51,18 +50,6 @@ BUSY_LIMIT = 0.1  # Other processes' CPU seconds per wall second above which a r
 sys.path.insert(0, str(ROOT))
 from ftjax import launch  # noqa: E402  pylint: disable=g-import-not-at-top
 _ENV = launch.process_env()
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        cpu = line.split(':', 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f'{cpu}, {os.cpu_count()} cores'
 
 
 def _busy_cpu_seconds() -> float:
@@ -173,7 +160,7 @@ def main() -> None:
   log_dir = out.parent / f'{out.stem}_logs'
   log_dir.mkdir(parents=True, exist_ok=True)
   prepare_data()
-  print(f'machine: {_machine()}; python {sys.executable}; {args.rounds} round(s)'
+  print(f'machine: {launch.describe_cpu()}; python {sys.executable}; {args.rounds} round(s)'
         f'{"; quick" if args.quick else ""}', flush=True)
   runs = []
   for round_index in range(1, args.rounds + 1):
@@ -202,7 +189,7 @@ def main() -> None:
   print(table(runs, summary))
   if not summary['clean']:
     print('warning: other processes shared the CPU during some runs (flagged above)')
-  record = {'machine': _machine(), 'rounds': args.rounds, 'quick': args.quick,
+  record = {'machine': launch.describe_cpu(), 'rounds': args.rounds, 'quick': args.quick,
             'peft': args.peft, 'runs': runs, 'summary': summary, 'goal_ratio': 0.7}
   out.write_text(json.dumps(record, indent=2) + '\n')
   print(f'wrote {out}')

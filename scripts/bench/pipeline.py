@@ -25,26 +25,14 @@ what a step waits for), and writes them as JSON to `--out`.
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        cpu = line.split(':', 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f'{cpu}, {os.cpu_count()} cores'
+sys.path.insert(0, str(ROOT))
+from ftjax import launch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def build(config):
@@ -162,7 +150,7 @@ def main() -> None:
 
   ratio = batches_per_second / steps_per_second
   record = {
-      'machine': _machine(), 'backend': jax.default_backend(),
+      'machine': launch.describe_cpu(), 'backend': jax.default_backend(),
       'devices': jax.device_count(), 'config': args.config, 'overrides': overrides,
       'batch_size': batch_size, 'max_length': length,
       'num_workers': config.data.num_workers, 'train_examples': dataset.num_examples['train'],
