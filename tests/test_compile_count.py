@@ -90,5 +90,8 @@ def test_cut_to_bucket_drops_only_padding_columns():
   np.testing.assert_array_equal(cut['input_ids'], batch['input_ids'][:, :8])
   np.testing.assert_array_equal(cut['label'], batch['label'])
   assert data.cut_to_bucket(batch, ())['input_ids'].shape == (3, 12)
+  # An eval batch's padding row (weight 0) does not pick the bucket.
+  weighted = {**batch, 'weight': np.array([1.0, 0.0, 1.0], np.float32)}
+  assert data.cut_to_bucket(weighted, (4, 8))['input_ids'].shape == (3, 4)
   assert data.cut_to_bucket({**batch, 'attention_mask': np.ones((3, 12))},
                             (4, 8))['input_ids'].shape == (3, 12)  # Longer than every bucket.

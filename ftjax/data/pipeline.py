@@ -117,12 +117,15 @@ def cut_to_bucket(batch: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dic
   """`batch` with its [B, max_length] token arrays cut to the smallest bucket that fits.
 
   Token arrays are right-padded, so the columns after the last one any row uses are padding in
-  every array (ids, masks, per-token labels); they are dropped. Other arrays are unchanged.
+  every array (ids, masks, per-token labels); they are dropped. Other arrays are unchanged. Rows
+  of an eval batch's padding ('weight' 0) do not count: they are never scored.
   """
   mask = batch.get('attention_mask')
   if not buckets or mask is None:
     return batch
   max_length = mask.shape[1]
+  if 'weight' in batch:
+    mask = mask[batch['weight'] > 0]
   used = np.flatnonzero(mask.any(axis=0))
   longest = int(used[-1]) + 1 if used.size else 1
   length = next((b for b in buckets if b >= longest), max_length)
