@@ -13,6 +13,7 @@ jitted init / load time through the rules table.
 """
 
 from collections.abc import Callable
+import math
 from typing import Any
 
 import flax
@@ -24,7 +25,7 @@ Axes = tuple[str | None, ...]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Exact GELU through erf, as torch computes it: jax.nn.gelu(approximate=False) goes through
-    # erfc, which XLA CPU evaluates ~5x slower (~15% of a BERT step's elementwise time).
+    # erfc, which XLA CPU evaluates ~5x slower (a MiniLM step at 32 x 128: 2.62 -> 2.39 s).
     'gelu': lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))),
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_fast': lambda x: jax.nn.gelu(x, approximate=True),
@@ -108,17 +109,14 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   `jax.random.bernoulli` runs threefry (20 rounds of 32-bit ops) per element, which cost ~7% of
   a BERT training step on CPU. Here `key`'s own two 32-bit words are the seeds (a threefry or
   rbg key is already the output of a hash: `fold_in`/`split`) and each element hashes its flat
-  index with them: two rounds of MurmurHash3's finaliser, a
-  handful of integer ops that XLA fuses into the masking. For a fixed key the map from index
+  index with them: two rounds of MurmurHash3's finaliser, a handful of integer ops that XLA
+  fuses into the masking. For a fixed key the map from index
   to hash is a bijection, so the masks are exactly as uniform as the counter; different keys
   (steps, layers) give unrelated masks. The index is the global one, so a sharded array draws
   the same mask on every mesh.
   """
   seeds = _seeds(key)
-  size = 1
-  for dim in shape:
-    size *= dim
-  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   h = _mix32(index * jnp.uint32(0x9E3779B1) + seeds[0])
   h = _mix32(h ^ seeds[1])
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
