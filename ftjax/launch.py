@@ -6,8 +6,9 @@ Two things cannot be chosen from inside a running training loop:
   each step's scratch memory afresh (a MiniLM step at 32 x 128 tokens: ~1.6 GiB, ~350,000 page
   faults per step with 4 KiB pages). With this tunable glibc's malloc asks for transparent huge
   pages (`madvise`), which cuts the faults to ~1,000. What that buys depends on the machine: a
-  MiniLM step ran 1.37x faster with it on a 2-core AMD EPYC (Zen 5) VM, and 0-15% slower on a
-  2-core Intel Xeon VM (same faults saved; measured with scripts/bench/speed.py --env). So it is
+  MiniLM step ran 1.37x faster with it on a 2-core AMD EPYC (Zen 5) VM (measured when issue 6
+  was filed), and 0-15% slower on a 2-core Intel Xeon VM (same faults saved; A/B runs of the
+  step benchmark with and without the variable; `speed.py --env` compares the two). So it is
   on by default on AMD CPUs only; `FTJAX_HUGEPAGES=1` or `0` forces it on or off. glibc reads
   tunables only at process start, so the command-line entry point re-executes itself once with
   the variable set (`ensure_process_env`).
