@@ -217,7 +217,7 @@ class BertSelfAttention(nnx.Module):
     )
     # Softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
     logits_BxHxLxL = logits_BxHxLxL * (self.head_dim**-0.5) + mask_bias_Bx1x1xL
-    probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(self.dtype)
+    probs_BxHxLxL = layers.softmax(logits_BxHxLxL, self.dtype)
     probs_BxHxLxL = self.dropout(probs_BxHxLxL, deterministic=deterministic, rngs=rngs)
     out_BxLxHxK = jnp.einsum('bhqs,bshk->bqhk', probs_BxHxLxL, v_BxLxHxK)
     return dense(self.out, out_BxLxHxK.reshape(batch, seq_len, self.num_heads * self.head_dim),

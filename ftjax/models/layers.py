@@ -13,6 +13,7 @@ jitted init / load time through the rules table.
 """
 
 from collections.abc import Callable
+import functools
 import math
 from typing import Any
 
@@ -23,10 +24,33 @@ import jax.numpy as jnp
 
 Axes = tuple[str | None, ...]
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), through erf as torch computes it; its backward keeps only `x`.
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA CPU evaluates ~5x slower (a
+  MiniLM step at 32 x 128: 2.62 -> 2.39 s). Differentiated as written, the expression would
+  also store two more [tokens, FFN] intermediates per layer for the backward pass; the custom
+  derivative Phi(x) + x * phi(x) recomputes them from `x` (in float32) instead.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * 2**-0.5))
+  pdf = jnp.exp(-0.5 * x32 * x32) * (2 * math.pi)**-0.5
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # Exact GELU through erf, as torch computes it: jax.nn.gelu(approximate=False) goes through
-    # erfc, which XLA CPU evaluates ~5x slower (a MiniLM step at 32 x 128: 2.62 -> 2.39 s).
-    'gelu': lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))),
+    'gelu': gelu,
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_fast': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
@@ -60,10 +84,61 @@ def linear(in_features: int, out_features: int, axes: Axes, *, std: float, dtype
   )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32."""
+  return _normalize_fwd(x, scale, bias, eps)[0]
+
+
+def _normalize_fwd(x, scale, bias, eps):
+  # The same operations, in the same order, as flax's two-pass LayerNorm (bit-identical output).
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+  y = (x - mean) * (rstd * scale)
+  if bias is not None:
+    y = y + bias
+  # Only the input and two statistics per token are kept for the backward pass (autodiff of
+  # the expression above stores three float32 copies of the [B, L, D] stream per LayerNorm).
+  return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _normalize_bwd(eps, residuals, g):
+  del eps
+  x, mean, rstd, scale, bias = residuals
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  g32 = g.astype(jnp.float32)
+  over_tokens = tuple(range(x.ndim - 1))
+  d_scale = jnp.sum(g32 * xhat, over_tokens).astype(scale.dtype)
+  d_bias = None if bias is None else jnp.sum(g32, over_tokens).astype(bias.dtype)
+  gs = g32 * scale.astype(jnp.float32)
+  dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), d_scale, d_bias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """`nnx.LayerNorm` over the last axis with a hand-written backward pass (less memory).
+
+  Same parameters, same forward values; the backward pass keeps the input and per-token mean and
+  1/std instead of the full-size float32 intermediates autodiff would store.
+  """
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    if mask is not None or self.reduction_axes not in (-1, (-1,)) or self.use_fast_variance:
+      return super().__call__(x, mask=mask)
+    scale = self.scale[...] if self.scale else jnp.ones((x.shape[-1],), jnp.float32)
+    bias = self.bias[...] if self.bias else None
+    x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+    return _normalize(x, scale, bias, self.epsilon).astype(self.dtype or x.dtype)
+
+
 def layer_norm(features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
-               use_bias: bool = True) -> nnx.LayerNorm:
+               use_bias: bool = True) -> LayerNorm:
   """LayerNorm over the residual stream, statistics in float32 as torch computes them."""
-  return nnx.LayerNorm(
+  return LayerNorm(
       features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias,
       # The two-pass variance matches torch; the fast one drifts past parity tolerances.
       use_fast_variance=False,
@@ -239,6 +314,31 @@ def advance(cache: KVCache | None, length: int) -> KVCache | None:
   return None if cache is None else cache.replace(index=cache.index + length)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(logits: jax.Array, dtype: Any) -> jax.Array:
+  """Softmax over the last axis of float32 `logits`, returned (and kept for backward) in `dtype`.
+
+  In bfloat16 this keeps the [B, H, L, S] probabilities once, in bfloat16, where autodiff of
+  `jax.nn.softmax(logits).astype(dtype)` would keep a float32 copy as well; the backward pass
+  runs in float32 either way. In float32 it is jax.nn.softmax.
+  """
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _softmax_fwd(logits, dtype):
+  probs = softmax(logits, dtype)
+  return probs, probs
+
+
+def _softmax_bwd(dtype, probs, g):
+  del dtype
+  p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  return (p * (g - jnp.sum(p * g, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
            bias_Bx1xLxS: jax.Array, *, dtype: Any, scale: float | None = None,
            dropout: 'Dropout | None' = None, deterministic: bool = True,
@@ -265,7 +365,7 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
   scale = head_dim**-0.5 if scale is None else scale
   logits_BxGxRxLxS = (logits.reshape(batch, groups, repeats, length, size) * scale
                       + bias_Bx1xLxS[:, :, None])
-  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(dtype)
+  probs = softmax(logits_BxGxRxLxS, dtype)
   if dropout is not None:
     probs = dropout(probs, deterministic=deterministic, rngs=rngs)
   out_BxGxRLxK = jnp.einsum('bgqs,bgsk->bgqk',
