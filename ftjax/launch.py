@@ -9,9 +9,9 @@ Two things cannot be chosen from inside a running training loop:
   MiniLM step ran 1.37x faster with it on a 2-core AMD EPYC (Zen 5) VM (measured when issue 6
   was filed), and made no consistent difference on a 2-core Intel Xeon VM (same faults saved;
   between 15% slower and 6% faster over A/B runs of the step in two sessions; `speed.py --env`
-  compares the two). So it is on by default on AMD CPUs only; `FTJAX_HUGEPAGES=1` or `0` forces it on or off. glibc reads
-  tunables only at process start, so the command-line entry point re-executes itself once with
-  the variable set (`ensure_process_env`).
+  compares the two). So it is on by default on AMD CPUs only; `FTJAX_HUGEPAGES=1` or `0`
+  forces it on or off. glibc reads tunables only at process start, so the command-line entry
+  point re-executes itself once with the variable set (`ensure_process_env`).
 * **The persistent compilation cache**: the compiled train and eval steps are written to
   `$FTJAX_COMPILATION_CACHE` (default `~/.cache/ftjax/xla`; `0` or an empty value turns it off),
   so a rerun, a resume or a sweep over learning rates skips XLA compilation, most of the time to

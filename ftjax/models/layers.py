@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 Axes = tuple[str | None, ...]
 
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU, x * Phi(x), through erf as torch computes it; its backward keeps only `x`.
@@ -132,7 +133,7 @@ class LayerNorm(nnx.LayerNorm):
     scale = self.scale[...] if self.scale else jnp.ones((x.shape[-1],), jnp.float32)
     bias = self.bias[...] if self.bias else None
     x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
-    return _normalize(x, scale, bias, self.epsilon).astype(self.dtype or x.dtype)
+    return _normalize(x, scale, bias, self.epsilon)
 
 
 def layer_norm(features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
