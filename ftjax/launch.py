@@ -40,7 +40,7 @@ def _glibc_supports_hugetlb() -> bool:
   return (major, minor) >= (2, 35)
 
 
-def _cpuinfo(field: str) -> str:
+def cpuinfo(field: str) -> str:
   """The first value of `field` in /proc/cpuinfo ('' where there is none)."""
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
@@ -53,12 +53,12 @@ def _cpuinfo(field: str) -> str:
 
 
 def _cpu_vendor() -> str:
-  return _cpuinfo('vendor_id')
+  return cpuinfo('vendor_id')
 
 
 def describe_cpu() -> str:
   """'model name, N cores': how benchmarks name the machine they measured."""
-  return f'{_cpuinfo("model name") or platform.machine()}, {os.cpu_count()} cores'
+  return f'{cpuinfo("model name") or platform.machine()}, {os.cpu_count()} cores'
 
 
 def hugepages_wanted(env: dict[str, str] | None = None) -> bool:

@@ -416,15 +416,8 @@ def _child_envs(mode: str) -> dict[str, dict[str, str]]:
 
 
 def _machine() -> dict:
-  cpu, flags = 'unknown CPU', set()
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name') and cpu == 'unknown CPU':
-        cpu = line.split(':', 1)[1].strip()
-      elif line.startswith('flags') and not flags:
-        flags = set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
+  from ftjax import launch  # pylint: disable=g-import-not-at-top
+  cpu, flags = launch.cpuinfo('model name') or 'unknown CPU', set(launch.cpuinfo('flags').split())
   versions = {}
   for package in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'transformers', 'peft'):
     try:
