@@ -212,16 +212,10 @@ class BertSelfAttention(nnx.Module):
           [jnp.broadcast_to(t_PxHxK.astype(t.dtype), (batch, *t_PxHxK.shape)), t], axis=1)
       k_BxLxHxK = widen(prefix_kv[0], k_BxLxHxK)
       v_BxLxHxK = widen(prefix_kv[1], v_BxLxHxK)
-    logits_BxHxLxL = jnp.einsum(
-        'bqhk,bshk->bhqs', q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32
-    )
-    # Softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
-    logits_BxHxLxL = logits_BxHxLxL * (self.head_dim**-0.5) + mask_bias_Bx1x1xL
-    probs_BxHxLxL = layers.softmax(logits_BxHxLxL, self.dtype)
-    probs_BxHxLxL = self.dropout(probs_BxHxLxL, deterministic=deterministic, rngs=rngs)
-    out_BxLxHxK = jnp.einsum('bhqs,bshk->bqhk', probs_BxHxLxL, v_BxLxHxK)
-    return dense(self.out, out_BxLxHxK.reshape(batch, seq_len, self.num_heads * self.head_dim),
-                 kw)
+    out_BxLxHK = layers.attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_bias_Bx1x1xL,
+                               dtype=self.dtype, scale=self.head_dim**-0.5,
+                               dropout=self.dropout, **kw)
+    return dense(self.out, out_BxLxHK, kw)
 
 
 class BertLayer(nnx.Module):

@@ -25,6 +25,24 @@ import jax.numpy as jnp
 Axes = tuple[str | None, ...]
 
 
+def _after(g: jax.Array, *residuals: jax.Array) -> tuple[jax.Array, ...]:
+  """`residuals` made to depend on the cotangent `g`, for a backward pass that recomputes from them.
+
+  Without this, XLA merges a backward pass's recomputation with the forward's identical ops
+  (common-subexpression elimination) and keeps the forward's intermediates alive until the
+  backward pass: the memory the recomputation was meant to save (in a MiniLM LoRA step,
+  32 x 128 tokens in bfloat16, XLA's scratch memory was 1,019 MiB with plain residuals and
+  467 MiB with these). An optimization barrier over (residuals, g) prevents it on GPU and TPU,
+  as in `jax.checkpoint`; XLA:CPU drops barriers before CSE, so there `0 * g[0]` is added
+  instead: zero, but not provably so to XLA (it is NaN when g[0] is not finite, and the
+  gradient is then not finite either).
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.lax.optimization_barrier((residuals, g))[0]
+  zero = jax.lax.stop_gradient(g.reshape(-1)[0]) * 0
+  return tuple(r + zero.astype(r.dtype) for r in residuals)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU, x * Phi(x), through erf as torch computes it; its backward keeps only `x`.
@@ -42,7 +60,7 @@ def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-  x32 = x.astype(jnp.float32)
+  x32 = _after(g, x)[0].astype(jnp.float32)
   cdf = 0.5 * (1.0 + jax.lax.erf(x32 * 2**-0.5))
   pdf = jnp.exp(-0.5 * x32 * x32) * (2 * math.pi)**-0.5
   return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
@@ -107,6 +125,7 @@ def _normalize_fwd(x, scale, bias, eps):
 def _normalize_bwd(eps, residuals, g):
   del eps
   x, mean, rstd, scale, bias = residuals
+  x, mean, rstd = _after(g, x, mean, rstd)
   xhat = (x.astype(jnp.float32) - mean) * rstd
   g32 = g.astype(jnp.float32)
   over_tokens = tuple(range(x.ndim - 1))
@@ -191,7 +210,11 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   (steps, layers) give unrelated masks. The index is the global one, so a sharded array draws
   the same mask on every mesh.
   """
-  seeds = _seeds(key)
+  return _keep(_seeds(key), shape, rate)
+
+
+def _keep(seeds: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """`keep_mask` from the key's two uint32 seeds (what the attention's backward pass keeps)."""
   index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   h = _mix32(index * jnp.uint32(0x9E3779B1) + seeds[0])
   h = _mix32(h ^ seeds[1])
@@ -204,22 +227,30 @@ class Dropout(nnx.Dropout):
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    deterministic = self.deterministic if deterministic is None else deterministic
-    if deterministic is None:
-      raise ValueError('Dropout needs `deterministic` (at construction or call time)')
-    if self.rate == 0.0 or deterministic:
+    if self.drops_nothing(deterministic):
       return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
-    rngs = self.rngs if rngs is None else rngs
-    if rngs is None:
-      raise ValueError('Dropout with deterministic=False needs `rngs` with a dropout stream')
-    key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
-        rngs() if isinstance(rngs, nnx.RngStream) else rngs)
+    key = self.draw_key(rngs)
     shape = tuple(1 if i in self.broadcast_dims else d for i, d in enumerate(inputs.shape))
     keep = jnp.broadcast_to(keep_mask(key, shape, self.rate), inputs.shape)
     scale = jnp.asarray(1.0 / (1.0 - self.rate), inputs.dtype)
     return jnp.where(keep, inputs * scale, jnp.zeros((), inputs.dtype))
+
+  def drops_nothing(self, deterministic: bool | None) -> bool:
+    """Whether a call with this `deterministic` returns its input unchanged."""
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic is None:
+      raise ValueError('Dropout needs `deterministic` (at construction or call time)')
+    return self.rate == 0.0 or deterministic
+
+  def draw_key(self, rngs: nnx.Rngs | None) -> jax.Array:
+    """The key of one call's mask, from the call's `rngs` or the module's own."""
+    rngs = self.rngs if rngs is None else rngs
+    if rngs is None:
+      raise ValueError('Dropout with deterministic=False needs `rngs` with a dropout stream')
+    return rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
+        rngs() if isinstance(rngs, nnx.RngStream) else rngs)
 
 
 def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
@@ -315,31 +346,6 @@ def advance(cache: KVCache | None, length: int) -> KVCache | None:
   return None if cache is None else cache.replace(index=cache.index + length)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def softmax(logits: jax.Array, dtype: Any) -> jax.Array:
-  """Softmax over the last axis of float32 `logits`, returned (and kept for backward) in `dtype`.
-
-  In bfloat16 this keeps the [B, H, L, S] probabilities once, in bfloat16, where autodiff of
-  `jax.nn.softmax(logits).astype(dtype)` would keep a float32 copy as well; the backward pass
-  runs in float32 either way. In float32 it is jax.nn.softmax.
-  """
-  return jax.nn.softmax(logits, axis=-1).astype(dtype)
-
-
-def _softmax_fwd(logits, dtype):
-  probs = softmax(logits, dtype)
-  return probs, probs
-
-
-def _softmax_bwd(dtype, probs, g):
-  del dtype
-  p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
-  return (p * (g - jnp.sum(p * g, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
 def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
            bias_Bx1xLxS: jax.Array, *, dtype: Any, scale: float | None = None,
            dropout: 'Dropout | None' = None, deterministic: bool = True,
@@ -347,10 +353,12 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
   """Scaled dot-product attention with grouped-query heads; returns [B, L, H * K].
 
   H query heads share G key/value heads (H % G == 0): query head h reads kv head h // (H / G),
-  as `transformers`' repeat_kv lays them out. Logits and softmax are float32.
+  as `transformers`' repeat_kv lays them out. Logits and softmax are float32; `bias_Bx1xLxS`
+  (float32, added to the logits) may broadcast over B, L or S (e.g. a [B, 1, 1, S] padding mask).
+  `dropout` drops attention probabilities, as BERT-style models do.
   """
   batch, length, heads, head_dim = q_BxLxHxK.shape
-  size, groups = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  groups = k_BxSxGxK.shape[2]
   repeats = heads // groups
   # Heads-major operands, [B, G, R * L, K] and [B, G, S, K]: batch dims first and the contracted
   # head_dim last, the layout XLA's batched matmul takes without copying the operands again
@@ -361,18 +369,97 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
       0, 2, 3, 1, 4).reshape(batch, groups, repeats * length, head_dim)
   k_BxGxSxK = k_BxSxGxK.astype(q_BxLxHxK.dtype).transpose(0, 2, 1, 3)
   v_BxGxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
-  logits = jnp.einsum('bgqk,bgsk->bgqs', q_BxGxRLxK, k_BxGxSxK,
-                      preferred_element_type=jnp.float32)
   scale = head_dim**-0.5 if scale is None else scale
-  logits_BxGxRxLxS = (logits.reshape(batch, groups, repeats, length, size) * scale
-                      + bias_Bx1xLxS[:, :, None])
-  probs = softmax(logits_BxGxRxLxS, dtype)
-  if dropout is not None:
-    probs = dropout(probs, deterministic=deterministic, rngs=rngs)
-  out_BxGxRLxK = jnp.einsum('bgqs,bgsk->bgqk',
-                            probs.reshape(batch, groups, repeats * length, size), v_BxGxSxK)
+  rate, seeds = 0.0, jnp.zeros((2,), jnp.uint32)
+  if dropout is not None and not dropout.drops_nothing(deterministic):
+    if dropout.rate == 1.0:
+      return jnp.zeros((batch, length, heads * head_dim), dtype)
+    rate, seeds = dropout.rate, _seeds(dropout.draw_key(rngs))
+  out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK,
+                            bias_Bx1xLxS.astype(jnp.float32)[:, :, None], seeds,
+                            repeats, scale, rate, dtype)
   return out_BxGxRLxK.reshape(batch, groups, repeats, length, head_dim).transpose(
       0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
+
+
+def _scores(q, k, bias, repeats, scale):
+  """Float32 logits [B, G, R, L, S] of heads-major q [B, G, R * L, K] and k [B, G, S, K]."""
+  batch, groups, rows, _ = q.shape
+  logits = jnp.einsum('bgqk,bgsk->bgqs', q, k, preferred_element_type=jnp.float32)
+  return logits.reshape(batch, groups, repeats, rows // repeats, k.shape[2]) * scale + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, bias, seeds, repeats, scale, rate, dtype):
+  """softmax(q k^T * scale + bias) v on heads-major operands, with dropout on the probabilities.
+
+  Autodiff would keep the [B, G, R, L, S] probabilities, their dropped copy and the keep-mask
+  for the backward pass: three full-size tensors per layer (in bfloat16, 30 MiB per MiniLM layer
+  at 32 x 128 tokens). This keeps only the softmax's per-row maximum and normaliser ([B, G, R, L]
+  float32) and recomputes the logits (one more q k^T matmul), the probabilities (bit-identical
+  to the forward's) and the hash-based mask in the backward pass, the way flash attention does
+  (without its tiling: XLA materialises one layer's [B, G, R, L, S] at a time).
+
+  Args:
+    q: [B, G, R * L, K] queries, R query heads per key/value head stacked along the query axis.
+    k: [B, G, S, K] keys, in q's dtype.
+    v: [B, G, S, K] values, in `dtype`.
+    bias: float32, broadcastable to [B, G, R, L, S], added to the scaled logits.
+    seeds: uint32 [2], the dropout key's seeds (`_seeds`); unused when `rate` is 0.
+    repeats: R.
+    scale: the logits' scale (usually K ** -0.5).
+    rate: dropout rate of the probabilities, in [0, 1).
+    dtype: dtype of the probabilities and the output.
+
+  Returns:
+    [B, G, R * L, K] in `dtype`.
+  """
+  return _attention_fwd(q, k, v, bias, seeds, repeats, scale, rate, dtype)[0]
+
+
+def _probs(logits, maximum, normaliser, seeds, rate, dtype):
+  """The (dropped) probabilities in `dtype` and the float32 ones, from the softmax's statistics."""
+  probs = jnp.exp(logits - maximum) / normaliser
+  if not rate:
+    return probs.astype(dtype), probs, None
+  keep = _keep(seeds, logits.shape, rate)
+  dropped = probs.astype(dtype)
+  dropped = jnp.where(keep, dropped * jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.zeros((), dtype))
+  return dropped, probs, keep
+
+
+def _attention_fwd(q, k, v, bias, seeds, repeats, scale, rate, dtype):
+  logits = _scores(q, k, bias, repeats, scale)
+  maximum = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  normaliser = jnp.sum(jnp.exp(logits - maximum), axis=-1, keepdims=True)
+  dropped, _, _ = _probs(logits, maximum, normaliser, seeds, rate, dtype)
+  out = jnp.einsum('bgqs,bgsk->bgqk', dropped.reshape(*q.shape[:3], k.shape[2]), v)
+  return out, (q, k, v, bias, seeds, maximum, normaliser)
+
+
+def _attention_bwd(repeats, scale, rate, dtype, residuals, g):
+  q, k, v, bias, seeds, maximum, normaliser = residuals
+  q, k, bias, maximum, normaliser = _after(g, q, k, bias, maximum, normaliser)
+  logits = _scores(q, k, bias, repeats, scale)
+  dropped, probs, keep = _probs(logits, maximum, normaliser, seeds, rate, dtype)
+  flat = lambda t: t.reshape(*q.shape[:3], k.shape[2])
+  # Every matmul takes operands of one dtype and accumulates in float32 (XLA CPU's fast path).
+  g = g.astype(dtype)
+  dv = jnp.einsum('bgqs,bgqk->bgsk', flat(dropped), g, preferred_element_type=jnp.float32)
+  d_dropped = jnp.einsum('bgqk,bgsk->bgqs', g, v, preferred_element_type=jnp.float32)
+  d_probs = d_dropped.reshape(logits.shape)
+  if rate:
+    d_probs = jnp.where(keep, d_probs * (1.0 / (1.0 - rate)), 0.0)
+  d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  d_bias = jnp.sum(d_logits, axis=tuple(i for i, n in enumerate(bias.shape) if n == 1),
+                   keepdims=True)
+  d_scores = flat(d_logits * scale).astype(q.dtype)
+  dq = jnp.einsum('bgqs,bgsk->bgqk', d_scores, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bgqs,bgqk->bgsk', d_scores, q, preferred_element_type=jnp.float32)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def run_block(block: nnx.Module, remat: bool, *args, **kwargs):
