@@ -40,6 +40,23 @@ def test_speed_benchmark_runs_both_frameworks_on_the_same_problem(tmp_path):
   assert (tmp_path / 'speed.md').read_text().count('| llama-lora | float32 |') == 1
 
 
+def test_lora_vs_full_runs_both_steps_alternately_in_one_process(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'speed.json'
+  _run('speed.py', '--quick', '--lora-vs-full', '--dtypes=float32', '--steps=3', f'--out={out}')
+  result = json.loads((tmp_path / 'speed_lora_vs_full.json').read_text())
+  assert 0.5 < result['flop_ratio'] < 0.75  # 2/3 of the dense matmuls, all of attention's.
+  assert {(r['framework'], r['dtype']) for r in result['rows']} == {('ftjax', 'float32'),
+                                                                    ('torch', 'float32')}
+  for row in result['rows']:
+    times = row['step_times']
+    assert len(times['minilm-lora']) == len(times['minilm-full']) == 3
+    assert row['ratio'] == pytest.approx(row['lora_s'] / row['full_s'])
+    lora, full = row['trainable']['minilm-lora'], row['trainable']['minilm-full']
+    assert lora == 74_883 and full > 22_000_000
+  assert (tmp_path / 'speed_lora_vs_full.md').read_text().count('| float32 |') == 2
+
+
 def test_pipeline_benchmark_reports_batches_and_steps(tmp_path):
   out = tmp_path / 'pipeline.json'
   _run('pipeline.py', '--quick', f'--out={out}')

@@ -3,6 +3,7 @@ r"""Training speed of ftjax against PyTorch + transformers + PEFT: one run, one 
   .venv/bin/python scripts/bench/speed.py                     # every workload, float32 + bfloat16
   .venv/bin/python scripts/bench/speed.py --workloads=llama-lora --llama-size=1b   # a GPU machine
   .venv/bin/python scripts/bench/speed.py --quick             # smoke run: tiny sizes, seconds each
+  .venv/bin/python scripts/bench/speed.py --lora-vs-full      # LoRA's step cost against full's
 
 Workloads (random token batches, identical for both frameworks; the same weights for both):
 
@@ -50,6 +51,11 @@ synchronised (block_until_ready / cuda.synchronize). Per row:
                  rounds (plus the accelerator's peak allocation on a GPU)
   loss           after the last step of the last round; trainable = parameters the optimizer
                  updates
+
+`--lora-vs-full` measures instead what a LoRA step costs against a full fine-tuning step (MiniLM):
+one process per framework and dtype builds both steps and runs them alternately (`pair`), so the
+ratio is free of the drift between processes; it reports the ratio of the medians and the median
+of the ratios of neighbouring steps, next to the ratio of their matmul FLOPs.
 
 MFU = model FLOPs per step / median step time / the machine's matmul peak of that dtype, the
 peak measured at the start of the run in its own fresh process: the median time of a jitted
@@ -169,13 +175,13 @@ def _timed(step, batches: list, steps: int, sync) -> tuple[list[float], object]:
   return times, out
 
 
-def train_ftjax(spec: dict) -> dict:
-  """ftjax's train step: loaded and set up as the training loop does it."""
+def _setup_ftjax(spec: dict) -> tuple:
+  """ftjax's train step, loaded and set up as the training loop does it: (step, sync, batches,
+  info), where step(batch) runs one step and sync(step's output) waits for it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ftjax import configs, hub, optim, params, peft, steps, tasks  # pylint: disable=g-import-not-at-top
-  imported = time.perf_counter()
   jax.config.update('jax_enable_compilation_cache', False)  # A cold compile in every process.
   family, strategy = WORKLOADS[spec['workload']]
   if family == 'minilm':
@@ -213,24 +219,35 @@ def train_ftjax(spec: dict) -> dict:
     return holder['state'], metrics
 
   sync = lambda out: jax.block_until_ready(out)[1]
+  info = {'trainable': int(sum(x.size for x in jax.tree.leaves(trainable))),
+          'params': num_params, 'base_params': base_params,
+          'device': str(jax.devices()[0].device_kind)}
+  return step, sync, batches, info
+
+
+def train_ftjax(spec: dict) -> dict:
+  """ftjax's train step, timed (module docstring)."""
+  # Everything `_setup_ftjax` imports, before the clock starts: imports are reported apart.
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  from ftjax import configs, hub, optim, params, peft, steps, tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  imported = time.perf_counter()
+  step, sync, batches, info = _setup_ftjax(spec)
   sync(step(batches[0]))
   first = time.perf_counter() - imported
   times, metrics = _timed(step, batches, spec['steps'], sync)
   stats = jax.devices()[0].memory_stats() or {}
   return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'step_times': times,
           'loss': float(metrics['loss']), 'peak_mib': _peak_mib(),
-          'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2**20 or None,
-          'trainable': int(sum(x.size for x in jax.tree.leaves(trainable))),
-          'params': num_params, 'base_params': base_params,
-          'device': str(jax.devices()[0].device_kind)}
+          'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2**20 or None, **info}
 
 
-def train_torch(spec: dict) -> dict:
-  """The same step the way a transformers + PEFT user writes it (eager)."""
+def _setup_torch(spec: dict) -> tuple:
+  """The same step the way a transformers + PEFT user writes it (eager): (step, sync, batches,
+  info) as `_setup_ftjax`."""
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  imported = time.perf_counter()
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   family, strategy = WORKLOADS[spec['workload']]
   torch.manual_seed(0)
@@ -290,17 +307,49 @@ def train_torch(spec: dict) -> dict:
       torch.cuda.synchronize()
     return loss
 
+  info = {'trainable': int(sum(p.numel() for p in trainable)),
+          'params': int(sum(p.numel() for p in modules.parameters())),
+          'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
+          'threads': torch.get_num_threads()}
+  return step, sync, batches, info
+
+
+def train_torch(spec: dict) -> dict:
+  """torch's train step, timed (module docstring)."""
+  import peft  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  imported = time.perf_counter()
+  step, sync, batches, info = _setup_torch(spec)
   sync(step(batches[0]))
   first = time.perf_counter() - imported
   times, loss = _timed(step, batches, spec['steps'], sync)
   return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'step_times': times,
           'loss': float(loss), 'peak_mib': _peak_mib(),
           'device_peak_mib': (torch.cuda.max_memory_allocated() / 2**20
-                              if device == 'cuda' else None),
-          'trainable': int(sum(p.numel() for p in trainable)),
-          'params': int(sum(p.numel() for p in modules.parameters())),
-          'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
-          'threads': torch.get_num_threads()}
+                              if torch.cuda.is_available() else None), **info}
+
+
+def pair(spec: dict) -> dict:
+  """Two workloads' steps built in one process and run alternately, one step each in turn.
+
+  Their ratio is then free of what moves between processes (the VM's drift, memory layout):
+  each pair of steps meets the same machine state. spec: framework, workloads (two), and the
+  rest of a timed child's spec.
+  """
+  setup = {'ftjax': _setup_ftjax, 'torch': _setup_torch}[spec['framework']]
+  built = {w: setup({**spec, 'workload': w}) for w in spec['workloads']}
+  for step, sync, batches, _ in built.values():
+    for i in range(WARMUP):
+      sync(step(batches[i % 2]))
+  times = {w: [] for w in built}
+  for i in range(spec['steps']):
+    for w in (list(built) if i % 2 == 0 else list(built)[::-1]):
+      step, sync, batches, _ = built[w]
+      t0 = time.perf_counter()
+      sync(step(batches[i % 2]))
+      times[w].append(time.perf_counter() - t0)
+  return {'step_times': times, 'trainable': {w: b[3]['trainable'] for w, b in built.items()}}
 
 
 def _median_time(fn, min_s: float, min_reps: int) -> float:
@@ -365,7 +414,7 @@ def write_llama(spec: dict) -> dict:
   return {'params': int(sum(p.numel() for p in model.parameters()))}
 
 
-CHILDREN = {'ftjax': train_ftjax, 'torch': train_torch, 'peak-jax': peak_jax,
+CHILDREN = {'ftjax': train_ftjax, 'torch': train_torch, 'pair': pair, 'peak-jax': peak_jax,
             'peak-torch': peak_torch, 'write-llama': write_llama}
 
 
@@ -548,6 +597,58 @@ def _markdown(result: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def lora_vs_full(args, machine: dict, envs: dict, dtypes: list[str], steps: int,
+                 shape: tuple[int, int], out: pathlib.Path, timeout: float | None) -> None:
+  """`--lora-vs-full`: one `pair` child per framework and dtype; a table of the step ratios."""
+  batch, length = shape
+  dims = model_dims('minilm-full', {})
+  flops = {w: step_flops(dims, WORKLOADS[w][1], batch, length)['step']
+           for w in ('minilm-lora', 'minilm-full')}
+  rows = []
+  try:
+    for dtype in dtypes:
+      for framework in FRAMEWORKS:
+        spec = {'framework': framework, 'workloads': ['minilm-lora', 'minilm-full'],
+                'dtype': dtype, 'checkpoint': _minilm_checkpoint(), 'batch': batch,
+                'length': length, 'vocab': 30522, 'steps': steps}
+        label = f'{framework} lora-vs-full {dtype}'
+        child = _run_child('pair', spec, envs[framework], label, out.parent, timeout)
+        lora, full = (child['step_times'][w] for w in ('minilm-lora', 'minilm-full'))
+        row = {'framework': framework, 'dtype': dtype, 'lora_s': statistics.median(lora),
+               'full_s': statistics.median(full),
+               # Each LoRA step over the full step run next to it, then the median.
+               'paired_ratio': statistics.median(a / b for a, b in zip(lora, full)),
+               'trainable': child['trainable'], 'step_times': child['step_times']}
+        row['ratio'] = row['lora_s'] / row['full_s']
+        rows.append(row)
+        print(f'{label}: LoRA {row["lora_s"]:.4g} s, full {row["full_s"]:.4g} s, ratio '
+              f'{row["ratio"]:.3f} (paired {row["paired_ratio"]:.3f})', file=sys.stderr,
+              flush=True)
+  except ChildFailed as e:
+    raise SystemExit(f'speed.py: {e}') from None
+  flop_ratio = flops['minilm-lora'] / flops['minilm-full']
+  lines = [f'LoRA (r={LORA_RANK}, query/value) against full fine-tuning, MiniLM, batch {batch} x '
+           f'{length}: both steps built in one process per framework and dtype, run '
+           f'alternately, {steps} timed steps each after {WARMUP} warm-up steps ({machine["cpu"]}, '
+           f'{machine["cores"]} cores). Matmul FLOPs: LoRA / full = {flop_ratio:.3f}.', '',
+           '| framework | dtype | LoRA s/step | full s/step | LoRA / full (medians) | '
+           'LoRA / full (paired steps) | trainable LoRA / full |',
+           '|:---|:---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f'| {r["framework"]} | {r["dtype"]} | {r["lora_s"]:.4g} | {r["full_s"]:.4g} | '
+                 f'{r["ratio"]:.3f} | {r["paired_ratio"]:.3f} | '
+                 f'{r["trainable"]["minilm-lora"]:,} / {r["trainable"]["minilm-full"]:,} |')
+  markdown = '\n'.join(lines) + '\n'
+  target = out.with_name(out.stem + '_lora_vs_full.json')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(json.dumps({'machine': machine, 'flop_ratio': flop_ratio, 'rows': rows,
+                                'settings': {'batch': batch, 'length': length, 'steps': steps,
+                                             'quick': args.quick}}, indent=1) + '\n')
+  target.with_suffix('.md').write_text(markdown)
+  print(markdown, end='')
+  print(f'wrote {target} and {target.with_suffix(".md")}', file=sys.stderr)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workloads', default=','.join(WORKLOADS),
@@ -571,6 +672,10 @@ def main() -> None:
                       'for ftjax only (own), for neither (plain)')
   parser.add_argument('--quick', action='store_true',
                       help='smoke run: batch 4 x 16, 2 steps, 1 round, a 2-layer tiny Llama')
+  parser.add_argument('--lora-vs-full', action='store_true',
+                      help='instead of the table: the cost of a MiniLM LoRA step against a full '
+                      'fine-tuning step, both built in one process per framework and dtype and '
+                      'run alternately')
   parser.add_argument('--child', choices=tuple(CHILDREN), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -611,6 +716,9 @@ def main() -> None:
     log(f'warning: load average {machine["loadavg_start"][0]:.1f} at the start: other work '
         'shares the cores, so the timings will be noisy (torch\'s OpenMP threads suffer most)')
 
+  if args.lora_vs_full:
+    lora_vs_full(args, machine, envs, dtypes, steps, shapes['minilm'], out, timeout)
+    return
   result = {'machine': machine,
             'env': {'mode': args.env, **{f: {k: e[k] for k in ENV_VARS if k in e}
                                          for f, e in envs.items()}},
