@@ -395,10 +395,11 @@ def _attention(q, k, v, bias, seeds, repeats, scale, rate, dtype):
 
   Autodiff would keep the [B, G, R, L, S] probabilities, their dropped copy and the keep-mask
   for the backward pass: three full-size tensors per layer (in bfloat16, 30 MiB per MiniLM layer
-  at 32 x 128 tokens). This keeps only the softmax's per-row maximum and normaliser ([B, G, R, L]
-  float32) and recomputes the logits (one more q k^T matmul), the probabilities (bit-identical
-  to the forward's) and the hash-based mask in the backward pass, the way flash attention does
-  (without its tiling: XLA materialises one layer's [B, G, R, L, S] at a time).
+  at 32 x 128 tokens). Besides q, k and v, this keeps only the softmax's per-row maximum and
+  normaliser ([B, G, R, L, 1] float32) and recomputes the logits (one more q k^T matmul), the
+  probabilities (bit-identical to the forward's) and the hash-based mask in the backward pass,
+  the way flash attention does (without its tiling: XLA materialises one layer's
+  [B, G, R, L, S] at a time).
 
   Args:
     q: [B, G, R * L, K] queries, R query heads per key/value head stacked along the query axis.
