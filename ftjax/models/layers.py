@@ -431,7 +431,7 @@ def _probs(logits, maximum, normaliser, seeds, rate, dtype):
 
 def _attention_fwd(q, k, v, bias, seeds, repeats, scale, rate, dtype):
   logits = _scores(q, k, bias, repeats, scale)
-  maximum = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  maximum = jnp.max(logits, axis=-1, keepdims=True)
   normaliser = jnp.sum(jnp.exp(logits - maximum), axis=-1, keepdims=True)
   dropped, _, _ = _probs(logits, maximum, normaliser, seeds, rate, dtype)
   out = jnp.einsum('bgqs,bgsk->bgqk', dropped.reshape(*q.shape[:3], k.shape[2]), v)
