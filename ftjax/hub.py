@@ -26,6 +26,7 @@ import safetensors.numpy
 from ftjax import models
 from ftjax import parallel
 from ftjax import tasks as tasks_lib
+from ftjax.models import layers
 from ftjax.errors import FtjaxError
 
 CONFIG_NAME = 'config.json'
@@ -493,7 +494,7 @@ def load_model(
     config = config.with_dropout(dropout)
 
   def build() -> nnx.Module:
-    rngs = nnx.Rngs(seed)
+    rngs = layers.rngs(seed)
     backbone = family.model_cls(config, dtype=compute_dtype, rngs=rngs)
     backbone.remat = remat
     return task_spec.build_head(backbone, kind=family.kind, num_labels=num_labels,
@@ -520,7 +521,7 @@ def load_encoder(
   has_pooler = any('pooler.' in name for name, _, _ in iter_tensors(directory))
 
   def build() -> nnx.Module:
-    backbone = family.model_cls(config, dtype=compute_dtype, rngs=nnx.Rngs(seed))
+    backbone = family.model_cls(config, dtype=compute_dtype, rngs=layers.rngs(seed))
     if not has_pooler and getattr(backbone, 'pooler', None) is not None:
       backbone.pooler = None
     return backbone

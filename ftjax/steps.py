@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from ftjax import parallel
+from ftjax.models import layers
 
 Batch = dict[str, jax.Array]
 
@@ -46,7 +47,7 @@ def train_step(state: TrainState, batch: Batch, rest, *, graphdef, tx: optax.Gra
 
   def sums(params, micro: Batch, micro_key):
     model = nnx.merge(graphdef, params, rest)
-    logits = task.forward(model, micro, deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
+    logits = task.forward(model, micro, deterministic=False, rngs=layers.rngs(dropout=micro_key))
     losses, weights, correct = task.losses(logits, micro)
     correct_sum = jnp.sum(correct * weights) if has_accuracy else jnp.zeros(())
     return jnp.sum(losses * weights), (jnp.sum(weights), correct_sum)

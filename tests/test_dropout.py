@@ -1,4 +1,4 @@
-"""The hash-based dropout mask: the right keep rate, independent across elements and keys."""
+"""Randomness: the hash-based dropout mask (keep rate, independence) and the host-counted Rngs."""
 
 from flax import nnx
 import jax
@@ -46,3 +46,24 @@ def test_broadcast_dims_share_the_mask():
   dropout = layers.Dropout(0.5, broadcast_dims=(0,))
   y = np.asarray(dropout(jnp.ones((8, 300)), deterministic=False, rngs=nnx.Rngs(dropout=0)))
   assert (y == y[0]).all() and 0 < (y[0] != 0).mean() < 1
+
+
+def test_host_counted_rngs_draw_the_keys_of_nnx_rngs():
+  """`layers.rngs` (used to build models and in the train step) changes no key drawn."""
+
+  def draws(make, key):
+    streams = make(0, dropout=key)
+    return jnp.stack([jax.random.key_data(k) for k in (
+        streams.params(), streams.dropout(), streams.params(), streams(), streams.dropout())])
+
+  key = jax.random.key(7)
+  expected = draws(nnx.Rngs, key)
+  assert len(np.unique(np.asarray(expected).reshape(5, -1), axis=0)) == 5  # All different.
+  np.testing.assert_array_equal(draws(layers.rngs, key), expected)
+  # Traced (jit) and in a trace that is kept and run later: each draw its own count.
+  np.testing.assert_array_equal(jax.jit(lambda k: draws(layers.rngs, k))(key), expected)
+  assert jax.eval_shape(lambda k: draws(layers.rngs, k), key).shape == expected.shape
+  # The counter stays on the host inside a trace: no traced update reaches it.
+  seen = []
+  jax.jit(lambda k: seen.append(type(layers.rngs(dropout=k).dropout.count.get_value())) or 0)(key)
+  assert seen == [np.ndarray]

@@ -21,6 +21,7 @@ import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axes = tuple[str | None, ...]
 
@@ -83,6 +84,34 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # Added to float32 attention logits of masked keys; finfo.min (not -inf) keeps a fully masked
 # row (a padding query) free of NaNs.
 MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def rngs(*args, **kwargs) -> nnx.Rngs:
+  """`nnx.Rngs(*args, **kwargs)` whose streams count their draws on the host (NumPy).
+
+  The keys drawn are the same. Under tracing (`eval_shape`, `jit`), nnx's own counter becomes a
+  tracer, and each draw's update asks it for its `sharding`: jax answers with an AttributeError
+  whose message it words by walking the whole trace so far, so building a model costs time
+  quadratic in its size (MiniLM: 0.4 s of a 1.1 s load, which traces the model twice, for its
+  shapes and for its new head; and 0.1 s of tracing the train step). A host counter is never
+  traced.
+  """
+  streams = nnx.Rngs(*args, **kwargs)
+  for _, stream in streams.items():
+    stream.count = _HostCount(np.zeros(np.shape(stream.count.get_value()), np.uint32),
+                              tag=stream.tag)
+  return streams
+
+
+class _HostCount(nnx.RngCount):
+  """A draw counter held as a NumPy array (see `rngs`).
+
+  Reads return copies: a trace keeps a NumPy operand as a constant by reference, and nnx then
+  increments the counter in place.
+  """
+
+  def get_value(self, **kwargs):
+    return np.array(super().get_value(**kwargs))
 
 
 def param_init(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
@@ -395,10 +424,10 @@ def _attention(q, k, v, bias, seeds, repeats, scale, rate, dtype):
 
   Autodiff would keep the [B, G, R, L, S] probabilities, their dropped copy and the keep-mask
   for the backward pass: three full-size tensors per layer (in bfloat16, 30 MiB per MiniLM layer
-  at 32 x 128 tokens). Besides q, k and v, this keeps only the softmax's per-row maximum and
-  normaliser ([B, G, R, L, 1] float32) and recomputes the logits (one more q k^T matmul), the
-  probabilities (bit-identical to the forward's) and the hash-based mask in the backward pass,
-  the way flash attention does (without its tiling: XLA materialises one layer's
+  at 32 x 128 tokens). Besides q, k, v and the output, this keeps only the softmax's per-row
+  maximum and normaliser ([B, G, R, L, 1] float32) and recomputes the logits (one more q k^T
+  matmul), the probabilities (bit-identical to the forward's) and the hash-based mask in the
+  backward pass, the way flash attention does (without its tiling: XLA materialises one layer's
   [B, G, R, L, S] at a time).
 
   Args:
