@@ -207,8 +207,9 @@ def _setup_ftjax(spec: dict) -> tuple:
       model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
   num_params = count(model)
   del model
+  # The optimizer state in one jitted call, as the training loop makes it (train._init_opt_state).
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=tx.init(trainable), rng=jax.random.key(0))
+                           opt_state=jax.jit(tx.init)(trainable), rng=jax.random.key(0))
   train_step, _ = steps.jit_steps(graphdef, tx, schedule, tasks.get_task(config.task))
   batches = [{k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
              for b in _batches(family, spec['batch'], spec['length'], spec['vocab'])]
