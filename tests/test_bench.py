@@ -57,6 +57,47 @@ def test_lora_vs_full_runs_both_steps_alternately_in_one_process(tmp_path):
   assert (tmp_path / 'speed_lora_vs_full.md').read_text().count('| float32 |') == 2
 
 
+def test_ab_times_the_layers_of_a_revision_against_the_current_ones(tmp_path):
+  out = tmp_path / 'speed.json'
+  _run('speed.py', '--quick', '--ab=HEAD', '--workloads=minilm-lora', '--dtypes=float32',
+       '--steps=2', f'--out={out}')
+  (row,) = json.loads((tmp_path / 'speed_ab.json').read_text())['rows']
+  assert len(row['step_times']['base']) == len(row['step_times']['current']) == 2
+  assert row['ratio'] == pytest.approx(row['current_s'] / row['base_s'])
+  assert {'attend', '_attention', 'LayerNorm', 'ACTIVATIONS'} <= set(row['swapped'])
+  # The committed layers compute what the working tree's do (this commit's own are tested).
+  assert row['first_loss']['base'] == pytest.approx(row['first_loss']['current'], rel=1e-6)
+  assert (tmp_path / 'speed_ab.md').read_text().count('| minilm-lora | float32 |') == 1
+
+
+def test_ab_builds_the_base_step_from_the_base_layers():
+  """A base whose GELU differs trains a different first step: the swap reaches the model."""
+  from ftjax.models import layers  # pylint: disable=g-import-not-at-top
+  source = pathlib.Path(layers.__file__).read_text()
+  changed = source.replace('return 0.5 * x * (1.0 + jax.lax.erf(', 'return 0.4 * x * (1.0 + '
+                           'jax.lax.erf(')
+  assert changed != source
+  speed_py = ROOT / 'scripts/bench/speed.py'
+  spec = {'workload': 'minilm-full', 'dtype': 'float32', 'batch': 2, 'length': 8,
+          'vocab': 30522, 'steps': 1, 'base': 'test', 'base_layers': changed}
+  code = (f'import json, sys; sys.path.insert(0, {str(speed_py.parent)!r}); import speed; '
+          f'spec = json.loads(sys.stdin.read()); spec["checkpoint"] = speed._minilm_checkpoint(); '
+          'print(json.dumps(speed.ab(spec)))')
+  out = subprocess.run([sys.executable, '-c', code], input=json.dumps(spec), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  loss = json.loads(out.stdout.splitlines()[-1])['first_loss']
+  assert abs(loss['base'] - loss['current']) > 1e-4, loss
+
+
+def test_ab_names_a_revision_it_cannot_read(tmp_path):
+  out = subprocess.run([sys.executable, str(ROOT / 'scripts/bench/speed.py'), '--quick',
+                        '--ab=no-such-revision', f'--out={tmp_path / "speed.json"}'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith('speed.py: --ab=no-such-revision: ')
+
+
 def test_pipeline_benchmark_reports_batches_and_steps(tmp_path):
   out = tmp_path / 'pipeline.json'
   _run('pipeline.py', '--quick', f'--out={out}')

@@ -4,6 +4,8 @@ r"""Training speed of ftjax against PyTorch + transformers + PEFT: one run, one 
   .venv/bin/python scripts/bench/speed.py --workloads=llama-lora --llama-size=1b   # a GPU machine
   .venv/bin/python scripts/bench/speed.py --quick             # smoke run: tiny sizes, seconds each
   .venv/bin/python scripts/bench/speed.py --lora-vs-full      # LoRA's step cost against full's
+  .venv/bin/python scripts/bench/speed.py --ab=HEAD~1 --workloads=minilm-lora --dtypes=float32
+                                                              # what a change to the layers moved
 
 Workloads (random token batches, identical for both frameworks; the same weights for both):
 
@@ -56,6 +58,13 @@ synchronised (block_until_ready / cuda.synchronize). Per row:
 one process per framework and dtype builds both steps and runs them alternately (`pair`), so the
 ratio is free of the drift between processes; it reports the ratio of the medians and the median
 of the ratios of neighbouring steps, next to the ratio of their matmul FLOPs.
+
+`--ab=REV` measures what a change to the model layers moved: per workload and dtype, one process
+builds ftjax's step with `ftjax/models/layers.py` as it was at git revision REV and with the
+working tree's, and runs the two alternately (`ab`); it reports both medians, their ratio and the
+median of the paired ratios, and each step's first loss (equal when the change keeps the maths).
+Only the layers module differs between the two steps (models, PEFT and the train step are the
+working tree's), so REV must be a revision whose layers fit them.
 
 MFU = model FLOPs per step / median step time / the machine's matmul peak of that dtype, the
 peak measured at the start of the run in its own fresh process: the median time of a jitted
@@ -353,6 +362,58 @@ def pair(spec: dict) -> dict:
   return {'step_times': times, 'trainable': {w: b[3]['trainable'] for w, b in built.items()}}
 
 
+def ab(spec: dict) -> dict:
+  """ftjax's step built twice in one process, with the layers of spec['base_layers'] (the source
+  of an older `ftjax/models/layers.py`) and with the current ones, run alternately.
+
+  While the base step is built, traced and compiled (its first call), every function, class and
+  table of the base module replaces its namesake in `ftjax.models.layers` and wherever another
+  ftjax module holds it under a name of its own; the models reach their layers through those
+  names at build and trace time, so the base step is the older layers' step. The compiled steps
+  are then independent of the swap.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  import ftjax  # pylint: disable=g-import-not-at-top
+  from ftjax.models import layers  # pylint: disable=g-import-not-at-top
+  for info in pkgutil.walk_packages(ftjax.__path__, 'ftjax.'):  # Model families load lazily.
+    importlib.import_module(info.name)
+  base = types.ModuleType('ftjax_layers_base')
+  exec(compile(spec['base_layers'], f'{spec["base"]}:ftjax/models/layers.py', 'exec'),  # noqa: S102
+       base.__dict__)
+  current = dict(vars(layers))
+  swapped = {name: value for name, value in vars(base).items()
+             if name in current and not name.startswith('__')
+             and not isinstance(value, types.ModuleType) and value is not current[name]}
+  # Where ftjax's modules (all imported by now) hold these objects: the layers module's names,
+  # and module-level aliases elsewhere (bert's `_ACTIVATIONS = layers.ACTIVATIONS`, llama's
+  # `dense`).
+  base_of = {id(current[name]): value for name, value in swapped.items()}
+  holders = [(module, key, value) for module in list(sys.modules.values())
+             if getattr(module, '__name__', '').startswith('ftjax')
+             for key, value in list(vars(module).items()) if id(value) in base_of]
+  built, first_loss = {}, {}
+  for name in ('base', 'current'):
+    for module, key, value in holders:
+      setattr(module, key, base_of[id(value)] if name == 'base' else value)
+    step, sync, batches, _ = _setup_ftjax(spec)
+    # Traced and compiled here, with these layers; the same weights, batch and key in both.
+    first_loss[name] = float(sync(step(batches[0]))['loss'])
+    built[name] = (step, sync, batches)
+  for step, sync, batches in built.values():
+    for i in range(WARMUP):
+      sync(step(batches[i % 2]))
+  times = {name: [] for name in built}
+  for i in range(spec['steps']):
+    for name in (list(built) if i % 2 == 0 else list(built)[::-1]):
+      step, sync, batches = built[name]
+      t0 = time.perf_counter()
+      sync(step(batches[i % 2]))
+      times[name].append(time.perf_counter() - t0)
+  return {'step_times': times, 'first_loss': first_loss, 'swapped': sorted(swapped)}
+
+
 def _median_time(fn, min_s: float, min_reps: int) -> float:
   """Median seconds of `fn()` after 2 warm-up calls, over >= min_reps calls and >= min_s."""
   for _ in range(2):
@@ -415,8 +476,8 @@ def write_llama(spec: dict) -> dict:
   return {'params': int(sum(p.numel() for p in model.parameters()))}
 
 
-CHILDREN = {'ftjax': train_ftjax, 'torch': train_torch, 'pair': pair, 'peak-jax': peak_jax,
-            'peak-torch': peak_torch, 'write-llama': write_llama}
+CHILDREN = {'ftjax': train_ftjax, 'torch': train_torch, 'pair': pair, 'ab': ab,
+            'peak-jax': peak_jax, 'peak-torch': peak_torch, 'write-llama': write_llama}
 
 
 # FLOPs
@@ -650,6 +711,71 @@ def lora_vs_full(args, machine: dict, envs: dict, dtypes: list[str], steps: int,
   print(f'wrote {target} and {target.with_suffix(".md")}', file=sys.stderr)
 
 
+def ab_layers(args, machine: dict, envs: dict, workloads: list[str], dtypes: list[str],
+              steps: int, shapes: dict, llama_shape: dict, out: pathlib.Path,
+              timeout: float | None) -> None:
+  """`--ab=REV`: one `ab` child per workload and dtype; a table of current / base step times."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  shown = subprocess.run(['git', '-C', str(root), 'show', f'{args.ab}:ftjax/models/layers.py'],
+                         capture_output=True, text=True, check=False)
+  if shown.returncode:
+    reason = (shown.stderr.strip().splitlines() or ['git failed'])[-1]
+    raise SystemExit(f'speed.py: --ab={args.ab}: cannot read ftjax/models/layers.py at that '
+                     f'revision ({reason}); give a commit of this repository, e.g. HEAD~1')
+  rows = []
+  try:
+    with tempfile.TemporaryDirectory(prefix='ftjax_ab_') as tmp:
+      checkpoints = {'minilm': (_minilm_checkpoint(), 30522)}
+      if any(WORKLOADS[w][0] == 'llama' for w in workloads):
+        directory = str(pathlib.Path(tmp) / 'llama')
+        _run_child('write-llama', {'shape': llama_shape, 'dir': directory,
+                                   'length': shapes['llama'][1]}, envs['torch'],
+                   'write llama checkpoint', out.parent, timeout)
+        checkpoints['llama'] = (directory, llama_shape['vocab_size'])
+      for workload in workloads:
+        family = WORKLOADS[workload][0]
+        for dtype in dtypes:
+          checkpoint, vocab = checkpoints[family]
+          batch, length = shapes[family]
+          spec = {'workload': workload, 'dtype': dtype, 'checkpoint': checkpoint,
+                  'batch': batch, 'length': length, 'vocab': vocab, 'steps': steps,
+                  'base': args.ab, 'base_layers': shown.stdout}
+          label = f'ab {workload} {dtype}'
+          child = _run_child('ab', spec, envs['ftjax'], label, out.parent, timeout)
+          base, current = (child['step_times'][k] for k in ('base', 'current'))
+          row = {'workload': workload, 'dtype': dtype, 'batch': batch, 'length': length,
+                 'base_s': statistics.median(base), 'current_s': statistics.median(current),
+                 'paired_ratio': statistics.median(c / b for c, b in zip(current, base)),
+                 'first_loss': child['first_loss'], 'step_times': child['step_times'],
+                 'swapped': child['swapped']}
+          row['ratio'] = row['current_s'] / row['base_s']
+          rows.append(row)
+          print(f'{label}: base {row["base_s"]:.4g} s, current {row["current_s"]:.4g} s, ratio '
+                f'{row["ratio"]:.3f} (paired {row["paired_ratio"]:.3f})', file=sys.stderr,
+                flush=True)
+  except ChildFailed as e:
+    raise SystemExit(f'speed.py: {e}') from None
+  lines = [f'ftjax\'s step with the working tree\'s `ftjax/models/layers.py` against {args.ab}\'s, '
+           f'both built in one process per row and run alternately, {steps} timed steps each '
+           f'after {WARMUP} warm-up steps ({machine["cpu"]}, {machine["cores"]} cores); ratio < 1: '
+           'the current layers are faster.', '',
+           '| workload | dtype | batch x length | base s/step | current s/step | current / base '
+           '(medians) | current / base (paired steps) |', '|:---|:---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f'| {r["workload"]} | {r["dtype"]} | {r["batch"]} x {r["length"]} | '
+                 f'{r["base_s"]:.4g} | {r["current_s"]:.4g} | {r["ratio"]:.3f} | '
+                 f'{r["paired_ratio"]:.3f} |')
+  markdown = '\n'.join(lines) + '\n'
+  target = out.with_name(out.stem + '_ab.json')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(json.dumps({'machine': machine, 'base': args.ab, 'rows': rows,
+                                'settings': {'steps': steps, 'quick': args.quick}},
+                               indent=1) + '\n')
+  target.with_suffix('.md').write_text(markdown)
+  print(markdown, end='')
+  print(f'wrote {target} and {target.with_suffix(".md")}', file=sys.stderr)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workloads', default=','.join(WORKLOADS),
@@ -677,6 +803,10 @@ def main() -> None:
                       help='instead of the table: the cost of a MiniLM LoRA step against a full '
                       'fine-tuning step, both built in one process per framework and dtype and '
                       'run alternately')
+  parser.add_argument('--ab', metavar='REV',
+                      help='instead of the table: ftjax\'s step with the current model layers '
+                      '(ftjax/models/layers.py) against those of git revision REV, both built in '
+                      'one process per workload and dtype and run alternately')
   parser.add_argument('--child', choices=tuple(CHILDREN), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -719,6 +849,9 @@ def main() -> None:
 
   if args.lora_vs_full:
     lora_vs_full(args, machine, envs, dtypes, steps, shapes['minilm'], out, timeout)
+    return
+  if args.ab:
+    ab_layers(args, machine, envs, workloads, dtypes, steps, shapes, llama_shape, out, timeout)
     return
   result = {'machine': machine,
             'env': {'mode': args.env, **{f: {k: e[k] for k in ENV_VARS if k in e}
