@@ -67,15 +67,84 @@ def l2_sp(strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+class AdamWState(NamedTuple):
+  count: jax.Array  # int32 scalar: updates made so far.
+  mu: optax.Updates  # First moments.
+  nu: optax.Updates  # Second moments.
+
+
+def adamw(learning_rate: float | optax.Schedule, *, b1: float, b2: float, eps: float,
+          weight_decay: float, mask=None) -> optax.GradientTransformationExtraArgs:
+  """`optax.adamw`'s update, with gradient clipping folded into its moments.
+
+  The extra argument `grad_scale` (a scalar; 1 when absent) multiplies the gradients inside the
+  moment updates, which equals clipping them beforehand. As separate transformations
+  (`optax.clip_by_global_norm`, then `optax.adamw`) the clipped gradients are written out in a
+  pass of their own, because both moments read them, and the global norm's `g * g` merges with
+  the second moment's into one more written array: on XLA:CPU the optimizer update of the
+  default job's 10.8M trainable parameters took 27 ms that way, 16 ms this way. Hence the second
+  moment multiplies as `(c * g) * g`, never `g * g`.
+
+  Args:
+    learning_rate: a float, or a schedule of the number of updates made so far.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to the root of the second moment.
+    weight_decay: decoupled weight decay (times the learning rate, as `optax.adamw`).
+    mask: a pytree of bools (or a function of the params giving one) marking the parameters
+      that decay; None decays all.
+  """
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return AdamWState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+
+  def update(updates, state, params=None, *, grad_scale=1.0, **extra_args):
+    del extra_args
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    count = optax.safe_increment(state.count)
+    c1, c2 = (1 - b1) * grad_scale, (1 - b2) * grad_scale * grad_scale
+    mu = jax.tree.map(lambda g, m: b1 * m + c1 * g, updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * v + (c2 * g) * g, updates, state.nu)
+    bc1 = 1 - b1 ** count.astype(jnp.float32)
+    bc2 = 1 - b2 ** count.astype(jnp.float32)
+    decays = mask(params) if callable(mask) else mask
+    if decays is None:
+      decays = jax.tree.map(lambda _: True, params)
+    step = lambda m, v, p, decay: -lr * (
+        (m / bc1) / (jnp.sqrt(v / bc2) + eps) + (weight_decay * p if decay and weight_decay
+                                                 else 0.0))
+    new_updates = jax.tree.map(step, mu, nu, params, decays)
+    return new_updates, AdamWState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def clip_by_global_norm(max_norm: float, inner: optax.GradientTransformation
+                        ) -> optax.GradientTransformationExtraArgs:
+  """`inner` on gradients clipped to global norm `max_norm`, passed to it as `grad_scale`.
+
+  The scale is `optax.clip_by_global_norm`'s (1 below the norm, else max_norm / norm); `inner`'s
+  `adamw` transforms apply it inside their moment updates (see `adamw`).
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def update(updates, state, params=None, **extra_args):
+    norm = optax.global_norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return inner.update(updates, state, params, grad_scale=scale, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def _group_adamw(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
-                rule: params_lib.Rule) -> optax.GradientTransformation:
+                rule: params_lib.Rule) -> optax.GradientTransformationExtraArgs:
   lr = schedule if rule.lr_mult == 1.0 else (lambda step: schedule(step) * rule.lr_mult)
   if rule.weight_decay is None:
     weight_decay, mask = optim.weight_decay, decay_mask
   else:
     weight_decay, mask = (optim.weight_decay if rule.weight_decay else 0.0), None
-  return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
-                     mask=mask)
+  return adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay, mask=mask)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
@@ -96,15 +165,14 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
     pretrained = lambda params: jax.tree_util.tree_map_with_path(
         lambda keypath, _: not re.search(params_lib.HEAD, params_lib.path_str(keypath)), params)
     chain.append(optax.masked(l2_sp(optim.l2_sp), pretrained))
-  if optim.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(optim.grad_clip))
   if groups is None:
-    chain.append(_group_adamw(optim, schedule, params_lib.Rule()))
+    adam = _group_adamw(optim, schedule, params_lib.Rule())
   else:
     owner = {path: g.name for g in groups for path in g.paths}
     transforms = {g.name: _group_adamw(optim, schedule, g.rule) for g in groups
                   if g.rule.trainable}
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda keypath, _: owner[params_lib.path_str(keypath)], params)
-    chain.append(optax.partition(transforms, labels))
+    adam = optax.partition(transforms, labels)
+  chain.append(clip_by_global_norm(optim.grad_clip, adam) if optim.grad_clip > 0 else adam)
   return optax.chain(*chain), schedule
