@@ -154,7 +154,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
 
   With policy `groups`, the optimizer is one `optax.partition` with an AdamW per trainable
   group (its learning-rate multiplier and weight-decay rule); it is applied to the trainable
-  state only, so frozen parameters have no optimizer state at all.
+  state only, so frozen parameters have no optimizer state at all. Gradient clipping is folded
+  into the AdamW moments (`clip_by_global_norm`, `adamw`).
   """
   schedule = make_schedule(optim, total_steps)
   chain = []
