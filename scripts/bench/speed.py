@@ -659,6 +659,28 @@ def _markdown(result: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _ratio_row(label: str, first: str, a: list[float], second: str, b: list[float],
+               **fields) -> dict:
+  """Medians of two steps' times `a` and `b` (run alternately), their ratio and the median of
+  the paired ratios (each `first` step over the `second` step run next to it); logged."""
+  row = {**fields, f'{first}_s': statistics.median(a), f'{second}_s': statistics.median(b),
+         'paired_ratio': statistics.median(x / y for x, y in zip(a, b))}
+  row['ratio'] = row[f'{first}_s'] / row[f'{second}_s']
+  print(f'{label}: {first} {row[f"{first}_s"]:.4g} s, {second} {row[f"{second}_s"]:.4g} s, '
+        f'ratio {row["ratio"]:.3f} (paired {row["paired_ratio"]:.3f})', file=sys.stderr, flush=True)
+  return row
+
+
+def _write_report(out: pathlib.Path, suffix: str, payload: dict, markdown: str) -> None:
+  """`<out stem><suffix>.json` and `.md` beside `out`; the markdown also to stdout."""
+  target = out.with_name(out.stem + suffix + '.json')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(json.dumps(payload, indent=1) + '\n')
+  target.with_suffix('.md').write_text(markdown)
+  print(markdown, end='')
+  print(f'wrote {target} and {target.with_suffix(".md")}', file=sys.stderr)
+
+
 def lora_vs_full(args, machine: dict, envs: dict, dtypes: list[str], steps: int,
                  shape: tuple[int, int], out: pathlib.Path, timeout: float | None) -> None:
   """`--lora-vs-full`: one `pair` child per framework and dtype; a table of the step ratios."""
@@ -675,17 +697,10 @@ def lora_vs_full(args, machine: dict, envs: dict, dtypes: list[str], steps: int,
                 'length': length, 'vocab': 30522, 'steps': steps}
         label = f'{framework} lora-vs-full {dtype}'
         child = _run_child('pair', spec, envs[framework], label, out.parent, timeout)
-        lora, full = (child['step_times'][w] for w in ('minilm-lora', 'minilm-full'))
-        row = {'framework': framework, 'dtype': dtype, 'lora_s': statistics.median(lora),
-               'full_s': statistics.median(full),
-               # Each LoRA step over the full step run next to it, then the median.
-               'paired_ratio': statistics.median(a / b for a, b in zip(lora, full)),
-               'trainable': child['trainable'], 'step_times': child['step_times']}
-        row['ratio'] = row['lora_s'] / row['full_s']
-        rows.append(row)
-        print(f'{label}: LoRA {row["lora_s"]:.4g} s, full {row["full_s"]:.4g} s, ratio '
-              f'{row["ratio"]:.3f} (paired {row["paired_ratio"]:.3f})', file=sys.stderr,
-              flush=True)
+        times = child['step_times']
+        rows.append(_ratio_row(label, 'lora', times['minilm-lora'], 'full', times['minilm-full'],
+                               framework=framework, dtype=dtype, trainable=child['trainable'],
+                               step_times=times))
   except ChildFailed as e:
     raise SystemExit(f'speed.py: {e}') from None
   flop_ratio = flops['minilm-lora'] / flops['minilm-full']
@@ -700,15 +715,10 @@ def lora_vs_full(args, machine: dict, envs: dict, dtypes: list[str], steps: int,
     lines.append(f'| {r["framework"]} | {r["dtype"]} | {r["lora_s"]:.4g} | {r["full_s"]:.4g} | '
                  f'{r["ratio"]:.3f} | {r["paired_ratio"]:.3f} | '
                  f'{r["trainable"]["minilm-lora"]:,} / {r["trainable"]["minilm-full"]:,} |')
-  markdown = '\n'.join(lines) + '\n'
-  target = out.with_name(out.stem + '_lora_vs_full.json')
-  target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_text(json.dumps({'machine': machine, 'flop_ratio': flop_ratio, 'rows': rows,
-                                'settings': {'batch': batch, 'length': length, 'steps': steps,
-                                             'quick': args.quick}}, indent=1) + '\n')
-  target.with_suffix('.md').write_text(markdown)
-  print(markdown, end='')
-  print(f'wrote {target} and {target.with_suffix(".md")}', file=sys.stderr)
+  _write_report(out, '_lora_vs_full', {
+      'machine': machine, 'flop_ratio': flop_ratio, 'rows': rows,
+      'settings': {'batch': batch, 'length': length, 'steps': steps, 'quick': args.quick}},
+      '\n'.join(lines) + '\n')
 
 
 def ab_layers(args, machine: dict, envs: dict, workloads: list[str], dtypes: list[str],
@@ -742,17 +752,11 @@ def ab_layers(args, machine: dict, envs: dict, workloads: list[str], dtypes: lis
                   'base': args.ab, 'base_layers': shown.stdout}
           label = f'ab {workload} {dtype}'
           child = _run_child('ab', spec, envs['ftjax'], label, out.parent, timeout)
-          base, current = (child['step_times'][k] for k in ('base', 'current'))
-          row = {'workload': workload, 'dtype': dtype, 'batch': batch, 'length': length,
-                 'base_s': statistics.median(base), 'current_s': statistics.median(current),
-                 'paired_ratio': statistics.median(c / b for c, b in zip(current, base)),
-                 'first_loss': child['first_loss'], 'step_times': child['step_times'],
-                 'swapped': child['swapped']}
-          row['ratio'] = row['current_s'] / row['base_s']
-          rows.append(row)
-          print(f'{label}: base {row["base_s"]:.4g} s, current {row["current_s"]:.4g} s, ratio '
-                f'{row["ratio"]:.3f} (paired {row["paired_ratio"]:.3f})', file=sys.stderr,
-                flush=True)
+          times = child['step_times']
+          rows.append(_ratio_row(label, 'current', times['current'], 'base', times['base'],
+                                 workload=workload, dtype=dtype, batch=batch, length=length,
+                                 first_loss=child['first_loss'], step_times=times,
+                                 swapped=child['swapped']))
   except ChildFailed as e:
     raise SystemExit(f'speed.py: {e}') from None
   lines = [f'ftjax\'s step with the working tree\'s `ftjax/models/layers.py` against {args.ab}\'s, '
@@ -765,15 +769,9 @@ def ab_layers(args, machine: dict, envs: dict, workloads: list[str], dtypes: lis
     lines.append(f'| {r["workload"]} | {r["dtype"]} | {r["batch"]} x {r["length"]} | '
                  f'{r["base_s"]:.4g} | {r["current_s"]:.4g} | {r["ratio"]:.3f} | '
                  f'{r["paired_ratio"]:.3f} |')
-  markdown = '\n'.join(lines) + '\n'
-  target = out.with_name(out.stem + '_ab.json')
-  target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_text(json.dumps({'machine': machine, 'base': args.ab, 'rows': rows,
-                                'settings': {'steps': steps, 'quick': args.quick}},
-                               indent=1) + '\n')
-  target.with_suffix('.md').write_text(markdown)
-  print(markdown, end='')
-  print(f'wrote {target} and {target.with_suffix(".md")}', file=sys.stderr)
+  _write_report(out, '_ab', {'machine': machine, 'base': args.ab, 'rows': rows,
+                             'settings': {'steps': steps, 'quick': args.quick}},
+                '\n'.join(lines) + '\n')
 
 
 def main() -> None:
