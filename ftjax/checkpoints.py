@@ -64,6 +64,16 @@ class Checkpoints:
     extra = sorted(set(saved) - set(wanted))
     if extra:
       raise FtjaxError(f'{where} has parameters this config lacks (e.g. {extra[0]}): {fix}')
+    # The optimizer state's layout follows the optimizer config (L2-SP, clipping, the policy's
+    # groups) and ftjax's optimizer code; orbax would otherwise fail with a structure dump.
+    saved_opt = _flat_shapes(self.latest.item_metadata(step)['state']['opt_state'])
+    wanted_opt = _flat_shapes(abstract_state.opt_state)
+    if saved_opt != wanted_opt:
+      name = sorted(set(saved_opt) ^ set(wanted_opt) or
+                    {k for k in wanted_opt if saved_opt[k] != wanted_opt[k]})[0]
+      raise FtjaxError(f'{where} holds an optimizer state laid out differently from this run\'s '
+                       f'(e.g. at {name}): it was written with another optimizer config or '
+                       f'ftjax version; {fix}')
 
   def restore_latest(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     self.check_compatible(step, abstract_state)

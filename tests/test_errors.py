@@ -73,6 +73,14 @@ def test_checkpoint_that_does_not_match_the_config(trained, tmp_path, capsys):
   assert _snapshot(root / 'run') == before
 
 
+def test_checkpoint_with_another_optimizer_layout(trained, capsys):
+  root, argv = trained
+  before = _snapshot(root / 'run')
+  # L2-SP keeps an anchor in the optimizer state: same parameters, another state layout.
+  _fails(argv + ['--config.optim.l2_sp=0.1'], 'optimizer state laid out differently', capsys)
+  assert _snapshot(root / 'run') == before
+
+
 @pytest.mark.parametrize('rows, expected', [
     ([{'sentence': 'a', 'label': 'x'}] * 20, "column 'text'"),
     ([{'text': 'a', 'target': 'x'}] * 20, "column 'label'"),
