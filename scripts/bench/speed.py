@@ -349,17 +349,24 @@ def pair(spec: dict) -> dict:
   """
   setup = {'ftjax': _setup_ftjax, 'torch': _setup_torch}[spec['framework']]
   built = {w: setup({**spec, 'workload': w}) for w in spec['workloads']}
-  for step, sync, batches, _ in built.values():
+  return {'step_times': _alternate({w: b[:3] for w, b in built.items()}, spec['steps']),
+          'trainable': {w: b[3]['trainable'] for w, b in built.items()}}
+
+
+def _alternate(built: dict[str, tuple], steps: int) -> dict[str, list[float]]:
+  """Per-step seconds of each (step, sync, batches) in `built`, after WARMUP untimed steps each,
+  one step of each in turn (the order reversed every other round)."""
+  for step, sync, batches in built.values():
     for i in range(WARMUP):
       sync(step(batches[i % 2]))
-  times = {w: [] for w in built}
-  for i in range(spec['steps']):
-    for w in (list(built) if i % 2 == 0 else list(built)[::-1]):
-      step, sync, batches, _ = built[w]
+  times = {name: [] for name in built}
+  for i in range(steps):
+    for name in (list(built) if i % 2 == 0 else list(built)[::-1]):
+      step, sync, batches = built[name]
       t0 = time.perf_counter()
       sync(step(batches[i % 2]))
-      times[w].append(time.perf_counter() - t0)
-  return {'step_times': times, 'trainable': {w: b[3]['trainable'] for w, b in built.items()}}
+      times[name].append(time.perf_counter() - t0)
+  return times
 
 
 def ab(spec: dict) -> dict:
@@ -401,17 +408,8 @@ def ab(spec: dict) -> dict:
     # Traced and compiled here, with these layers; the same weights, batch and key in both.
     first_loss[name] = float(sync(step(batches[0]))['loss'])
     built[name] = (step, sync, batches)
-  for step, sync, batches in built.values():
-    for i in range(WARMUP):
-      sync(step(batches[i % 2]))
-  times = {name: [] for name in built}
-  for i in range(spec['steps']):
-    for name in (list(built) if i % 2 == 0 else list(built)[::-1]):
-      step, sync, batches = built[name]
-      t0 = time.perf_counter()
-      sync(step(batches[i % 2]))
-      times[name].append(time.perf_counter() - t0)
-  return {'step_times': times, 'first_loss': first_loss, 'swapped': sorted(swapped)}
+  return {'step_times': _alternate(built, spec['steps']), 'first_loss': first_loss,
+          'swapped': sorted(swapped)}
 
 
 def _median_time(fn, min_s: float, min_reps: int) -> float:
