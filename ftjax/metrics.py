@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -83,8 +84,7 @@ class MetricWriter:
     if not enabled:
       return
     self._jsonl = open(workdir / 'metrics.jsonl', 'a')
-    from tensorboardX import SummaryWriter  # Imported here: only writers need it.
-    self._tb = SummaryWriter(str(workdir / 'tensorboard'))
+    self._tb = _summary_writer()(str(workdir / 'tensorboard'))
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -100,6 +100,25 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter class, imported without importing torch.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch tensors, which ftjax
+  never passes; that cost 1-3 s of every run's start here (torch is a test dependency). While
+  tensorboardX loads, `sys.modules['torch'] = None` makes `import torch` fail, so it takes its
+  own no-torch path, as in an environment without torch. A torch imported before is left alone.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
