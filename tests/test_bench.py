@@ -57,6 +57,19 @@ def test_lora_vs_full_runs_both_steps_alternately_in_one_process(tmp_path):
   assert (tmp_path / 'speed_lora_vs_full.md').read_text().count('| float32 |') == 2
 
 
+def test_matmuls_times_both_frameworks_at_the_ffn_shapes(tmp_path):
+  pytest.importorskip('torch')
+  _run('speed.py', '--quick', '--matmuls', '--dtypes=float32', f'--out={tmp_path / "speed.json"}')
+  result = json.loads((tmp_path / 'speed_matmuls.json').read_text())
+  for kind in ('peak-jax', 'peak-torch'):
+    (run,) = result['runs'][kind]
+    # The --quick batch, 4 x 16 tokens: [64, 384] x [384, 1536] and its two gradients.
+    assert sorted(run['shaped']['float32']) == ['4 x 16 tokens|dy w^T', '4 x 16 tokens|x w',
+                                                '4 x 16 tokens|x^T dy']
+    assert all(g > 0 for g in run['shaped']['float32'].values())
+  assert (tmp_path / 'speed_matmuls.md').read_text().count('| float32 | 4 x 16 tokens |') == 3
+
+
 def test_ab_times_the_layers_of_a_revision_against_the_current_ones(tmp_path):
   out = tmp_path / 'speed.json'
   _run('speed.py', '--quick', '--ab=HEAD', '--workloads=minilm-lora', '--dtypes=float32',

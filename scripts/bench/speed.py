@@ -6,6 +6,7 @@ r"""Training speed of ftjax against PyTorch + transformers + PEFT: one run, one 
   .venv/bin/python scripts/bench/speed.py --lora-vs-full      # LoRA's step cost against full's
   .venv/bin/python scripts/bench/speed.py --ab=HEAD~1 --workloads=minilm-lora --dtypes=float32
                                                               # what a change to the layers moved
+  .venv/bin/python scripts/bench/speed.py --matmuls           # XLA's and torch's matmuls alone
 
 Workloads (random token batches, identical for both frameworks; the same weights for both):
 
@@ -72,6 +73,12 @@ peak measured at the start of the run in its own fresh process: the median time 
 best taken; bfloat16 x bfloat16 with preferred_element_type=float32), 2 n^3 / t. torch's
 `torch.matmul` of the same sizes is measured too and reported for context only (both MFUs divide
 by XLA's peak). On a GPU XLA's default float32 matmul precision may use TF32, torch's does not.
+
+The same two processes also time one dense layer's three training products (forward x w, input
+gradient dy w^T, weight gradient x^T dy; contiguous operands) at MiniLM's FFN-layer shape
+[m, 384] x [384, 1536], for m = the benchmark's batch x length and the default job's 32 x 8
+tokens: how fast each library's matmul kernels are at the sizes these steps use, apart from
+everything else in a step. `--matmuls` runs only these, `--rounds` fresh processes each.
 
 Model FLOPs per step, matmuls only (embedding lookups, norms, softmax, the optimizer excluded).
 With T = batch x length tokens, L = length, h = hidden size (= heads x head size), kv = key/value
@@ -424,40 +431,70 @@ def _median_time(fn, min_s: float, min_reps: int) -> float:
   return statistics.median(times)
 
 
+# The three products of a dense layer's training step, as (lhs shape, rhs shape) of an
+# [m, k] x [k, n] layer: forward x w, the input gradient dy w^T, the weight gradient x^T dy.
+_FORMS = {'x w': lambda m, k, n: ((m, k), (k, n)), 'dy w^T': lambda m, k, n: ((m, n), (n, k)),
+          'x^T dy': lambda m, k, n: ((k, m), (m, n))}
+
+
+def _shaped_gflops(spec: dict, dtypes: dict, time_product) -> dict:
+  """GFLOP/s of each dtype x spec['shapes'] x _FORMS product: {dtype: {'shape|form': gflops}}.
+
+  `time_product(dtype, lhs_shape, rhs_shape)` is the median seconds of one product.
+  """
+  out = {}
+  for name, dtype in dtypes.items():
+    out[name] = {}
+    for shape in spec.get('shapes', []):
+      m, k, n = shape['m'], shape['k'], shape['n']
+      for form, operands in _FORMS.items():
+        t = time_product(dtype, *operands(m, k, n))
+        out[name][f'{shape["name"]}|{form}'] = 2 * m * k * n / t / 1e9
+  return out
+
+
 def peak_jax(spec: dict) -> dict:
-  """XLA's matmul GFLOP/s for float32 and bfloat16 (float32 accumulation), best over sizes."""
+  """XLA's matmul GFLOP/s for float32 and bfloat16 (float32 accumulation), best over sizes,
+  and at the workloads' dense-layer shapes (`spec['shapes']`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   sizes = spec['sizes'] or ([2048] if jax.default_backend() == 'cpu' else [4096, 8192])
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+
+  def time_product(dtype, lhs_shape, rhs_shape):
+    a, b = (jax.random.normal(jax.random.key(i), s, dtype)
+            for i, s in enumerate((lhs_shape, rhs_shape)))
+    return _median_time(lambda: dot(a, b).block_until_ready(), spec['min_s'], spec['min_reps'])
+
   out = {}
   for dtype in ('float32', 'bfloat16'):
-    by_size = {}
-    for n in sizes:
-      a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
-      t = _median_time(lambda: dot(a, b).block_until_ready(), spec['min_s'], spec['min_reps'])
-      by_size[n] = 2 * n**3 / t / 1e9
+    by_size = {n: 2 * n**3 / time_product(dtype, (n, n), (n, n)) / 1e9 for n in sizes}
     out[dtype] = {'gflops': max(by_size.values()), 'by_size': by_size}
   return {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
           'device_count': jax.device_count(), 'sizes': sizes, 'matmul': out,
+          'shaped': _shaped_gflops(spec, {'float32': jnp.float32, 'bfloat16': jnp.bfloat16},
+                                   time_product),
           'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
 
 
 def peak_torch(spec: dict) -> dict:
-  """torch.matmul GFLOP/s at the same sizes, for context."""
+  """torch.matmul GFLOP/s at the same sizes and shapes, for context."""
   import torch  # pylint: disable=g-import-not-at-top
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   sizes = spec['sizes'] or ([2048] if device == 'cpu' else [4096, 8192])
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+
+  def time_product(dtype, lhs_shape, rhs_shape):
+    a, b = (torch.randn(*s, dtype=dtype, device=device) for s in (lhs_shape, rhs_shape))
+    return _median_time(lambda: (torch.matmul(a, b), sync()), spec['min_s'], spec['min_reps'])
+
+  dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
   out = {}
-  for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
-    by_size = {}
-    for n in sizes:
-      a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-      t = _median_time(lambda: (torch.matmul(a, b), sync()), spec['min_s'], spec['min_reps'])
-      by_size[n] = 2 * n**3 / t / 1e9
+  for name, dtype in dtypes.items():
+    by_size = {n: 2 * n**3 / time_product(dtype, (n, n), (n, n)) / 1e9 for n in sizes}
     out[name] = {'gflops': max(by_size.values()), 'by_size': by_size}
   return {'device': device, 'threads': torch.get_num_threads(), 'matmul': out,
+          'shaped': _shaped_gflops(spec, dtypes, time_product),
           'allow_tf32': torch.backends.cuda.matmul.allow_tf32}
 
 
@@ -625,6 +662,10 @@ def _markdown(result: dict) -> str:
          if s['quick'] else ''),
       '',
   ]
+  if peaks['jax'].get('shaped'):
+    lines += ['Matmuls at MiniLM\'s FFN-layer shapes (contiguous operands; `--matmuls` repeats '
+              'these alone over fresh processes):', '']
+    lines += _matmul_table([peaks['jax']], [peaks['torch']], s['dtypes']) + ['']
   columns = ['workload', 'dtype', 'trainable params', 'ftjax s/step', 'torch s/step',
              'speed-up torch/ftjax', 'ftjax samples/s', 'ftjax tokens/s', 'ftjax MFU',
              'torch MFU', 'ftjax peak MiB', 'torch peak MiB', 'ftjax first step s',
@@ -655,6 +696,56 @@ def _markdown(result: dict) -> str:
                     if r['dtype'] == result['rows'][0]['dtype'])
   lines += ['', '; '.join(notes) + f'. Matmul FLOPs per training step: {flops}.']
   return '\n'.join(lines) + '\n'
+
+
+DEFAULT_JOB_TOKENS = (32, 8)  # configs/minilm_vader.py: batch 32 x max_length 8.
+
+
+def matmul_shapes(shapes: dict, small: bool) -> list[dict]:
+  """MiniLM's FFN input layer [tokens, hidden] x [hidden, ffn] at the benchmark's batch and at the
+  default job's (configs/minilm_vader.py), the shapes `peak_jax` / `peak_torch` also time."""
+  dims = model_dims('minilm-full', {})
+  batches = [shapes['minilm']] + ([] if small else [DEFAULT_JOB_TOKENS])
+  return [{'name': f'{b} x {n} tokens', 'm': b * n, 'k': dims['hidden'], 'n': dims['ffn']}
+          for b, n in batches]
+
+
+def _matmul_table(jax_runs: list[dict], torch_runs: list[dict], dtypes: list[str]) -> list[str]:
+  """Markdown rows: XLA's and torch's GFLOP/s per shape and product (median over the runs)."""
+  lines = ['| dtype | MiniLM FFN layer [m, 384] x [384, 1536] | product | XLA GFLOP/s | '
+           'torch GFLOP/s | torch / XLA |', '|:---|:---|:---|---:|---:|---:|']
+  for dtype in dtypes:
+    for key in jax_runs[0]['shaped'][dtype]:
+      xla = statistics.median(r['shaped'][dtype][key] for r in jax_runs)
+      torch_ = statistics.median(r['shaped'][dtype][key] for r in torch_runs)
+      shape, form = key.split('|')
+      lines.append(f'| {dtype} | {shape} | {form} | {xla:,.0f} | {torch_:,.0f} | '
+                   f'{torch_ / xla:.2f} |')
+  return lines
+
+
+def matmuls(machine: dict, run, peak_spec: dict, dtypes: list[str], rounds: int,
+            out: pathlib.Path) -> None:
+  """`--matmuls`: the matmul peaks and shaped products only, `rounds` fresh processes of each
+  framework, alternating which goes first; a table of the medians."""
+  runs = {'peak-jax': [], 'peak-torch': []}
+  try:
+    for r in range(rounds):
+      for kind in (('peak-jax', 'peak-torch') if r % 2 == 0 else ('peak-torch', 'peak-jax')):
+        runs[kind].append(run(kind, peak_spec, f'{kind} round {r + 1}'))
+  except ChildFailed as e:
+    raise SystemExit(f'speed.py: {e}') from None
+  peak = lambda kind, dtype: statistics.median(x['matmul'][dtype]['gflops'] for x in runs[kind])
+  lines = [f'Matmuls through XLA (jitted `jnp.dot`, float32 accumulation) and torch.matmul, '
+           f'contiguous operands, {machine["cpu"]}, {machine["cores"]} cores; median GFLOP/s over '
+           f'{rounds} fresh process(es) per framework, alternating which goes first. The products '
+           'are those of one dense layer\'s training step: forward x w, input gradient dy w^T, '
+           'weight gradient x^T dy. Square peak: ' + '; '.join(
+               f'{d} XLA {peak("peak-jax", d):,.0f}, torch {peak("peak-torch", d):,.0f}'
+               for d in dtypes) + '.', '']
+  lines += _matmul_table(runs['peak-jax'], runs['peak-torch'], dtypes)
+  _write_report(out, '_matmuls', {'machine': machine, 'spec': peak_spec, 'runs': runs},
+                '\n'.join(lines) + '\n')
 
 
 def _ratio_row(label: str, first: str, a: list[float], second: str, b: list[float],
@@ -803,6 +894,9 @@ def main() -> None:
                       help='instead of the table: ftjax\'s step with the current model layers '
                       '(ftjax/models/layers.py) against those of git revision REV, both built in '
                       'one process per workload and dtype and run alternately')
+  parser.add_argument('--matmuls', action='store_true',
+                      help="instead of the table: XLA's and torch's matmul speed, square and at "
+                      "MiniLM's FFN-layer shapes (the benchmark's batch and the default job's)")
   parser.add_argument('--child', choices=tuple(CHILDREN), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -846,6 +940,11 @@ def main() -> None:
   if args.lora_vs_full:
     lora_vs_full(args, machine, envs, dtypes, steps, shapes['minilm'], out, timeout)
     return
+  peak_spec = {'sizes': sizes, 'min_s': 0.2 if small else 2.0, 'min_reps': 3 if small else 10,
+               'shapes': matmul_shapes(shapes, small)}
+  if args.matmuls:
+    matmuls(machine, run, peak_spec, dtypes, rounds, out)
+    return
   if args.ab:
     ab_layers(args, machine, envs, workloads, dtypes, steps, shapes, llama_shape, out, timeout)
     return
@@ -858,7 +957,6 @@ def main() -> None:
                          'shapes': {k: {'batch': b, 'length': n} for k, (b, n) in shapes.items()}}}
   try:
     with tempfile.TemporaryDirectory(prefix='ftjax_speed_') as tmp:
-      peak_spec = {'sizes': sizes, 'min_s': 0.2 if small else 2.0, 'min_reps': 3 if small else 10}
       result['peaks'] = {'jax': run('peak-jax', peak_spec, 'matmul peak jax'),
                          'torch': run('peak-torch', peak_spec, 'matmul peak torch')}
       xla = result['peaks']['jax']['matmul']
