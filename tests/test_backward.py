@@ -95,8 +95,11 @@ def _reference_attention(q, k, v, bias, *, dtype, scale, rate, key):
 
 @pytest.mark.parametrize('rate', [0.0, 0.3])
 @pytest.mark.parametrize('groups', [4, 2])  # Multi-head and grouped-query (2 query heads each).
-def test_attention_backward_matches_autodiff(rate, groups):
+# dv and dk by a broadcast multiply-sum (short sequences, as here) and by batched matmuls.
+@pytest.mark.parametrize('small_attention', [layers._SMALL_ATTENTION, 0])
+def test_attention_backward_matches_autodiff(rate, groups, small_attention, monkeypatch):
   """`layers.attend` keeps no probabilities; its gradients are autodiff's, with dropout too."""
+  monkeypatch.setattr(layers, '_SMALL_ATTENTION', small_attention)
   keys = jax.random.split(jax.random.key(0), 5)
   q = 2 * jax.random.normal(keys[0], (2, 6, 4, 8))
   k = 2 * jax.random.normal(keys[1], (2, 6, groups, 8))
