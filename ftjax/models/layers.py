@@ -467,6 +467,28 @@ def _attention_fwd(q, k, v, bias, seeds, repeats, scale, rate, dtype):
   return out, (q, k, v, bias, seeds, maximum, normaliser, out)
 
 
+# Query rows x keys up to which `_sum_over_queries` multiplies and sums instead of calling a
+# batched matmul (32 x 32: the measured crossover on XLA:CPU).
+_SMALL_ATTENTION = 1024
+
+
+def _sum_over_queries(x_BxGxQxK: jax.Array, p_BxGxQxS: jax.Array) -> jax.Array:
+  """sum_q x[b, g, q, k] * p[b, g, q, s] -> float32 [B, G, S, K]: dv and dk's contraction.
+
+  As a batched matmul, it is computed as [B, G, K, S] and transposed (the transpose fuses into
+  the copies that lay the gradients out; XLA:CPU runs that form ~15% faster than [B, G, S, K]).
+  For short sequences (Q x S <= _SMALL_ATTENTION, e.g. the default job's 8 tokens) each of the
+  B x G products is a few hundred multiply-adds, and XLA:CPU's batched matmul costs ~0.5 ms per
+  call mostly in per-product overhead; a broadcast multiply and a sum over Q, which XLA fuses
+  into one loop, is 2-3x faster there (1.4x at 32 tokens, slower from 48 on).
+  """
+  if p_BxGxQxS.shape[2] * p_BxGxQxS.shape[3] <= _SMALL_ATTENTION:
+    return jnp.sum(x_BxGxQxK.astype(jnp.float32)[:, :, :, None, :]
+                   * p_BxGxQxS.astype(jnp.float32)[:, :, :, :, None], axis=2)
+  return jnp.einsum('bgqk,bgqs->bgks', x_BxGxQxK, p_BxGxQxS,
+                    preferred_element_type=jnp.float32).swapaxes(2, 3)
+
+
 def _attention_bwd(repeats, scale, rate, dtype, residuals, g):
   q, k, v, bias, seeds, maximum, normaliser, out = residuals
   q, k, bias, maximum, normaliser = _after(g, q, k, bias, maximum, normaliser)
@@ -496,27 +518,6 @@ def _attention_bwd(repeats, scale, rate, dtype, residuals, g):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-# Query rows x keys up to which `_sum_over_queries` multiplies and sums instead of calling a
-# batched matmul (32 x 32: the measured crossover on XLA:CPU).
-_SMALL_ATTENTION = 1024
-
-
-def _sum_over_queries(x_BxGxQxK: jax.Array, p_BxGxQxS: jax.Array) -> jax.Array:
-  """sum_q x[b, g, q, k] * p[b, g, q, s] -> float32 [B, G, S, K]: dv and dk's contraction.
-
-  As a batched matmul, it is computed as [B, G, K, S] and transposed (the transpose fuses into
-  the copies that lay the gradients out; XLA:CPU runs that form ~15% faster than [B, G, S, K]).
-  For short sequences (Q x S <= _SMALL_ATTENTION, e.g. the default job's 8 tokens) each of the
-  B x G products is a few hundred multiply-adds, and XLA:CPU's batched matmul costs ~0.5 ms per
-  call mostly in per-product overhead; a broadcast multiply and a sum over Q, which XLA fuses
-  into one loop, is ~2x faster there.
-  """
-  if p_BxGxQxS.shape[2] * p_BxGxQxS.shape[3] <= _SMALL_ATTENTION:
-    return jnp.sum(x_BxGxQxK.astype(jnp.float32)[:, :, :, None, :]
-                   * p_BxGxQxS.astype(jnp.float32)[:, :, :, :, None], axis=2)
-  return jnp.einsum('bgqk,bgqs->bgks', x_BxGxQxK, p_BxGxQxS,
-                    preferred_element_type=jnp.float32).swapaxes(2, 3)
 
 
 def run_block(block: nnx.Module, remat: bool, *args, **kwargs):
