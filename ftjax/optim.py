@@ -101,6 +101,9 @@ def adamw(learning_rate: float | optax.Schedule, *, b1: float, b2: float, eps: f
 
   def update(updates, state, params=None, *, grad_scale=1.0, **extra_args):
     del extra_args
+    if params is None:
+      raise ValueError('optim.adamw: update(grads, state, params) needs the params (weight decay '
+                       'and its mask read them), as optax.adamw does')
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     count = optax.safe_increment(state.count)
     c1, c2 = (1 - b1) * grad_scale, (1 - b2) * grad_scale * grad_scale

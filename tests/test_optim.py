@@ -81,3 +81,10 @@ def test_no_written_clipped_gradients_or_squares():
   written = [line for line in entry.splitlines() if '= f32[256,128]' in line
              and 'parameter(' not in line and 'bitcast(' not in line]
   assert len(written) == 3, '\n'.join(written)
+
+
+def test_adamw_update_without_params_says_what_it_needs():
+  tx = optim.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+  grads = {'w': jnp.ones((2,))}
+  with pytest.raises(ValueError, match='needs the params'):
+    tx.update(grads, tx.init(grads))
