@@ -243,6 +243,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   processor, eos_id = _processor(dataset, checkpoint_dir, config.data.max_length)
   logger.info('parameter policy (%s):\n%s', config.policy.preset, params_lib.format_table(
       groups, config.optim.lr, config.optim.weight_decay))
+  cast, saved = params_lib.hold_frozen_in_compute_dtype(model, groups)
+  if cast:
+    logger.info('frozen weights held in %s: %.1fM parameters, %.0f MiB less', config.model.dtype,
+                cast / 1e6, saved / 2**20)
   phases = params_lib.phase_starts(groups)  # Gradual unfreezing: one compilation per phase.
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)

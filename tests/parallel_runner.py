@@ -8,6 +8,9 @@ Started as a subprocess so that `XLA_FLAGS=--xla_force_host_platform_device_coun
   train OUT CHECKPOINT DATA_DIR WORKDIR STEPS MESH  one run (MESH like '1,4,1'; resumes if the
                                   workdir holds a checkpoint), for the restore-elsewhere test
   process ID COUNT PORT OUT CHECKPOINT DATA_DIR WORKDIR  one of COUNT jax.distributed processes
+  frozen OUT CHECKPOINT           a bfloat16 LoRA model on the 2 x 2 x 2 mesh, its frozen weights
+                                  held in bfloat16: OUT (.json) has their shardings and dtypes
+                                  before and after
 
 Each writes OUT (.npz): per run, the per-step training losses and the final trainable parameters.
 """
@@ -99,6 +102,23 @@ def process(index, count, port, out_path, checkpoint, data_dir, workdir):
     np.savez(out_path, **out)
 
 
+def frozen(out_path, checkpoint):
+  from ftjax import configs, hub, parallel, peft  # pylint: disable=g-import-not-at-top
+  from ftjax import params as params_lib  # pylint: disable=g-import-not-at-top
+  config = configs.load_config(str(ROOT / 'configs/minilm_vader.py'))
+  configs.apply_overrides(config, ['policy.preset=peft', 'peft.method=lora'])
+  model, _, _ = hub.load_model(checkpoint, num_labels=3, dtype='bfloat16',
+                               mesh=_mesh(MESHES['2x2x2']))
+  groups = params_lib.build_policy(config.policy, model, peft.apply(model, config.peft, seed=0))
+  describe = lambda: {path: [str(getattr(v.get_value().sharding, 'spec', 'one device')),
+                             str(v.get_value().dtype)]
+                      for path, v in params_lib.param_paths(model).items()}
+  before = describe()
+  params_lib.hold_frozen_in_compute_dtype(model, groups)
+  pathlib.Path(out_path).write_text(json.dumps({'before': before, 'after': describe(),
+                                                'mesh': str(parallel.MESH_AXES)}))
+
+
 if __name__ == '__main__':
   mode, *args = sys.argv[1:]
-  {'meshes': meshes, 'train': train, 'process': process}[mode](*args)
+  {'meshes': meshes, 'train': train, 'process': process, 'frozen': frozen}[mode](*args)

@@ -81,6 +81,21 @@ def test_same_losses_and_parameters_on_every_mesh(tiny_bert_dir, data_dir, tmp_p
   assert lora['classifier/kernel'] == "('fsdp',)"
 
 
+def test_frozen_weights_held_in_bfloat16_keep_their_shards(tiny_bert_dir, tmp_path):
+  out = tmp_path / 'frozen.json'
+  _run(['frozen', out, tiny_bert_dir], devices=8)
+  result = json.loads(out.read_text())
+  before, after = result['before'], result['after']
+  assert before.keys() == after.keys()
+  held = [p for p in after if after[p][1] == 'bfloat16']
+  assert 'encoder/layers/0/attention/query/kernel' in held
+  for path, (spec, dtype) in after.items():
+    assert spec == before[path][0], path  # The same shards, in bfloat16 or not.
+    assert dtype == ('bfloat16' if path in held else 'float32')
+  assert not any('lora_' in p or p.startswith('classifier/') for p in held)
+  assert before['encoder/layers/0/attention/query/kernel'][0] == "P('fsdp', 'tensor')"
+
+
 def test_checkpoint_saved_on_8_devices_resumes_on_4(tiny_bert_dir, data_dir, tmp_path):
   # Uninterrupted: 10 steps on an fsdp=8 mesh.
   _run(['train', tmp_path / 'a.npz', tiny_bert_dir, data_dir, tmp_path / 'a', 10, '1,8,1'],

@@ -132,6 +132,26 @@ def linear(in_features: int, out_features: int, axes: Axes, *, std: float, dtype
   )
 
 
+# Layers whose every use of these parameters first casts them to the layer's compute dtype
+# (`promote_dtype(..., dtype=self.dtype)` in `__call__`, and `Embed.attend`). Exact types only: a
+# subclass may read its parameters otherwise and says so itself (`params_cast_on_use`).
+# Norm scales are left out: they are small, and flax's LayerNorm multiplies by them in float32.
+_CAST_ON_USE = {nnx.Linear: ('kernel', 'bias'), nnx.Embed: ('embedding',)}
+
+
+def params_cast_on_use(module: nnx.Module) -> tuple[str, ...]:
+  """Names of `module`'s own parameters that only ever enter its computation cast to
+  `module.dtype`, so that holding them in that dtype changes no result.
+
+  A module can answer for itself with a method `cast_on_use()` (e.g. LoRA's layer: not with
+  DoRA, whose column norms read the kernel at full precision); otherwise the exact type decides.
+  """
+  own = getattr(module, 'cast_on_use', None)
+  if callable(own):
+    return tuple(own())
+  return _CAST_ON_USE.get(type(module), ())
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32."""

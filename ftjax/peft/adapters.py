@@ -110,6 +110,10 @@ class AdapterLinear(nnx.Linear):
         param(jnp.zeros((features,), dtype), (out_axis,)),
     )
 
+  def cast_on_use(self) -> tuple[str, ...]:
+    """`kernel` and `bias` enter only through nnx.Linear's cast (`layers.params_cast_on_use`)."""
+    return ('kernel', 'bias')
+
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding)
     act = NON_LINEARITIES[self.non_linearity]

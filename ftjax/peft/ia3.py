@@ -70,6 +70,10 @@ class IA3Linear(nnx.Linear):
       }
     self.ia3_l = IA3Param(jnp.ones((size,), self.kernel.dtype), **sharding)
 
+  def cast_on_use(self) -> tuple[str, ...]:
+    """`kernel` and `bias` enter only through nnx.Linear's cast (`layers.params_cast_on_use`)."""
+    return ('kernel', 'bias')
+
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     if self.merged:
       return super().__call__(inputs, out_sharding)

@@ -135,6 +135,11 @@ class LoRALinear(nnx.Linear):
     norm = jax.lax.stop_gradient(_column_norm(self.kernel[...] + self.delta(name)))
     return getattr(self, magnitude_name(name))[...].astype(jnp.float32) / norm
 
+  def cast_on_use(self) -> tuple[str, ...]:
+    """`kernel` and `bias` enter only through nnx.Linear's cast (`layers.params_cast_on_use`),
+    except under DoRA, whose column norms read the kernel at full precision."""
+    return () if self.dora else ('kernel', 'bias')
+
   takes_rngs = True  # The model passes dropout's `deterministic` and `rngs` (bert.dense).
 
   def __call__(self, inputs: jax.Array, out_sharding=None, *, deterministic: bool = True,

@@ -31,7 +31,9 @@ Frameworks:
          configs/minilm_vader.py or configs/llama_sft.py: weight decay 0.01 off biases and norms,
          gradient clip 1.0; here a constant lr of 1e-4 as torch's, so that the final losses
          compare) + the jitted, donated train step of the training loop
-         (steps.jit_steps); bfloat16 is `model.dtype=bfloat16` (parameters stay float32). XLA's
+         (steps.jit_steps); bfloat16 is `model.dtype=bfloat16` (trained parameters stay float32;
+         frozen linear and embedding weights are held in bfloat16, as the training loop holds
+         them: params.hold_frozen_in_compute_dtype). XLA's
          persistent compilation cache is off, so every first step includes a cold compilation.
   torch  transformers.BertModel + dropout + Linear head, or LlamaForCausalLM (use_cache=False),
          peft.get_peft_model for LoRA, torch.optim.AdamW(fused=True) (weight decay 0.01 on
@@ -218,6 +220,7 @@ def _setup_ftjax(spec: dict) -> tuple:
   base_params = count(model)  # The backbone and its head, before PEFT adds anything.
   new = peft.apply(model, config.peft, seed=0)
   groups = params.build_policy(config.policy, model, new)
+  params.hold_frozen_in_compute_dtype(model, groups)  # As the training loop does.
   tx, schedule = optim.make_optimizer(config.optim, 1000, groups)
   graphdef, trainable, rest = nnx.split(
       model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
