@@ -16,7 +16,7 @@ from ftjax import configs, hub, optim, params, peft, steps, tasks
 from ftjax.models import bert
 from ftjax.models.heads import SequenceClassifier
 
-TINY = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+TINY = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=37, max_position_embeddings=64)
 
 
@@ -79,7 +79,7 @@ BERT_BATCH = {'input_ids': jnp.arange(16).reshape(2, 8) % 99,
     ('policy.preset=peft', 'peft.method=lora'),
     ('policy.preset=peft', 'peft.method=ia3'),
     ('policy.preset=peft', 'peft.method=houlsby'),
-    ('policy.preset=freeze_lower', 'policy.freeze_lower_layers=2', 'peft.method=none'),
+    ('policy.preset=freeze_lower', 'policy.freeze_lower_layers=1', 'peft.method=none'),
 ])
 def test_frozen_weights_in_bfloat16_compute_the_same_bits(overrides):
   config = _config(*overrides)

@@ -6,6 +6,7 @@ gives the tokens of a plain full forward per step, and of transformers' own gree
 """
 
 import json
+import logging
 import re
 import pathlib
 import subprocess
@@ -254,11 +255,15 @@ def test_bfloat16_compute_stays_close_to_float32(fixture, task, request):
   assert 0 < deviation < 0.05, deviation
 
 
-def test_bfloat16_switch_trains(tiny_llama_dir, data_dir, tmp_path):
+def test_bfloat16_switch_trains(tiny_llama_dir, data_dir, tmp_path, caplog):
   config = _config('llama_sft.py', tiny_llama_dir, data_dir, 'train.num_epochs=0.03',
                    'model.dtype=bfloat16', 'train.eval_every=3')
-  results = train_and_evaluate(config, tmp_path)
+  with caplog.at_level(logging.INFO, logger='ftjax'):
+    results = train_and_evaluate(config, tmp_path)
   assert np.isfinite(results['test']['loss'])
+  # LoRA's frozen base weights trained in bfloat16 (params.hold_frozen_in_compute_dtype) ...
+  assert 'frozen weights held in bfloat16' in caplog.text
+  # ... while a restored model, e.g. for export, has its float32 master weights.
   model, _, _ = restore_model(tmp_path)
   assert model.encoder.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32
 
