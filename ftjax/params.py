@@ -11,12 +11,10 @@ Paths look like `encoder/layers/3/attention/query/kernel`, `encoder/embeddings/.
 """
 
 import dataclasses
-import functools
 import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -244,7 +242,7 @@ def hold_frozen_in_compute_dtype(model: nnx.Module, groups: Sequence[Group]) -> 
     (parameters cast, bytes saved).
   """
   ever_trained = frozenset(p for g in groups if g.rule.trainable for p in g.paths)
-  chunks, chunk_bytes = [[]], 0
+  count = saved = 0
   for path, module in nnx.iter_graph(model):
     dtype = getattr(module, 'dtype', None) if isinstance(module, nnx.Module) else None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -256,35 +254,17 @@ def hold_frozen_in_compute_dtype(model: nnx.Module, groups: Sequence[Group]) -> 
           or not jnp.issubdtype(variable.dtype, jnp.floating)
           or jnp.dtype(dtype).itemsize >= jnp.dtype(variable.dtype).itemsize):
         continue
-      if chunk_bytes >= _CAST_CHUNK_BYTES:
-        chunks, chunk_bytes = [*chunks, []], 0
-      chunks[-1].append((variable, jnp.dtype(dtype)))
-      chunk_bytes += variable.get_value().nbytes
-  count = saved = 0
-  for chunk in chunks:
-    if not chunk:
-      continue
-    old = [variable.get_value() for variable, _ in chunk]
-    new = _cast_all(old, tuple(dtype for _, dtype in chunk))
-    for (variable, _), value in zip(chunk, new):
-      variable.set_value(value)
-    count += sum(x.size for x in old)
-    saved += sum(x.nbytes for x in old) - sum(x.nbytes for x in new)
-    del old, new
+      # One weight at a time, each float32 copy dropped as its cast lands. Casting them all in
+      # one compiled call is 0.3 s faster for MiniLM, but with every float32 copy still alive
+      # while the casts are allocated, glibc could not give the freed pages back: Llama-100M
+      # LoRA's bfloat16 peak was 2,325-2,355 MiB that way against 2,166-2,168 one at a time.
+      value = variable.get_value()
+      variable.set_value(value.astype(dtype))  # Keeps the value's sharding.
+      count += value.size
+      saved += value.nbytes - variable.get_value().nbytes
   if count:
     launch.release_freed_host_memory()  # On CPU, the float32 copies' pages go back to the OS.
   return count, saved
-
-
-# Weights cast by one compiled call: per-shape eager casts compile a program each (MiniLM: 0.5 s
-# against 0.2 s), and a bounded chunk bounds the copies alive at once.
-_CAST_CHUNK_BYTES = 1 << 30
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _cast_all(values: list[jax.Array], dtypes: tuple[Any, ...]) -> list[jax.Array]:
-  """Each value in its dtype; the results keep the values' shardings."""
-  return [x.astype(dtype) for x, dtype in zip(values, dtypes)]
 
 
 def trainable_paths(groups: Sequence[Group], step: int) -> frozenset[str]:

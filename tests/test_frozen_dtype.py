@@ -151,15 +151,3 @@ def test_decoder_families_compute_the_same_bits(fixture, task, pooling, request)
   assert count > 0
   _assert_same_bits(model, config, groups, batch, task)
 
-
-def test_casting_in_chunks_gives_the_same_weights(monkeypatch):
-  config = _config('policy.preset=head_only', 'peft.method=none')
-  whole, chunked = _tiny_bert(), _tiny_bert()
-  groups = params.build_policy(config.policy, whole)
-  assert params.hold_frozen_in_compute_dtype(whole, groups)[0] > 0
-  monkeypatch.setattr(params, '_CAST_CHUNK_BYTES', 1)  # One weight per compiled cast.
-  params.hold_frozen_in_compute_dtype(chunked, groups)
-  for (path, a), (_, b) in zip(params.param_paths(whole).items(),
-                               params.param_paths(chunked).items(), strict=True):
-    assert a.get_value().dtype == b.get_value().dtype, path
-    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
