@@ -26,6 +26,7 @@ import optax
 from ftjax import metrics as metrics_lib
 from ftjax.errors import FtjaxError
 from ftjax.models import heads
+from ftjax.models import layers
 
 Batch = dict[str, Any]
 IGNORE = -1  # Label of items that carry no loss (prompt tokens, continuation sub-words, padding).
@@ -64,6 +65,8 @@ class Task:
   _losses: Callable[[jax.Array, Batch], tuple] = dataclasses.field(repr=False)
   _eval: Callable[[jax.Array, Batch], dict] = dataclasses.field(repr=False)
   _accumulator: Callable[[int], Any] = dataclasses.field(repr=False)
+  # Whether batches may be packed (`data.pack_length`): one output per example, pooled.
+  packable: bool = False
 
   def build_head(self, backbone: nnx.Module, *, kind: str, num_labels: int, pooling: str,
                  dropout: float, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
@@ -77,8 +80,13 @@ class Task:
 
   def forward(self, model: nnx.Module, batch: Batch, *, deterministic: bool,
               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The model's float32 logits (or predictions) for `batch`."""
-    out = model(*(batch[k] for k in self.inputs), deterministic=deterministic, rngs=rngs)
+    """The model's float32 logits (or predictions) for `batch`, one per example also when the
+    batch is packed (its token arrays are rows shared by several examples: 'example_ids')."""
+    kw = {}
+    if 'example_ids' in batch:
+      kw['packing'] = layers.Packing(batch['example_ids'], batch['positions'],
+                                     num_examples=batch['weight'].shape[0])
+    out = model(*(batch[k] for k in self.inputs), deterministic=deterministic, rngs=rngs, **kw)
     return out.astype(jnp.float32)
 
   def losses(self, logits: jax.Array, batch: Batch):
@@ -218,12 +226,12 @@ TASKS: dict[str, Task] = {
         'classification', ('encoder', 'decoder'), ('input_ids', 'attention_mask',
                                                     'token_type_ids'),
         ('loss', 'accuracy', 'macro_f1'), ('accuracy', 'max'),
-        _sequence_head, _classify_losses, _classify_eval, _Classification),
+        _sequence_head, _classify_losses, _classify_eval, _Classification, packable=True),
     'regression': Task(
         'regression', ('encoder', 'decoder'), ('input_ids', 'attention_mask', 'token_type_ids'),
         ('loss', 'rmse', 'pearson', 'spearman'), ('loss', 'min'),
         _regression_head, _regression_losses, _regression_eval,
-        lambda num_labels: metrics_lib.RegressionMetrics()),
+        lambda num_labels: metrics_lib.RegressionMetrics(), packable=True),
     'token_classification': Task(
         'token_classification', ('encoder', 'decoder'),
         ('input_ids', 'attention_mask', 'token_type_ids'),

@@ -7,6 +7,7 @@ a good one that shares its directory.
 """
 
 import dataclasses
+import inspect
 import json
 import logging
 import pathlib
@@ -202,6 +203,34 @@ def _length_buckets(data_config, dataset) -> tuple[int, ...]:
   return buckets
 
 
+def _pack_length(config: ml_collections.ConfigDict, task: tasks.Task, model: nnx.Module,
+                 accum_steps: int, buckets: tuple[int, ...]) -> int:
+  """`data.pack_length`, checked against what packed batches support; 0 means no packing."""
+  pack_length = data.check_pack_length(config.data.get('pack_length', 0), config.data.max_length)
+  if not pack_length:
+    return 0
+  encoder = getattr(model, 'encoder', None)
+  if not task.packable:
+    problem = f'the {task.name} task (packing serves classification and regression)'
+  elif 'packing' not in inspect.signature(type(encoder).__call__).parameters:
+    problem = (f'a {type(encoder).__name__} backbone (encoders such as BERT and RoBERTa take '
+               'packed batches)')
+  elif config.model.pooling == 'last':
+    problem = "model.pooling='last'"
+  elif config.peft.method in ('prompt', 'prefix'):
+    problem = f'{config.peft.method} tuning'
+  elif accum_steps > 1:
+    problem = f'train.grad_accum_steps={accum_steps}'
+  elif buckets:
+    problem = 'data.length_buckets (packing already removes the padding)'
+  elif jax.process_count() > 1:
+    problem = 'several processes (each would size its rows alone)'
+  else:
+    return pack_length
+  raise FtjaxError(f'data.pack_length={pack_length} does not work with {problem}: set '
+                   'data.pack_length=0')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        mesh: jax.sharding.Mesh | None = None) -> dict:
   """Fine-tunes the configured model and returns validation and test metrics of the best step.
@@ -251,10 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   buckets = _length_buckets(config.data, dataset)
+  pack_length = _pack_length(config, task, model, accum_steps, buckets)
   train_iter = data.train_iterator(dataset, processor, config.train.batch_size, config.seed,
                                    num_workers=config.data.num_workers, eos_id=eos_id,
                                    rows=parallel.local_rows(config.train.batch_size),
-                                   length_buckets=buckets)
+                                   length_buckets=buckets, pack_length=pack_length,
+                                   row_multiple=parallel.batch_divisor(mesh))
 
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
@@ -286,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_rows = parallel.local_rows(config.train.eval_batch_size)
   eval_batches = lambda split: (parallel.global_batch(b, mesh) for b in data.eval_batches(
       dataset, split, processor, config.train.eval_batch_size, eos_id=eos_id, rows=eval_rows,
-      length_buckets=buckets))
+      length_buckets=buckets, pack_length=pack_length, row_multiple=parallel.batch_divisor(mesh)))
   accumulator = lambda: task.metrics_accumulator(len(dataset.label_names))
   logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)

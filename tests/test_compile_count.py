@@ -37,11 +37,11 @@ def _run(tiny_bert_dir, reviews, workdir, monkeypatch, *overrides):
   train_step, eval_step = steps.train_step, steps.eval_step
 
   def counting_train(state, batch, *args, **kwargs):
-    traced['train'].append(batch['input_ids'].shape[1])  # Runs at trace time only.
+    traced['train'].append(batch['input_ids'].shape)  # Runs at trace time only.
     return train_step(state, batch, *args, **kwargs)
 
   def counting_eval(params, rest, batch, **kwargs):
-    traced['eval'].append(batch['input_ids'].shape[1])
+    traced['eval'].append(batch['input_ids'].shape)
     return eval_step(params, rest, batch, **kwargs)
 
   monkeypatch.setattr(steps, 'train_step', counting_train)
@@ -58,19 +58,34 @@ def _run(tiny_bert_dir, reviews, workdir, monkeypatch, *overrides):
   return traced
 
 
+def _lengths(traced):
+  return {step: [shape[1] for shape in shapes] for step, shapes in traced.items()}
+
+
 def test_fixed_length_compiles_each_step_once(tiny_bert_dir, reviews, tmp_path, monkeypatch):
-  traced = _run(tiny_bert_dir, reviews, tmp_path, monkeypatch)
+  traced = _lengths(_run(tiny_bert_dir, reviews, tmp_path, monkeypatch))
   # ~50 train steps, 4 evaluations + the final validation and test: one compilation each.
   assert traced == {'train': [64], 'eval': [64]}
 
 
 def test_length_buckets_compile_once_per_bucket(tiny_bert_dir, reviews, tmp_path, monkeypatch):
-  traced = _run(tiny_bert_dir, reviews, tmp_path, monkeypatch, 'data.length_buckets=(8, 16, 64)')
+  traced = _lengths(_run(tiny_bert_dir, reviews, tmp_path, monkeypatch,
+                         'data.length_buckets=(8, 16, 64)'))
   for step in ('train', 'eval'):
     assert len(traced[step]) == len(set(traced[step])), traced  # No shape compiled twice.
     assert set(traced[step]) <= {8, 16, 64}
   # Most batches are short, some hold a long text: more than one bucket is met.
   assert len(set(traced['train'])) >= 2, traced
+
+
+def test_packed_batches_compile_once_per_row_count(tiny_bert_dir, reviews, tmp_path,
+                                                    monkeypatch):
+  traced = _run(tiny_bert_dir, reviews, tmp_path, monkeypatch, 'data.pack_length=64')
+  for step, batch_size in (('train', 16), ('eval', 32)):
+    assert len(traced[step]) == len(set(traced[step])), traced  # No shape compiled twice.
+    # The sized row count, and at most once more the fallback of one example per row.
+    assert len(traced[step]) <= 2 and all(length == 64 for _, length in traced[step]), traced
+    assert min(rows for rows, _ in traced[step]) < batch_size / 2, traced  # Packing happened.
 
 
 def test_bad_buckets_are_one_line_errors(tiny_bert_dir, reviews, tmp_path, monkeypatch):

@@ -9,6 +9,8 @@
 from ftjax.data.builder import build_dataset
 from ftjax.data.builder import Dataset
 from ftjax.data.builder import resolve_data_dir
+from ftjax.data.packing import check_pack_length
+from ftjax.data.packing import pack
 from ftjax.data.pipeline import check_buckets
 from ftjax.data.pipeline import cut_to_bucket
 from ftjax.data.pipeline import eval_batches
@@ -26,12 +28,14 @@ __all__ = [
     'TrainIterator',
     'build_dataset',
     'check_buckets',
+    'check_pack_length',
     'cut_to_bucket',
     'encode',
     'eos_id',
     'eval_batches',
     'load_tokenizer',
     'num_eval_batches',
+    'pack',
     'resolve_data_dir',
     'train_iterator',
 ]

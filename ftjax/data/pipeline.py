@@ -12,9 +12,14 @@ Length buckets (`length_buckets`, e.g. (16, 32, 64)): token arrays are padded to
 by the tokenizer, then each batch is cut to the smallest bucket that holds its longest row (the
 pad columns beyond it carry nothing). A step compiles once per bucket it meets and never again,
 and short batches cost what their length needs rather than `max_length`.
+
+Packing (`pack_length` > 0, `ftjax.data.packing`): each batch's examples are packed into a fixed
+number of rows of `pack_length` tokens, sized once per split from a sample of it, so that short
+examples stop paying for padding.
 """
 
 from collections.abc import Iterator
+import logging
 import math
 
 from absl import flags
@@ -23,12 +28,15 @@ import numpy as np
 import tokenizers
 
 from ftjax.data import builder as builder_lib
+from ftjax.data import packing as packing_lib
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import FtjaxError
 
 # Tokenizing a batch takes well under a millisecond: a couple of threads a few batches ahead
 # keep the accelerator fed without competing with a CPU-only run for its cores.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+logger = logging.getLogger(__name__)
 
 
 # Splits up to this many examples are decoded once and held in memory (VADER: ~6k). TFDS decodes
@@ -144,11 +152,13 @@ class _ProcessRows:
   gets a well-formed batch.
   """
 
-  def __init__(self, reader, rows: slice, pad_to: int | None, buckets: tuple[int, ...] = ()):
+  def __init__(self, reader, rows: slice, pad_to: int | None, buckets: tuple[int, ...] = (),
+               packing: tuple[int, int] | None = None):
     self.reader = reader
     self.rows = rows
     self.pad_to = pad_to
     self.buckets = buckets
+    self.packing = packing  # (pack_length, rows) or None.
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     if self.pad_to is not None:
@@ -158,20 +168,45 @@ class _ProcessRows:
     out = self.reader(np.where(valid, indices, 0))
     if self.pad_to is not None:
       out['weight'] = valid.astype(np.float32)
+    if self.packing:
+      return packing_lib.pack(out, *self.packing)
     return cut_to_bucket(out, self.buckets)
+
+
+# Examples of a split tokenized to size its packed rows (`packing.rows_for`), and the sizes.
+_SIZING_SAMPLE = 4096
+_PACKED_ROWS: dict[tuple, int] = {}
 
 
 def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
             pad_to: int | None = None, eos_id: int | None = None,
-            buckets: tuple[int, ...] = ()) -> _ProcessRows:
-  """The batch reader of a split: tokenizes text, or decodes and resizes images."""
+            buckets: tuple[int, ...] = (), pack_length: int = 0, batch_size: int = 0,
+            row_multiple: int = 1) -> _ProcessRows:
+  """The batch reader of a split: tokenizes text, or decodes and resizes images.
+
+  With `pack_length`, batches of `batch_size` examples are packed into rows whose number is
+  sized here from up to `_SIZING_SAMPLE` of the split's examples.
+  """
   if dataset.kind == 'image':
     from ftjax.data import images  # pylint: disable=g-import-not-at-top
     image_size, mean, std = processor
     read = images.ReadImages(dataset.source(split), image_size=image_size, mean=mean, std=std)
   else:
     read = _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, eos_id)
-  return _ProcessRows(read, rows, pad_to, buckets)
+  packing = None
+  if pack_length:
+    key = (dataset.name, split, id(processor), batch_size, pack_length, row_multiple)
+    if key not in _PACKED_ROWS:  # Sized once per run and split (evaluations repeat).
+      count = dataset.num_examples[split]
+      sample = np.random.default_rng(0).permutation(count)[:_SIZING_SAMPLE]
+      mask = read(np.sort(sample))['attention_mask']
+      _PACKED_ROWS[key] = packing_lib.rows_for(packing_lib.lengths_of({'attention_mask': mask}),
+                                               batch_size, pack_length, row_multiple)
+      logger.info('packing %s batches: %d examples into %d rows of %d tokens (%.0f%% of the '
+                  'padded batch\'s positions)', split, batch_size, _PACKED_ROWS[key],
+                  pack_length, 100 * _PACKED_ROWS[key] * pack_length / (batch_size * mask.shape[1]))
+    packing = (pack_length, _PACKED_ROWS[key])
+  return _ProcessRows(read, rows, pad_to, buckets, packing)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -241,7 +276,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, seed: int, *,
                    num_workers: int = 0, eos_id: int | None = None,
                    rows: slice = slice(None),
-                   length_buckets: tuple[int, ...] = ()) -> TrainIterator:
+                   length_buckets: tuple[int, ...] = (), pack_length: int = 0,
+                   row_multiple: int = 1) -> TrainIterator:
   """Returns endless, seed-determined training batches of the train split.
 
   Args:
@@ -258,6 +294,9 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
       default, all of them, is one process's view.
     length_buckets: token batches are cut to the smallest of these lengths that fits them
       (`cut_to_bucket`); () keeps every batch at the tokenizer's max_length.
+    pack_length: > 0 packs each batch's examples into rows of this many tokens
+      (`packing.pack`); the number of rows is a multiple of `row_multiple`.
+    row_multiple: the devices a batch is split over.
 
   Raises:
     FtjaxError: if `batch_size` or `num_workers` is invalid.
@@ -272,7 +311,8 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
              .repeat()
              .batch(batch_size, drop_remainder=True)
              .map(_reader(dataset, 'train', tokenizer, rows=rows, eos_id=eos_id,
-                          buckets=tuple(length_buckets))))
+                          buckets=tuple(length_buckets), pack_length=pack_length,
+                          batch_size=batch_size, row_multiple=row_multiple)))
   identity = {'dataset': dataset.name, 'seed': seed, 'batch_size': batch_size}
   return TrainIterator(batches, identity, steps_per_epoch=max(1, num_train // batch_size),
                        num_workers=num_workers)
@@ -280,20 +320,23 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
 
 def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size: int, *,
                  eos_id: int | None = None, rows: slice = slice(None),
-                 length_buckets: tuple[int, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
+                 length_buckets: tuple[int, ...] = (), pack_length: int = 0,
+                 row_multiple: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example of `split` once, in order, in batches of exactly `batch_size`.
 
   Each batch holds the model inputs (e.g. 'input_ids', 'attention_mask', 'token_type_ids':
   [B, L] int32), the targets ('label', 'labels' or 'target') and 'weight': [B] float32, 1 for
   real examples and 0 for the padding that fills the last batch (weight the metrics by it).
-  With `length_buckets`, token arrays are cut as in `train_iterator`.
+  With `length_buckets`, token arrays are cut as in `train_iterator`; with `pack_length`, they
+  are packed as there.
   """
   if batch_size < 1:
     raise FtjaxError(f'train.eval_batch_size={batch_size} must be at least 1')
   ds = (grain.MapDataset.range(dataset.num_examples[split])
         .batch(batch_size, drop_remainder=False)
         .map(_reader(dataset, split, tokenizer, rows=rows, pad_to=batch_size, eos_id=eos_id,
-                     buckets=tuple(length_buckets)))
+                     buckets=tuple(length_buckets), pack_length=pack_length,
+                     batch_size=batch_size, row_multiple=row_multiple))
         .to_iter_dataset(_READ_OPTIONS))
   yield from ds
 

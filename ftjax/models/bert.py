@@ -291,6 +291,7 @@ class BertModel(nnx.Module):
       *,
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
+      packing: layers.Packing | None = None,
   ) -> jax.Array:
     """Encodes a batch.
 
@@ -300,6 +301,8 @@ class BertModel(nnx.Module):
       token_type_ids: [B, L] segment ids; None means all zeros.
       deterministic: False enables dropout, which then needs `rngs` with a 'dropout' stream.
       rngs: e.g. `nnx.Rngs(dropout=key)`; unused when deterministic.
+      packing: for a packed batch (rows holding several examples), where each token comes from;
+        attention then stays within each example and positions restart at its first token.
 
     Returns:
       The last hidden state, [B, L, D] in the compute dtype; [B, P + L, D] with P soft prompt
@@ -307,6 +310,10 @@ class BertModel(nnx.Module):
     """
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    if packing is not None and (self.prompt is not None or self.prefix is not None):
+      raise FtjaxError('packed batches (data.pack_length) do not combine with prompt or prefix '
+                       'tuning, whose virtual tokens belong to one example per row: set '
+                       'data.pack_length=0')
     prompt_PxD = None if self.prompt is None else self.prompt()
     if prompt_PxD is not None:
       if attention_mask is None:
@@ -314,7 +321,9 @@ class BertModel(nnx.Module):
       attention_mask = jnp.concatenate(
           [jnp.ones((input_ids.shape[0], prompt_PxD.shape[0]), attention_mask.dtype),
            attention_mask], axis=1)
-    if attention_mask is None:
+    if packing is not None:
+      mask_bias = packing.attention_bias()
+    elif attention_mask is None:
       mask_bias = jnp.zeros((1, 1, 1, input_ids.shape[1]), jnp.float32)
     else:
       # Added to float32 logits; finfo.min (not -inf) keeps fully padded rows free of NaNs.
@@ -330,19 +339,23 @@ class BertModel(nnx.Module):
     kw = dict(deterministic=deterministic, rngs=rngs)
     x_BxLxD = self.embeddings(input_ids, token_type_ids, prompt_PxD=prompt_PxD,
                               position_offset=num_prefix,
-                              position_ids_BxL=self.position_ids(input_ids), **kw)
+                              position_ids_BxL=self.position_ids(input_ids, packing), **kw)
     for i, layer in enumerate(self.layers):
       prefix_kv = None if not num_prefix else (prefix_PxNxHxK[:, 2 * i],
                                                prefix_PxNxHxK[:, 2 * i + 1])
       x_BxLxD = layers.run_block(layer, self.remat, x_BxLxD, mask_bias, prefix_kv=prefix_kv, **kw)
     return x_BxLxD
 
-  def position_ids(self, input_ids: jax.Array) -> jax.Array | None:
+  def position_ids(self, input_ids: jax.Array,
+                   packing: layers.Packing | None = None) -> jax.Array | None:
     """The position ids of `input_ids`, [B, L]; None numbers the tokens 0, 1, ... as BERT does.
+    A packed batch numbers each example's tokens from its start.
 
     Families that derive positions from the tokens (RoBERTa) override this.
     """
     del input_ids
+    if packing is not None:
+      return packing.positions
     return None
 
   def pool(self, hidden_BxLxD: jax.Array) -> jax.Array:

@@ -98,9 +98,19 @@ class SequenceClassifier(nnx.Module):
       *,
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
+      packing: layers.Packing | None = None,
   ) -> jax.Array:
-    """Returns float32 logits [B, num_labels]; dropout needs `rngs` when not deterministic."""
+    """Returns float32 logits [B, num_labels]; dropout needs `rngs` when not deterministic.
+
+    With `packing` (an encoder's packed batch, `ftjax.data.packing`), the token arrays are its
+    [R, L] rows and B is `packing.num_examples`; each example pools its own tokens.
+    """
     kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
+    if packing is not None:
+      hidden_RxLxD = self.encoder(input_ids, attention_mask, token_type_ids, packing=packing, **kw)
+      pooled_BxD = self._pool_packed(hidden_RxLxD, packing)
+      pooled_BxD = self.dropout(pooled_BxD.astype(jnp.float32), **kw)
+      return self.classifier(pooled_BxD)
     hidden_BxLxD = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
     if self.pooling == 'mean':
       # Sum in float32: bf16 accumulation over hundreds of tokens loses precision.
@@ -123,6 +133,21 @@ class SequenceClassifier(nnx.Module):
       pooled_BxD = self.encoder.pool(hidden_BxLxD)
     pooled_BxD = self.dropout(pooled_BxD.astype(jnp.float32), **kw)
     return self.classifier(pooled_BxD)
+
+  def _pool_packed(self, hidden_RxLxD: jax.Array, packing: layers.Packing) -> jax.Array:
+    """The unpacked poolings, per example of a packed batch: [B, D]."""
+    if self.pooling == 'mean':
+      total_BxD, count_Bx1 = packing.gather(hidden_RxLxD)
+      return total_BxD / jnp.maximum(count_Bx1, 1.0)
+    if self.pooling == 'last':
+      raise FtjaxError("model.pooling='last' (decoders) does not take packed batches: set "
+                       'data.pack_length=0')
+    # 'cls' and 'pooler' read each example's first token (one per example: an exact pick).
+    first_BxD, _ = packing.gather(hidden_RxLxD, packing.positions == 0)
+    first_BxD = first_BxD.astype(hidden_RxLxD.dtype)
+    if self.pooling == 'cls':
+      return first_BxD
+    return self.encoder.pool(first_BxD[:, None])
 
 
 class TokenClassifier(nnx.Module):

@@ -316,6 +316,43 @@ def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
   return y.reshape(*lead, y.shape[-1])
 
 
+@flax.struct.dataclass
+class Packing:
+  """Where each token of a packed batch comes from (`ftjax.data.packing`): several examples share
+  a row, so attention stays within an example, positions restart at each example's start, and
+  heads pool an example's own tokens.
+
+  Attributes:
+    example_ids: [R, L] int32, the example (0 .. num_examples - 1) of each token; -1 for padding.
+    positions: [R, L] int32, each token's position within its example (0 at its first token).
+    num_examples: B, the number of examples (static).
+  """
+
+  example_ids: jax.Array
+  positions: jax.Array
+  num_examples: int = flax.struct.field(pytree_node=False)
+
+  def attention_bias(self) -> jax.Array:
+    """The additive float32 bias [R, 1, L, L]: a token sees the tokens of its own example."""
+    ids_RxL = self.example_ids
+    same_RxLxL = (ids_RxL[:, :, None] == ids_RxL[:, None, :]) & (ids_RxL[:, None, :] >= 0)
+    return jnp.where(same_RxLxL, 0.0, MASKED)[:, None].astype(jnp.float32)
+
+  def membership(self, where_RxL: jax.Array | None = None) -> jax.Array:
+    """[B, R * L] float32: 1 where a token belongs to an example (and `where_RxL` holds)."""
+    ids = self.example_ids if where_RxL is None else jnp.where(where_RxL, self.example_ids, -1)
+    return (ids.reshape(1, -1) == jnp.arange(self.num_examples)[:, None]).astype(jnp.float32)
+
+  def gather(self, hidden_RxLxD: jax.Array, where_RxL: jax.Array | None = None) -> jax.Array:
+    """Per example, the float32 sum of its tokens' vectors (those where `where_RxL` holds), and
+    their count: ([B, D], [B, 1])."""
+    member_BxT = self.membership(where_RxL)
+    flat_TxD = hidden_RxLxD.reshape(-1, hidden_RxLxD.shape[-1]).astype(jnp.float32)
+    # HIGHEST: a TPU would otherwise round the float32 operands to bfloat16.
+    total_BxD = jnp.matmul(member_BxT, flat_TxD, precision=jax.lax.Precision.HIGHEST)
+    return total_BxD, member_BxT.sum(axis=1, keepdims=True)
+
+
 # Attention
 # ------------------------------------------------------------------------------
 

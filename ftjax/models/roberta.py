@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ftjax.errors import FtjaxError
 from ftjax.models import Family
 from ftjax.models import bert
+from ftjax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,10 @@ class RobertaModel(bert.BertModel):
   positions differently when they are present, and ftjax does not reproduce that.
   """
 
-  def position_ids(self, input_ids: jax.Array) -> jax.Array:
-    """RoBERTa's position ids of `input_ids`, [B, L], from the padding token."""
+  def position_ids(self, input_ids: jax.Array,
+                   packing: layers.Packing | None = None) -> jax.Array:
+    """RoBERTa's position ids of `input_ids`, [B, L], from the padding token (a packed batch's
+    restart at each example's first token)."""
     if self.prompt is not None or self.prefix is not None:
       raise FtjaxError('prompt and prefix tuning are not supported for RoBERTa in ftjax: use '
                        'LoRA, IA3 or adapters, or a BERT checkpoint')
@@ -63,6 +66,9 @@ class RobertaModel(bert.BertModel):
     if input_ids.shape[1] > limit:
       raise FtjaxError(f'sequence length {input_ids.shape[1]} exceeds the {limit} positions of '
                        'this RoBERTa model: lower the max length')
+    if packing is not None:
+      return jnp.where(packing.example_ids >= 0, packing.positions + config.pad_token_id + 1,
+                       config.pad_token_id)
     return position_ids(input_ids, config.pad_token_id)
 
 

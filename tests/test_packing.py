@@ -1,0 +1,205 @@
+"""Packed batches (`data.pack_length`): the same logits, losses and gradients as padded ones.
+
+Packing puts several examples in one token row; the models must then attend within an example,
+number positions from its start and pool its own tokens. The references are transformers'
+BertModel on the padded batch, and ftjax's own padded batch.
+"""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ftjax import configs, hub, tasks
+from ftjax.data import packing
+from ftjax.errors import FtjaxError
+from ftjax.models import layers
+
+TOL = 1e-5
+
+
+def _padded_batch(num: int, max_length: int, vocab: int, seed: int = 0, lo: int = 2):
+  """Right-padded token arrays of random lengths in [lo, max_length], labels, token types."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(lo, max_length + 1, num)
+  mask = (np.arange(max_length)[None] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(5, vocab, (num, max_length)).astype(np.int32) * mask
+  types = (rng.integers(0, 2, (num, max_length)) * mask).astype(np.int32)
+  return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': types,
+          'label': rng.integers(0, 3, num).astype(np.int32)}
+
+
+def test_first_fit_places_every_item_once_within_capacity():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 9, 200)
+  row, offset, rows = packing.first_fit(lengths, 16)
+  assert rows >= -(-lengths.sum() // 16)
+  assert rows <= np.ceil(11 / 9 * -(-lengths.sum() // 16)) + 1  # First fit decreasing's bound.
+  filled = np.zeros((rows, 16), int)
+  for r, at, n in zip(row, offset, lengths):
+    filled[r, at:at + n] += 1
+  assert filled.max() == 1 and filled.sum() == lengths.sum()  # No overlaps, nothing spills.
+  with pytest.raises(FtjaxError, match='does not fit a packed row of 4'):
+    packing.first_fit(np.array([3, 5]), 4)
+
+
+def test_pack_keeps_every_token_and_example_array():
+  batch = _padded_batch(32, 8, 100)
+  lengths = batch['attention_mask'].sum(1)
+  rows = packing.rows_for(lengths, 32, 16)
+  out = packing.pack(batch, 16, rows)
+  assert out['input_ids'].shape == out['example_ids'].shape == (rows, 16)
+  assert rows < 32 * 8 / 16 * 1.0  # Fewer positions than the padded batch (32 x 8).
+  np.testing.assert_array_equal(out['label'], batch['label'])
+  np.testing.assert_array_equal(out['weight'], np.ones(32, np.float32))
+  for i, n in enumerate(lengths):
+    where = out['example_ids'] == i
+    assert where.sum() == n
+    for key in ('input_ids', 'token_type_ids'):
+      np.testing.assert_array_equal(out[key][where], batch[key][i, :n])
+    np.testing.assert_array_equal(out['positions'][where], np.arange(n))
+  np.testing.assert_array_equal(out['attention_mask'], out['example_ids'] >= 0)
+  assert not out['input_ids'][out['example_ids'] < 0].any()  # Padding keeps the pad id, 0.
+
+
+def test_pack_keeps_one_example_per_row_when_they_do_not_fit():
+  batch = _padded_batch(8, 8, 100, lo=8)  # 64 tokens cannot fit 2 rows of 16.
+  out = packing.pack(batch, 16, 2)
+  assert out['input_ids'].shape == (8, 16)
+  np.testing.assert_array_equal(out['example_ids'][:, 0], np.arange(8))
+
+
+def test_rows_for_fits_batches_and_rounds_to_the_devices():
+  lengths = np.random.default_rng(1).integers(3, 7, 5000)
+  rows = packing.rows_for(lengths, 32, 16, multiple=4)
+  assert rows % 4 == 0 and rows < 32
+  rng = np.random.default_rng(2)
+  for _ in range(50):
+    assert packing.first_fit(lengths[rng.choice(5000, 32)], 16)[2] <= rows
+  assert packing.rows_for(np.full(100, 16), 32, 16) == 32  # Nothing shares a row: B rows.
+
+
+@pytest.mark.parametrize('bad', [4, -1, 'x'])
+def test_pack_length_is_checked(bad):
+  with pytest.raises(FtjaxError, match='must be 0 .no packing. or at least data.max_length=8'):
+    packing.check_pack_length(bad, 8)
+  assert packing.check_pack_length(0, 8) == 0 and packing.check_pack_length(8, 8) == 8
+
+
+@pytest.fixture(scope='module')
+def reference():
+  torch.manual_seed(0)
+  config = transformers.BertConfig(
+      vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=37, max_position_embeddings=24, type_vocab_size=2,
+      attn_implementation='eager')
+  model = transformers.BertModel(config).eval()
+  with torch.no_grad():  # Random-init LayerNorms are ones/zeros: perturb them.
+    for name, param in model.named_parameters():
+      if 'LayerNorm' in name:
+        param.add_(0.1 * torch.randn_like(param))
+  return model
+
+
+@pytest.fixture(scope='module')
+def checkpoint(reference, tmp_path_factory):
+  directory = tmp_path_factory.mktemp('bert')
+  reference.save_pretrained(directory, safe_serialization=True)
+  return directory
+
+
+def _torch_pooled(reference, batch, pooling):
+  with torch.no_grad():
+    out = reference(**{k: torch.as_tensor(batch[k]).long() for k in
+                       ('input_ids', 'attention_mask', 'token_type_ids')})
+  hidden = out.last_hidden_state.numpy()
+  mask = batch['attention_mask'][..., None]
+  if pooling == 'mean':
+    return (hidden * mask).sum(1) / mask.sum(1)
+  if pooling == 'cls':
+    return hidden[:, 0]
+  return out.pooler_output.numpy()
+
+
+@pytest.mark.parametrize('pooling', ['mean', 'cls', 'pooler'])
+def test_packed_logits_match_transformers_on_the_padded_batch(reference, checkpoint, pooling):
+  model, _, _ = hub.load_model(str(checkpoint), task='classification', num_labels=3,
+                               pooling=pooling, seed=0)
+  batch = _padded_batch(24, 10, 99)
+  packed = packing.pack(batch, 20, packing.rows_for(batch['attention_mask'].sum(1), 24, 20))
+  assert packed['input_ids'].shape[0] < 24
+  task = tasks.get_task('classification')
+  logits = task.forward(model, {k: jnp.asarray(v) for k, v in packed.items()}, deterministic=True)
+  head = model.classifier
+  expected = _torch_pooled(reference, batch, pooling) @ np.asarray(head.kernel[...]) + np.asarray(
+      head.bias[...])
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=TOL)
+
+
+def test_packed_roberta_matches_its_padded_batch(tmp_path):
+  torch.manual_seed(0)
+  config = transformers.RobertaConfig(
+      vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=37, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1)
+  transformers.RobertaModel(config).save_pretrained(tmp_path, safe_serialization=True)
+  model, _, _ = hub.load_model(str(tmp_path), task='regression', num_labels=1, pooling='mean',
+                               seed=0)
+  batch = _padded_batch(16, 12, 99)
+  batch['input_ids'] = np.where(batch['attention_mask'] > 0, batch['input_ids'], 1)  # pad id 1.
+  batch['token_type_ids'] = np.zeros_like(batch['input_ids'])
+  packed = packing.pack(batch, 36, 6)
+  assert packed['input_ids'].shape == (6, 36)
+  task = tasks.get_task('regression')
+  as_jax = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+  padded = task.forward(model, as_jax(batch), deterministic=True)
+  np.testing.assert_allclose(task.forward(model, as_jax(packed), deterministic=True), padded,
+                             atol=TOL, rtol=TOL)
+
+
+def test_packed_loss_and_gradients_match_the_padded_batch(checkpoint):
+  model, _, _ = hub.load_model(str(checkpoint), task='classification', num_labels=3,
+                               pooling='mean', seed=0)
+  graphdef, params = nnx.split(model)
+  task = tasks.get_task('classification')
+  batch = _padded_batch(24, 10, 99, seed=3)
+  packed = packing.pack(batch, 20, 12)
+
+  def loss(params, batch):
+    logits = task.forward(nnx.merge(graphdef, params), batch, deterministic=True)
+    losses, weights, _ = task.losses(logits, batch)
+    return jnp.sum(losses * weights) / jnp.sum(weights)
+
+  grad = jax.jit(jax.value_and_grad(loss))
+  value, grads = grad(params, {k: jnp.asarray(v) for k, v in batch.items()})
+  packed_value, packed_grads = grad(params, {k: jnp.asarray(v) for k, v in packed.items()})
+  np.testing.assert_allclose(packed_value, value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_attention_stays_within_an_example():
+  ids = jnp.array([[0, 0, 1, 1, 1, -1]])
+  pack = layers.Packing(ids, jnp.array([[0, 1, 0, 1, 2, 0]]), num_examples=2)
+  visible = np.asarray(pack.attention_bias()[0, 0] == 0)
+  expected = (ids[0][:, None] == ids[0][None, :]) & (ids[0][None, :] >= 0)
+  np.testing.assert_array_equal(visible, expected)
+  np.testing.assert_array_equal(pack.membership(), [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0]])
+
+
+def test_packing_refuses_what_it_cannot_pack(tiny_bert_dir, tmp_path):
+  from ftjax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  base = [f'model.checkpoint={tiny_bert_dir}', f'data.data_dir={tmp_path / "tfds"}',
+          'data.pack_length=16']
+  for extra, match in [
+      (['peft.method=prompt', 'policy.preset=peft'], 'does not work with prompt tuning'),
+      (['train.grad_accum_steps=2'], 'does not work with train.grad_accum_steps=2'),
+      (['data.length_buckets=(4, 8)'], 'does not work with data.length_buckets'),
+      (['data.max_length=32'], 'must be 0 .no packing. or at least data.max_length=32')]:
+    run = configs.load_config('configs/minilm_vader.py:runlocal')
+    configs.apply_overrides(run, base + extra)
+    with pytest.raises(FtjaxError, match=match):
+      train_and_evaluate(run, tmp_path / 'run')
+    assert not (tmp_path / 'run' / 'results.json').exists()
