@@ -204,11 +204,16 @@ def _length_buckets(data_config, dataset) -> tuple[int, ...]:
 
 
 def _pack_length(config: ml_collections.ConfigDict, task: tasks.Task, model: nnx.Module,
-                 accum_steps: int, buckets: tuple[int, ...]) -> int:
-  """`data.pack_length`, checked against what packed batches support; 0 means no packing."""
+                 accum_steps: int, buckets: tuple[int, ...]) -> tuple[int, bool]:
+  """`data.pack_length`, checked against what packed batches support: (row length, whether a
+  split is packed only where that saves positions). (0, False) means no packing.
+
+  -1 (auto) packs rows of 2 x max_length where the run allows it and says why where it does not;
+  an explicit length the run cannot pack is an error.
+  """
   pack_length = data.check_pack_length(config.data.get('pack_length', 0), config.data.max_length)
   if not pack_length:
-    return 0
+    return 0, False
   encoder = getattr(model, 'encoder', None)
   if not task.packable:
     problem = f'the {task.name} task (packing serves classification and regression)'
@@ -225,10 +230,15 @@ def _pack_length(config: ml_collections.ConfigDict, task: tasks.Task, model: nnx
     problem = 'data.length_buckets (packing already removes the padding)'
   elif jax.process_count() > 1:
     problem = 'several processes (each would size its rows alone)'
+  elif pack_length == data.AUTO_PACK:
+    return 2 * config.data.max_length, True
   else:
-    return pack_length
+    return pack_length, False
+  if pack_length == data.AUTO_PACK:
+    logger.info('batches are not packed (data.pack_length=-1, auto): %s', problem)
+    return 0, False
   raise FtjaxError(f'data.pack_length={pack_length} does not work with {problem}: set '
-                   'data.pack_length=0')
+                   'data.pack_length=0 (or -1, which packs only where it can)')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -280,12 +290,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   buckets = _length_buckets(config.data, dataset)
-  pack_length = _pack_length(config, task, model, accum_steps, buckets)
+  pack_length, pack_if_smaller = _pack_length(config, task, model, accum_steps, buckets)
+  packing = dict(pack_length=pack_length, pack_if_smaller=pack_if_smaller,
+                 row_multiple=parallel.batch_divisor(mesh))
   train_iter = data.train_iterator(dataset, processor, config.train.batch_size, config.seed,
                                    num_workers=config.data.num_workers, eos_id=eos_id,
                                    rows=parallel.local_rows(config.train.batch_size),
-                                   length_buckets=buckets, pack_length=pack_length,
-                                   row_multiple=parallel.batch_divisor(mesh))
+                                   length_buckets=buckets, **packing)
 
   ckpts = checkpoints_lib.Checkpoints(workdir, best_metric=config.train.best_metric,
                                       best_mode=config.train.best_mode)
@@ -317,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_rows = parallel.local_rows(config.train.eval_batch_size)
   eval_batches = lambda split: (parallel.global_batch(b, mesh) for b in data.eval_batches(
       dataset, split, processor, config.train.eval_batch_size, eos_id=eos_id, rows=eval_rows,
-      length_buckets=buckets, pack_length=pack_length, row_multiple=parallel.batch_divisor(mesh)))
+      length_buckets=buckets, **packing))
   accumulator = lambda: task.metrics_accumulator(len(dataset.label_names))
   logger.info('training %d steps (%.2f epochs of %d steps, batch %d)', total_steps,
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)

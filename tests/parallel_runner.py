@@ -11,6 +11,8 @@ Started as a subprocess so that `XLA_FLAGS=--xla_force_host_platform_device_coun
   frozen OUT CHECKPOINT           a bfloat16 LoRA model on the 2 x 2 x 2 mesh, its frozen weights
                                   held in bfloat16: OUT (.json) has their shardings and dtypes
                                   before and after
+  packed OUT CHECKPOINT DATA_DIR  logits of one VADER batch on the 2 x 2 x 2 mesh, padded and
+                                  packed (rows split over the batch devices): OUT (.npz)
 
 Each writes OUT (.npz): per run, the per-step training losses and the final trainable parameters.
 """
@@ -38,7 +40,10 @@ def _config(checkpoint: str, data_dir: str, steps: int, *extra: str):
       f'train.batch_size={STEP_BATCH}', f'train.num_epochs={steps * STEP_BATCH / 6002}',
       'train.eval_every=1000', 'train.checkpoint_every=5', 'train.log_every=1',
       'train.eval_batch_size=256', 'optim.schedule=constant', 'optim.warmup_fraction=0.0',
-      *extra])
+      # Padded batches: a packed batch's rows are a multiple of the mesh's batch devices, and
+      # dropout's masks follow the layout, so packed runs agree across meshes only in
+      # distribution ('packed' mode checks their outputs on a mesh instead).
+      'data.pack_length=0', *extra])
   return config
 
 
@@ -119,6 +124,27 @@ def frozen(out_path, checkpoint):
                                                 'mesh': str(parallel.MESH_AXES)}))
 
 
+def packed(out_path, checkpoint, data_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftjax import data, hub, parallel, tasks  # pylint: disable=g-import-not-at-top
+  config = _config(checkpoint, data_dir, 5)
+  mesh = _mesh(MESHES['2x2x2'])
+  model, _, checkpoint_dir = hub.load_model(checkpoint, num_labels=3, mesh=mesh)
+  dataset = data.build_dataset(config.data, 'classification')
+  tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
+  task, out = tasks.get_task('classification'), {}
+  for name, pack_length in (('padded', 0), ('packed', 16)):
+    batch = next(data.train_iterator(dataset, tokenizer, 64, 0, pack_length=pack_length,
+                                     row_multiple=parallel.batch_divisor(mesh)))
+    batch = parallel.global_batch(batch, mesh)
+    forward = jax.jit(lambda model, batch: task.forward(model, batch, deterministic=True))
+    out[name] = np.asarray(forward(model, batch))
+    out[f'{name}/shape'] = np.asarray(batch['input_ids'].shape)
+    out[f'{name}/rows_sharded'] = np.asarray(len(batch['input_ids'].sharding.device_set))
+  np.savez(out_path, **out)
+
+
 if __name__ == '__main__':
   mode, *args = sys.argv[1:]
-  {'meshes': meshes, 'train': train, 'process': process, 'frozen': frozen}[mode](*args)
+  {'meshes': meshes, 'train': train, 'process': process, 'frozen': frozen,
+   'packed': packed}[mode](*args)

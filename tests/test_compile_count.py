@@ -63,7 +63,7 @@ def _lengths(traced):
 
 
 def test_fixed_length_compiles_each_step_once(tiny_bert_dir, reviews, tmp_path, monkeypatch):
-  traced = _lengths(_run(tiny_bert_dir, reviews, tmp_path, monkeypatch))
+  traced = _lengths(_run(tiny_bert_dir, reviews, tmp_path, monkeypatch, 'data.pack_length=0'))
   # ~50 train steps, 4 evaluations + the final validation and test: one compilation each.
   assert traced == {'train': [64], 'eval': [64]}
 

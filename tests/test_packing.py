@@ -82,11 +82,12 @@ def test_rows_for_fits_batches_and_rounds_to_the_devices():
   assert packing.rows_for(np.full(100, 16), 32, 16) == 32  # Nothing shares a row: B rows.
 
 
-@pytest.mark.parametrize('bad', [4, -1, 'x'])
+@pytest.mark.parametrize('bad', [4, -2, 'x'])
 def test_pack_length_is_checked(bad):
-  with pytest.raises(FtjaxError, match='must be 0 .no packing. or at least data.max_length=8'):
+  with pytest.raises(FtjaxError, match=r'must be 0 \(no packing\), -1 \(auto\) or at least '
+                     'data.max_length=8'):
     packing.check_pack_length(bad, 8)
-  assert packing.check_pack_length(0, 8) == 0 and packing.check_pack_length(8, 8) == 8
+  assert [packing.check_pack_length(n, 8) for n in (0, -1, 8)] == [0, -1, 8]
 
 
 @pytest.fixture(scope='module')
@@ -197,9 +198,28 @@ def test_packing_refuses_what_it_cannot_pack(tiny_bert_dir, tmp_path):
       (['peft.method=prompt', 'policy.preset=peft'], 'does not work with prompt tuning'),
       (['train.grad_accum_steps=2'], 'does not work with train.grad_accum_steps=2'),
       (['data.length_buckets=(4, 8)'], 'does not work with data.length_buckets'),
-      (['data.max_length=32'], 'must be 0 .no packing. or at least data.max_length=32')]:
+      (['data.max_length=32'], 'or at least data.max_length=32')]:
     run = configs.load_config('configs/minilm_vader.py:runlocal')
     configs.apply_overrides(run, base + extra)
     with pytest.raises(FtjaxError, match=match):
       train_and_evaluate(run, tmp_path / 'run')
     assert not (tmp_path / 'run' / 'results.json').exists()
+
+
+def test_auto_packs_where_it_can_and_says_why_not(tiny_bert_dir, tmp_path, caplog):
+  from ftjax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  base = [f'model.checkpoint={tiny_bert_dir}', f'data.data_dir={tmp_path / "tfds"}']
+  runs = {'auto': [], 'prompt': ['peft.method=prompt', 'policy.preset=peft']}
+  for name, extra in runs.items():
+    run = configs.load_config('configs/minilm_vader.py:runlocal')
+    configs.apply_overrides(run, base + extra)
+    assert run.data.pack_length == -1  # The default.
+    caplog.clear()
+    with caplog.at_level('INFO'):
+      train_and_evaluate(run, tmp_path / name)
+    assert (tmp_path / name / 'results.json').exists()
+    runs[name] = caplog.text
+  assert 'packing train batches: 32 examples into 10 rows of 16 tokens' in runs['auto']
+  assert 'packing validation batches' in runs['auto']
+  assert 'not packed (data.pack_length=-1, auto): prompt tuning' in runs['prompt']
+  assert 'packing train batches' not in runs['prompt']

@@ -117,6 +117,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def test_packed_batches_give_the_padded_logits_on_a_mesh(tiny_bert_dir, data_dir, tmp_path):
+  out = tmp_path / 'packed.npz'
+  _run(['packed', out, tiny_bert_dir, data_dir], devices=8)
+  result = dict(np.load(out))
+  assert list(result['padded/shape']) == [64, 8]
+  rows, length = result['packed/shape']
+  assert length == 16 and rows % 4 == 0 and rows < 32  # A multiple of the 4 batch devices.
+  assert int(result['packed/rows_sharded']) == 8
+  np.testing.assert_allclose(result['packed'], result['padded'], atol=1e-5, rtol=1e-5)
+
+
 def test_two_processes_train_like_one(tiny_bert_dir, data_dir, tmp_path):
   _run(['train', tmp_path / 'one.npz', tiny_bert_dir, data_dir, tmp_path / 'one', 5, '1,1,1'],
        devices=1)

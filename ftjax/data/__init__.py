@@ -9,6 +9,7 @@
 from ftjax.data.builder import build_dataset
 from ftjax.data.builder import Dataset
 from ftjax.data.builder import resolve_data_dir
+from ftjax.data.packing import AUTO as AUTO_PACK
 from ftjax.data.packing import check_pack_length
 from ftjax.data.packing import pack
 from ftjax.data.pipeline import check_buckets
@@ -23,6 +24,7 @@ from ftjax.data.tokenizer import eos_id
 from ftjax.data.tokenizer import load_tokenizer
 
 __all__ = [
+    'AUTO_PACK',
     'SPLITS',
     'Dataset',
     'TrainIterator',

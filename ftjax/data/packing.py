@@ -99,9 +99,15 @@ def pack(batch: dict[str, np.ndarray], pack_length: int, rows: int) -> dict[str,
   return out
 
 
+AUTO = -1  # data.pack_length: rows of 2 x max_length wherever the run allows packing.
+# With AUTO, a split is packed only if its rows take at most this share of the padded positions.
+AUTO_MAX_SHARE = 0.8
+
+
 def check_pack_length(pack_length: int, max_length: int) -> int:
-  """`data.pack_length`, checked: 0 (no packing) or at least `max_length`."""
-  if not isinstance(pack_length, int) or pack_length < 0 or 0 < pack_length < max_length:
-    raise FtjaxError(f'data.pack_length={pack_length!r} must be 0 (no packing) or at least '
-                     f'data.max_length={max_length}, so that every example fits a row')
+  """`data.pack_length`, checked: 0 (no packing), -1 (auto) or at least `max_length`."""
+  if (not isinstance(pack_length, int) or pack_length < AUTO
+      or 0 < pack_length < max_length):
+    raise FtjaxError(f'data.pack_length={pack_length!r} must be 0 (no packing), -1 (auto) or at '
+                     f'least data.max_length={max_length}, so that every example fits a row')
   return pack_length

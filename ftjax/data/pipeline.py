@@ -181,11 +181,12 @@ _PACKED_ROWS: dict[tuple, int] = {}
 def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
             pad_to: int | None = None, eos_id: int | None = None,
             buckets: tuple[int, ...] = (), pack_length: int = 0, batch_size: int = 0,
-            row_multiple: int = 1) -> _ProcessRows:
+            row_multiple: int = 1, pack_if_smaller: bool = False) -> _ProcessRows:
   """The batch reader of a split: tokenizes text, or decodes and resizes images.
 
   With `pack_length`, batches of `batch_size` examples are packed into rows whose number is
-  sized here from up to `_SIZING_SAMPLE` of the split's examples.
+  sized here from up to `_SIZING_SAMPLE` of the split's examples; with `pack_if_smaller`, only
+  if the rows take at most `packing.AUTO_MAX_SHARE` of the padded batch's positions.
   """
   if dataset.kind == 'image':
     from ftjax.data import images  # pylint: disable=g-import-not-at-top
@@ -195,17 +196,25 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
     read = _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, eos_id)
   packing = None
   if pack_length:
-    key = (dataset.name, split, id(processor), batch_size, pack_length, row_multiple)
+    key = (dataset.name, split, id(processor), batch_size, pack_length, row_multiple,
+           pack_if_smaller)
     if key not in _PACKED_ROWS:  # Sized once per run and split (evaluations repeat).
       count = dataset.num_examples[split]
       sample = np.random.default_rng(0).permutation(count)[:_SIZING_SAMPLE]
       mask = read(np.sort(sample))['attention_mask']
-      _PACKED_ROWS[key] = packing_lib.rows_for(packing_lib.lengths_of({'attention_mask': mask}),
-                                               batch_size, pack_length, row_multiple)
-      logger.info('packing %s batches: %d examples into %d rows of %d tokens (%.0f%% of the '
-                  'padded batch\'s positions)', split, batch_size, _PACKED_ROWS[key],
-                  pack_length, 100 * _PACKED_ROWS[key] * pack_length / (batch_size * mask.shape[1]))
-    packing = (pack_length, _PACKED_ROWS[key])
+      rows_needed = packing_lib.rows_for(packing_lib.lengths_of({'attention_mask': mask}),
+                                         batch_size, pack_length, row_multiple)
+      share = rows_needed * pack_length / (batch_size * mask.shape[1])
+      if pack_if_smaller and share > packing_lib.AUTO_MAX_SHARE:
+        logger.info('%s batches are not packed: %d rows of %d tokens would take %.0f%% of the '
+                    'padded batch\'s positions', split, rows_needed, pack_length, 100 * share)
+        rows_needed = 0
+      else:
+        logger.info('packing %s batches: %d examples into %d rows of %d tokens (%.0f%% of the '
+                    'padded batch\'s positions)', split, batch_size, rows_needed, pack_length,
+                    100 * share)
+      _PACKED_ROWS[key] = rows_needed
+    packing = (pack_length, _PACKED_ROWS[key]) if _PACKED_ROWS[key] else None
   return _ProcessRows(read, rows, pad_to, buckets, packing)
 
 
@@ -277,7 +286,7 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
                    num_workers: int = 0, eos_id: int | None = None,
                    rows: slice = slice(None),
                    length_buckets: tuple[int, ...] = (), pack_length: int = 0,
-                   row_multiple: int = 1) -> TrainIterator:
+                   row_multiple: int = 1, pack_if_smaller: bool = False) -> TrainIterator:
   """Returns endless, seed-determined training batches of the train split.
 
   Args:
@@ -297,6 +306,7 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
     pack_length: > 0 packs each batch's examples into rows of this many tokens
       (`packing.pack`); the number of rows is a multiple of `row_multiple`.
     row_multiple: the devices a batch is split over.
+    pack_if_smaller: pack only if it saves enough positions (`data.pack_length=-1`, auto).
 
   Raises:
     FtjaxError: if `batch_size` or `num_workers` is invalid.
@@ -312,7 +322,8 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
              .batch(batch_size, drop_remainder=True)
              .map(_reader(dataset, 'train', tokenizer, rows=rows, eos_id=eos_id,
                           buckets=tuple(length_buckets), pack_length=pack_length,
-                          batch_size=batch_size, row_multiple=row_multiple)))
+                          batch_size=batch_size, row_multiple=row_multiple,
+                          pack_if_smaller=pack_if_smaller)))
   identity = {'dataset': dataset.name, 'seed': seed, 'batch_size': batch_size}
   return TrainIterator(batches, identity, steps_per_epoch=max(1, num_train // batch_size),
                        num_workers=num_workers)
@@ -321,7 +332,8 @@ def train_iterator(dataset: builder_lib.Dataset, tokenizer, batch_size: int, see
 def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size: int, *,
                  eos_id: int | None = None, rows: slice = slice(None),
                  length_buckets: tuple[int, ...] = (), pack_length: int = 0,
-                 row_multiple: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 row_multiple: int = 1,
+                 pack_if_smaller: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example of `split` once, in order, in batches of exactly `batch_size`.
 
   Each batch holds the model inputs (e.g. 'input_ids', 'attention_mask', 'token_type_ids':
@@ -336,7 +348,8 @@ def eval_batches(dataset: builder_lib.Dataset, split: str, tokenizer, batch_size
         .batch(batch_size, drop_remainder=False)
         .map(_reader(dataset, split, tokenizer, rows=rows, pad_to=batch_size, eos_id=eos_id,
                      buckets=tuple(length_buckets), pack_length=pack_length,
-                     batch_size=batch_size, row_multiple=row_multiple))
+                     batch_size=batch_size, row_multiple=row_multiple,
+                     pack_if_smaller=pack_if_smaller))
         .to_iter_dataset(_READ_OPTIONS))
   yield from ds
 
