@@ -80,6 +80,10 @@ def test_rows_for_fits_batches_and_rounds_to_the_devices():
   for _ in range(50):
     assert packing.first_fit(lengths[rng.choice(5000, 32)], 16)[2] <= rows
   assert packing.rows_for(np.full(100, 16), 32, 16) == 32  # Nothing shares a row: B rows.
+  # An evaluation's batches in order, the last one filled up with the first example (8 tokens).
+  ordered = np.array([8, 8, 8, 8, 1, 1, 1, 1, 4, 4])
+  assert packing.rows_for(ordered, 4, 16, in_order=True) == 2  # [4 x 8], [1 x 4], [4, 4, 8, 8].
+  assert packing.rows_for(ordered, 4, 16, in_order=True, multiple=4) == 4
 
 
 @pytest.mark.parametrize('bad', [4, -2, 'x'])

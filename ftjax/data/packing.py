@@ -33,19 +33,20 @@ def first_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
   Returns:
     (row, offset, rows): each item's row and its first token's column, and the rows used.
   """
+  lengths = np.asarray(lengths, np.int64)
+  if lengths.size and lengths.max() > capacity:
+    raise FtjaxError(f'an example of {lengths.max()} tokens does not fit a packed row of '
+                     f'{capacity}')
   row = np.zeros(len(lengths), np.int64)
   offset = np.zeros(len(lengths), np.int64)
-  used: list[int] = []  # Tokens filled per row.
-  for i in np.argsort(-np.asarray(lengths), kind='stable'):
-    n = int(lengths[i])
-    if n > capacity:
-      raise FtjaxError(f'an example of {n} tokens does not fit a packed row of {capacity}')
-    r = next((r for r, filled in enumerate(used) if filled + n <= capacity), len(used))
-    if r == len(used):
-      used.append(0)
-    row[i], offset[i] = r, used[r]
-    used[r] += n
-  return row, offset, len(used)
+  free = np.full(len(lengths), capacity, np.int64)  # Room left per row (at most one per item).
+  rows = 0
+  for i in np.argsort(-lengths, kind='stable'):
+    r = int(np.argmax(free >= lengths[i]))  # The first row with room: an opened or a new one.
+    row[i], offset[i] = r, capacity - free[r]
+    free[r] -= lengths[i]
+    rows = max(rows, r + 1)
+  return row, offset, rows
 
 
 def lengths_of(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -54,15 +55,25 @@ def lengths_of(batch: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def rows_for(lengths: np.ndarray, batch_size: int, pack_length: int, multiple: int = 1,
-             seed: int = 0) -> int:
-  """Rows of `pack_length` tokens that hold any batch of `batch_size` examples drawn from a split
-  whose examples have `lengths` tokens: the most that `_SIZING_DRAWS` random batches need,
-  rounded up to `multiple` (the devices a batch is split over) and at most `batch_size`."""
+             seed: int = 0, in_order: bool = False) -> int:
+  """Rows of `pack_length` tokens that hold the batches of `batch_size` examples of a split whose
+  examples have `lengths` tokens, rounded up to `multiple` (the devices a batch is split over)
+  and at most `batch_size`.
+
+  With `in_order` (an evaluation: `lengths` are the whole split's, batched in order, the last
+  batch filled up with the first example as the pipeline pads it) the most that those batches
+  need; otherwise the most that `_SIZING_DRAWS` random batches drawn from `lengths` need.
+  """
   lengths = np.asarray(lengths)
-  rng = np.random.default_rng(seed)
-  size = min(batch_size, len(lengths))
-  need = max(first_fit(lengths[rng.choice(len(lengths), size, replace=False)], pack_length)[2]
-             for _ in range(_SIZING_DRAWS))
+  if in_order:
+    padded = np.concatenate([lengths, np.full(-len(lengths) % batch_size, lengths[0])])
+    batches = padded.reshape(-1, batch_size)
+  else:
+    rng = np.random.default_rng(seed)
+    size = min(batch_size, len(lengths))
+    batches = [lengths[rng.choice(len(lengths), size, replace=False)]
+               for _ in range(_SIZING_DRAWS)]
+  need = max(first_fit(batch, pack_length)[2] for batch in batches)
   rows = -(-need // multiple) * multiple
   return min(rows, batch_size)
 

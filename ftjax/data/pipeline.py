@@ -200,10 +200,14 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
            pack_if_smaller)
     if key not in _PACKED_ROWS:  # Sized once per run and split (evaluations repeat).
       count = dataset.num_examples[split]
-      sample = np.random.default_rng(0).permutation(count)[:_SIZING_SAMPLE]
-      mask = read(np.sort(sample))['attention_mask']
+      # An evaluation's batches are fixed: a split small enough is sized on exactly those.
+      in_order = pad_to is not None and count <= _SIZING_SAMPLE
+      sample = (np.arange(count) if in_order else
+                np.sort(np.random.default_rng(0).permutation(count)[:_SIZING_SAMPLE]))
+      mask = read(sample)['attention_mask']
       rows_needed = packing_lib.rows_for(packing_lib.lengths_of({'attention_mask': mask}),
-                                         batch_size, pack_length, row_multiple)
+                                         batch_size, pack_length, row_multiple,
+                                         in_order=in_order)
       share = rows_needed * pack_length / (batch_size * mask.shape[1])
       if pack_if_smaller and share > packing_lib.AUTO_MAX_SHARE:
         logger.info('%s batches are not packed: %d rows of %d tokens would take %.0f%% of the '
