@@ -24,6 +24,14 @@ as `--config.policy.preset=peft --config.peft.method=lora`), as a Hugging Face u
              each, the best by validation accuracy reloaded at the end and evaluated on the
              validation and test splits
 
+Where the two differ by design: ftjax packs each batch's examples into shared rows (its default
+`data.pack_length=-1`: 10 rows of 16 tokens instead of 32 of 8; the same logits), which the
+Trainer has no counterpart for on a CPU: transformers' padding-free batches
+(`DataCollatorWithFlattening`, one long row per batch) rely on an attention implementation that
+reads the sequence boundaries (flash attention, a CUDA kernel) and leave per-sequence pooling to
+the user, so here every example is padded to 8 tokens, as a Trainer user's BERT job pads them.
+Dropout masks differ (each framework draws its own).
+
 Prints the test accuracy and macro-F1 (ftjax's definitions) and the wall time, then one JSON
 line, also written to `<output_dir>/results.json`. `wall_seconds` is timed from after the
 imports, like the `wall_seconds` of ftjax's results.json; `process_seconds` from the script's
