@@ -86,6 +86,8 @@ def test_packed_batches_compile_once_per_row_count(tiny_bert_dir, reviews, tmp_p
     # The sized row count, and at most once more the fallback of one example per row.
     assert len(traced[step]) <= 2 and all(length == 64 for _, length in traced[step]), traced
     assert min(rows for rows, _ in traced[step]) < batch_size / 2, traced  # Packing happened.
+  # Evaluation batches are fixed and sized on themselves, one count for every split: one shape.
+  assert len(traced['eval']) == 1, traced
 
 
 def test_bad_buckets_are_one_line_errors(tiny_bert_dir, reviews, tmp_path, monkeypatch):

@@ -224,6 +224,6 @@ def test_auto_packs_where_it_can_and_says_why_not(tiny_bert_dir, tmp_path, caplo
     assert (tmp_path / name / 'results.json').exists()
     runs[name] = caplog.text
   assert 'packing train batches: 32 examples into 10 rows of 16 tokens' in runs['auto']
-  assert 'packing validation batches' in runs['auto']
+  assert 'packing evaluation batches: 256 examples into' in runs['auto']
   assert 'not packed (data.pack_length=-1, auto): prompt tuning' in runs['prompt']
   assert 'packing train batches' not in runs['prompt']

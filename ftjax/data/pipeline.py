@@ -176,6 +176,8 @@ class _ProcessRows:
 # Examples of a split tokenized to size its packed rows (`packing.rows_for`), and the sizes.
 _SIZING_SAMPLE = 4096
 _PACKED_ROWS: dict[tuple, int] = {}
+# Evaluation batches of every one of these splits share one row count: one eval compilation.
+_EVAL_SPLITS = ('validation', 'test')
 
 
 def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
@@ -185,8 +187,8 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
   """The batch reader of a split: tokenizes text, or decodes and resizes images.
 
   With `pack_length`, batches of `batch_size` examples are packed into rows whose number is
-  sized here from up to `_SIZING_SAMPLE` of the split's examples; with `pack_if_smaller`, only
-  if the rows take at most `packing.AUTO_MAX_SHARE` of the padded batch's positions.
+  sized here (`_packed_rows`); with `pack_if_smaller`, only if the rows take at most
+  `packing.AUTO_MAX_SHARE` of the padded batch's positions.
   """
   if dataset.kind == 'image':
     from ftjax.data import images  # pylint: disable=g-import-not-at-top
@@ -196,30 +198,51 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
     read = _ReadAndTokenize(_Records(dataset.source(split)), processor, dataset.kind, eos_id)
   packing = None
   if pack_length:
-    key = (dataset.name, split, id(processor), batch_size, pack_length, row_multiple,
-           pack_if_smaller)
-    if key not in _PACKED_ROWS:  # Sized once per run and split (evaluations repeat).
-      count = dataset.num_examples[split]
-      # An evaluation's batches are fixed: a split small enough is sized on exactly those.
-      in_order = pad_to is not None and count <= _SIZING_SAMPLE
-      sample = (np.arange(count) if in_order else
-                np.sort(np.random.default_rng(0).permutation(count)[:_SIZING_SAMPLE]))
-      mask = read(sample)['attention_mask']
-      rows_needed = packing_lib.rows_for(packing_lib.lengths_of({'attention_mask': mask}),
-                                         batch_size, pack_length, row_multiple,
-                                         in_order=in_order)
-      share = rows_needed * pack_length / (batch_size * mask.shape[1])
-      if pack_if_smaller and share > packing_lib.AUTO_MAX_SHARE:
-        logger.info('%s batches are not packed: %d rows of %d tokens would take %.0f%% of the '
-                    'padded batch\'s positions', split, rows_needed, pack_length, 100 * share)
-        rows_needed = 0
-      else:
-        logger.info('packing %s batches: %d examples into %d rows of %d tokens (%.0f%% of the '
-                    'padded batch\'s positions)', split, batch_size, rows_needed, pack_length,
-                    100 * share)
-      _PACKED_ROWS[key] = rows_needed
+    evaluation = pad_to is not None
+    key = (dataset.name, 'eval' if evaluation else split, id(processor), batch_size, pack_length,
+           row_multiple, pack_if_smaller)
+    if key not in _PACKED_ROWS:  # Sized once per run (evaluations repeat).
+      splits = [s for s in _EVAL_SPLITS if s in dataset.num_examples] if evaluation else [split]
+      if split not in splits:
+        splits.append(split)
+      _PACKED_ROWS[key] = _packed_rows(
+          dataset, splits, lambda s: read if s == split else _ReadAndTokenize(
+              _Records(dataset.source(s)), processor, dataset.kind, eos_id),
+          evaluation=evaluation, batch_size=batch_size, pack_length=pack_length,
+          row_multiple=row_multiple, pack_if_smaller=pack_if_smaller)
     packing = (pack_length, _PACKED_ROWS[key]) if _PACKED_ROWS[key] else None
   return _ProcessRows(read, rows, pad_to, buckets, packing)
+
+
+def _packed_rows(dataset: builder_lib.Dataset, splits: list[str], reader_of, *, evaluation: bool,
+                 batch_size: int, pack_length: int, row_multiple: int,
+                 pack_if_smaller: bool) -> int:
+  """Rows per packed batch for `splits` (0: do not pack), logged.
+
+  Training draws random batches from up to `_SIZING_SAMPLE` examples; an evaluation's batches
+  are fixed, so a split that small is sized on exactly those, and all evaluation splits share
+  the largest count (the eval step then compiles once).
+  """
+  rows_needed, positions = 0, 0
+  for split in splits:
+    count = dataset.num_examples[split]
+    in_order = evaluation and count <= _SIZING_SAMPLE
+    sample = (np.arange(count) if in_order else
+              np.sort(np.random.default_rng(0).permutation(count)[:_SIZING_SAMPLE]))
+    mask = reader_of(split)(sample)['attention_mask']
+    rows_needed = max(rows_needed, packing_lib.rows_for(
+        packing_lib.lengths_of({'attention_mask': mask}), batch_size, pack_length, row_multiple,
+        in_order=in_order))
+    positions = batch_size * mask.shape[1]
+  name = 'evaluation' if evaluation else splits[0]
+  share = rows_needed * pack_length / positions
+  if pack_if_smaller and share > packing_lib.AUTO_MAX_SHARE:
+    logger.info('%s batches are not packed: %d rows of %d tokens would take %.0f%% of the '
+                'padded batch\'s positions', name, rows_needed, pack_length, 100 * share)
+    return 0
+  logger.info('packing %s batches: %d examples into %d rows of %d tokens (%.0f%% of the padded '
+              'batch\'s positions)', name, batch_size, rows_needed, pack_length, 100 * share)
+  return rows_needed
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
