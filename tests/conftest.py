@@ -38,6 +38,20 @@ def write_tokenizer(directory: pathlib.Path) -> int:
   return tokenizer.get_vocab_size()
 
 
+def perturb(model, selects=lambda name: 'LayerNorm' in name):
+  """`model` with the parameters whose names `selects` moved by N(0, 0.1^2) noise, in place.
+
+  Random-init norms are exactly ones/zeros (and biases zero), so a swapped scale and bias, or a
+  dropped bias, would not show in a parity test without this.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if selects(name):
+        param.add_(0.1 * torch.randn_like(param))
+  return model
+
+
 def _save(model, directory: pathlib.Path) -> pathlib.Path:
   model.save_pretrained(directory, safe_serialization=True)
   return directory

@@ -15,6 +15,7 @@ import transformers
 
 from ftjax import hub
 from ftjax.models import bert
+from conftest import perturb
 
 SENTENCES = [
     'A short one.',
@@ -118,13 +119,7 @@ def _tiny_reference(hidden_act: str) -> transformers.BertModel:
       type_vocab_size=2,
       hidden_act=hidden_act,
   )
-  model = transformers.BertModel(config).eval()
-  # Random-init LayerNorms are exactly ones/zeros; perturb them so a swapped scale/bias shows.
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if 'LayerNorm' in name:
-        param.add_(0.1 * torch.randn_like(param))
-  return model
+  return perturb(transformers.BertModel(config).eval())
 
 
 def _tiny_batch():

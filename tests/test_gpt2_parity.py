@@ -15,6 +15,7 @@ from ftjax import hub
 from ftjax.errors import FtjaxError
 from ftjax.models import gpt2
 from ftjax.models import heads
+from conftest import perturb
 
 VOCAB = 97
 TOL = 1e-4
@@ -25,14 +26,9 @@ def _reference(**overrides) -> transformers.GPT2LMHeadModel:
   config = transformers.GPT2Config(
       vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=48,
       bos_token_id=0, eos_token_id=0, attn_implementation='eager', **overrides)
-  model = transformers.GPT2LMHeadModel(config).eval()
-  # Random-init LayerNorms are exactly ones/zeros and biases zero; perturb them so that a
-  # swapped scale/bias or a dropped bias shows.
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if 'ln_' in name or name.endswith('.bias'):
-        param.add_(0.1 * torch.randn_like(param))
-  return model
+  # Biases too: GPT-2's are zero at init, so a dropped one would not show either.
+  return perturb(transformers.GPT2LMHeadModel(config).eval(),
+                 lambda name: 'ln_' in name or name.endswith('.bias'))
 
 
 @pytest.fixture(scope='module')

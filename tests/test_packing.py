@@ -17,6 +17,7 @@ from ftjax import configs, hub, tasks
 from ftjax.data import packing
 from ftjax.errors import FtjaxError
 from ftjax.models import layers
+from conftest import perturb
 
 TOL = 1e-5
 
@@ -101,12 +102,7 @@ def reference():
       vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
       intermediate_size=37, max_position_embeddings=24, type_vocab_size=2,
       attn_implementation='eager')
-  model = transformers.BertModel(config).eval()
-  with torch.no_grad():  # Random-init LayerNorms are ones/zeros: perturb them.
-    for name, param in model.named_parameters():
-      if 'LayerNorm' in name:
-        param.add_(0.1 * torch.randn_like(param))
-  return model
+  return perturb(transformers.BertModel(config).eval())
 
 
 @pytest.fixture(scope='module')

@@ -15,6 +15,7 @@ from ftjax import models
 from ftjax.errors import FtjaxError
 from ftjax.models import roberta
 from ftjax.peft import prompts
+from conftest import perturb
 
 PAD = 1
 TOL = 1e-4
@@ -27,13 +28,7 @@ def reference():
       vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
       intermediate_size=37, max_position_embeddings=20, type_vocab_size=1, layer_norm_eps=1e-5,
       pad_token_id=PAD, bos_token_id=0, eos_token_id=2, attn_implementation='eager')
-  model = transformers.RobertaModel(config).eval()
-  # Random-init LayerNorms are exactly ones/zeros; perturb them so a swapped scale/bias shows.
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if 'LayerNorm' in name:
-        param.add_(0.1 * torch.randn_like(param))
-  return model
+  return perturb(transformers.RobertaModel(config).eval())
 
 
 @pytest.fixture(scope='module')

@@ -9,9 +9,10 @@ block-diagonal mask), number positions from each example's start, and the heads 
 example's own tokens, so every example's logits are those of the padded batch, while the
 encoder computes on R x pack_length positions (R rows, about half of B x max_length for VADER).
 
-The number of rows is fixed per split (`rows_for`: enough for every one of a few hundred batches
-drawn from the split), so a step compiles once; a batch that does not fit (rare) keeps one
-example per row instead, a second shape. The per-example arrays (labels, targets, 'weight') keep
+The number of rows is fixed per split (`rows_for`: enough for every one of a few hundred
+batches drawn from the train split; exactly what an evaluation's fixed batches need), so a step
+compiles once; a training batch that does not fit (rare) keeps one example per row instead, a
+second shape. The per-example arrays (labels, targets, 'weight') keep
 their [B] shape and order: the loss, metrics and batch size in examples are unchanged.
 """
 

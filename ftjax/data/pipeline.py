@@ -175,7 +175,7 @@ class _ProcessRows:
 
 # Examples of a split tokenized to size its packed rows (`packing.rows_for`), and the sizes.
 _SIZING_SAMPLE = 4096
-_PACKED_ROWS: dict[tuple, int] = {}
+_PACKED_ROWS: dict[tuple, tuple] = {}
 # Evaluation batches of every one of these splits share one row count: one eval compilation.
 _EVAL_SPLITS = ('validation', 'test')
 
@@ -199,18 +199,22 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
   packing = None
   if pack_length:
     evaluation = pad_to is not None
-    key = (dataset.name, 'eval' if evaluation else split, id(processor), batch_size, pack_length,
+    key = (id(dataset), 'eval' if evaluation else split, id(processor), batch_size, pack_length,
            row_multiple, pack_if_smaller)
     if key not in _PACKED_ROWS:  # Sized once per run (evaluations repeat).
       splits = [s for s in _EVAL_SPLITS if s in dataset.num_examples] if evaluation else [split]
       if split not in splits:
         splits.append(split)
-      _PACKED_ROWS[key] = _packed_rows(
+      count = _packed_rows(
           dataset, splits, lambda s: read if s == split else _ReadAndTokenize(
               _Records(dataset.source(s)), processor, dataset.kind, eos_id),
           evaluation=evaluation, batch_size=batch_size, pack_length=pack_length,
           row_multiple=row_multiple, pack_if_smaller=pack_if_smaller)
-    packing = (pack_length, _PACKED_ROWS[key]) if _PACKED_ROWS[key] else None
+      # The dataset and tokenizer are kept with the count, so that their ids in the key are
+      # never reused by other objects while it is cached.
+      _PACKED_ROWS[key] = (count, dataset, processor)
+    count = _PACKED_ROWS[key][0]
+    packing = (pack_length, count) if count else None
   return _ProcessRows(read, rows, pad_to, buckets, packing)
 
 
