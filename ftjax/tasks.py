@@ -168,8 +168,13 @@ def _regression_eval(logits, batch):
 
 
 def _token_losses(logits, batch):
-  weights = _example_weights(batch, logits.shape[0])[:, None]
-  return _cross_entropy(logits, batch['labels'], jnp.broadcast_to(weights, batch['labels'].shape))
+  if 'example_ids' in batch:  # Packed rows: each token weighs as its example; padding 0.
+    ids = batch['example_ids']
+    weights = jnp.where(ids >= 0, batch['weight'][jnp.maximum(ids, 0)], 0.0)
+  else:
+    weights = jnp.broadcast_to(_example_weights(batch, logits.shape[0])[:, None],
+                               batch['labels'].shape)
+  return _cross_entropy(logits, batch['labels'], weights)
 
 
 def _token_eval(logits, batch):
@@ -236,7 +241,7 @@ TASKS: dict[str, Task] = {
         'token_classification', ('encoder', 'decoder'),
         ('input_ids', 'attention_mask', 'token_type_ids'),
         ('loss', 'accuracy', 'macro_f1'), ('macro_f1', 'max'),
-        _token_head, _token_losses, _token_eval, _Classification),
+        _token_head, _token_losses, _token_eval, _Classification, packable=True),
     'causal_lm': Task(
         'causal_lm', ('decoder',), ('input_ids', 'attention_mask'),
         ('loss', 'perplexity', 'accuracy'), ('loss', 'min'),

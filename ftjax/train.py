@@ -216,7 +216,8 @@ def _pack_length(config: ml_collections.ConfigDict, task: tasks.Task, model: nnx
     return 0, False
   encoder = getattr(model, 'encoder', None)
   if not task.packable:
-    problem = f'the {task.name} task (packing serves classification and regression)'
+    problem = (f'the {task.name} task (packing serves classification, regression and token '
+               'classification)')
   elif 'packing' not in inspect.signature(type(encoder).__call__).parameters:
     problem = (f'a {type(encoder).__name__} backbone (encoders such as BERT and RoBERTa take '
                'packed batches)')

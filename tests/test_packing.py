@@ -81,10 +81,20 @@ def test_rows_for_fits_batches_and_rounds_to_the_devices():
   for _ in range(50):
     assert packing.first_fit(lengths[rng.choice(5000, 32)], 16)[2] <= rows
   assert packing.rows_for(np.full(100, 16), 32, 16) == 32  # Nothing shares a row: B rows.
-  # An evaluation's batches in order, the last one filled up with the first example (8 tokens).
-  ordered = np.array([8, 8, 8, 8, 1, 1, 1, 1, 4, 4])
-  assert packing.rows_for(ordered, 4, 16, in_order=True) == 2  # [4 x 8], [1 x 4], [4, 4, 8, 8].
+  # An evaluation's batches in order, the last one filled up with padding (no tokens).
+  ordered = np.array([8, 8, 8, 8, 1, 1, 1, 1, 16, 4])
+  assert packing.rows_for(ordered, 4, 16, in_order=True) == 2  # [4 x 8], [4 x 1], [16, 4].
   assert packing.rows_for(ordered, 4, 16, in_order=True, multiple=4) == 4
+  assert packing.rows_for(ordered[:9], 4, 16, in_order=True) == 2  # [16, pad, pad, pad].
+
+
+def test_evaluation_padding_takes_no_tokens():
+  batch = _padded_batch(8, 8, 100, lo=8)
+  batch['weight'] = np.array([1, 1, 1, 0, 0, 0, 0, 0], np.float32)
+  out = packing.pack(batch, 16, 2)  # Three real examples of 8 tokens: 2 rows, no fallback.
+  assert out['input_ids'].shape == (2, 16)
+  assert set(np.unique(out['example_ids'])) == {-1, 0, 1, 2}
+  np.testing.assert_array_equal(out['weight'], batch['weight'])
 
 
 @pytest.mark.parametrize('bad', [4, -2, 'x'])
@@ -179,6 +189,40 @@ def test_packed_loss_and_gradients_match_the_padded_batch(checkpoint):
   np.testing.assert_allclose(packed_value, value, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_packed_token_classification_matches_the_padded_batch(checkpoint):
+  model, _, _ = hub.load_model(str(checkpoint), task='token_classification', num_labels=3, seed=0)
+  task = tasks.get_task('token_classification')
+  batch = _padded_batch(24, 10, 99, seed=4)
+  labels = np.random.default_rng(5).integers(-1, 3, batch['input_ids'].shape)  # -1: no loss.
+  batch['labels'] = np.where(batch['attention_mask'] > 0, labels, -1).astype(np.int32)
+  del batch['label']
+  packed = packing.pack(batch, 20, 12)
+  as_jax = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+  padded_logits = task.forward(model, as_jax(batch), deterministic=True)
+  packed_logits = task.forward(model, as_jax(packed), deterministic=True)
+  real = packed['example_ids'] >= 0
+  np.testing.assert_allclose(np.asarray(packed_logits)[real],
+                             np.asarray(padded_logits)[batch['attention_mask'] > 0][
+                                 _padded_order(packed)], atol=TOL, rtol=TOL)
+
+  def mean_loss(logits, b):
+    losses, weights, _ = task.losses(logits, as_jax(b))
+    return jnp.sum(losses * weights) / jnp.sum(weights)
+
+  np.testing.assert_allclose(mean_loss(packed_logits, packed), mean_loss(padded_logits, batch),
+                             rtol=1e-6)
+
+
+def _padded_order(packed):
+  """For the real tokens of a packed batch in row order, their index among the padded batch's
+  real tokens in row order (example by example)."""
+  ids, positions = packed['example_ids'], packed['positions']
+  real = ids >= 0
+  lengths = np.bincount(ids[real], minlength=ids.max() + 1)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  return starts[ids[real]] + positions[real]
 
 
 def test_attention_stays_within_an_example():

@@ -22,7 +22,7 @@ from ftjax.errors import FtjaxError
 
 # Token arrays that are packed ([B, max_length] -> [R, pack_length]); other [B, ...] arrays are
 # per example and stay as they are.
-TOKEN_KEYS = ('input_ids', 'attention_mask', 'token_type_ids')
+TOKEN_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels')
 # Batches drawn from a split to size its rows, and the seed that draws them.
 _SIZING_DRAWS = 256
 
@@ -62,12 +62,12 @@ def rows_for(lengths: np.ndarray, batch_size: int, pack_length: int, multiple: i
   and at most `batch_size`.
 
   With `in_order` (an evaluation: `lengths` are the whole split's, batched in order, the last
-  batch filled up with the first example as the pipeline pads it) the most that those batches
-  need; otherwise the most that `_SIZING_DRAWS` random batches drawn from `lengths` need.
+  batch filled up with padding that `pack` gives no tokens) the most that those batches need;
+  otherwise the most that `_SIZING_DRAWS` random batches drawn from `lengths` need.
   """
   lengths = np.asarray(lengths)
   if in_order:
-    padded = np.concatenate([lengths, np.full(-len(lengths) % batch_size, lengths[0])])
+    padded = np.concatenate([lengths, np.zeros(-len(lengths) % batch_size, lengths.dtype)])
     batches = padded.reshape(-1, batch_size)
   else:
     rng = np.random.default_rng(seed)
@@ -84,9 +84,12 @@ def pack(batch: dict[str, np.ndarray], pack_length: int, rows: int) -> dict[str,
   of `pack_length` tokens, or into B rows (one example each) when they do not fit in `rows`.
 
   Adds 'example_ids' and 'positions' ([R, pack_length] int32) and, if absent, 'weight' ([B]
-  ones): packed batches always carry it, so the number of examples is known from it.
+  ones): packed batches always carry it, so the number of examples is known from it. Examples
+  of weight 0 (an evaluation's padding) take no tokens: they are never scored.
   """
   lengths = lengths_of(batch)
+  if 'weight' in batch:
+    lengths = np.where(np.asarray(batch['weight']) > 0, lengths, 0)
   size = len(lengths)
   row, offset, used = first_fit(lengths, pack_length)
   if used > rows:

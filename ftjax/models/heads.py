@@ -166,10 +166,14 @@ class TokenClassifier(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Returns float32 logits [B, L, num_labels] for the L input tokens."""
+               rngs: nnx.Rngs | None = None, packing: layers.Packing | None = None) -> jax.Array:
+    """Returns float32 logits [B, L, num_labels] for the L input tokens ([R, L, num_labels] for
+    the rows of a packed batch, `packing`)."""
     kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
+    if packing is not None:
+      kw['packing'] = packing
     hidden_BxLxD = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
+    kw.pop('packing', None)
     hidden_BxLxD = _drop_prompt(hidden_BxLxD, input_ids.shape[1])
     return self.classifier(self.dropout(hidden_BxLxD.astype(jnp.float32), **kw))
 
