@@ -12,8 +12,9 @@ encoder computes on R x pack_length positions (R rows, about half of B x max_len
 The number of rows is fixed per split (`rows_for`: enough for every one of a few hundred
 batches drawn from the train split; exactly what an evaluation's fixed batches need), so a step
 compiles once; a training batch that does not fit (rare) keeps one example per row instead, a
-second shape. The per-example arrays (labels, targets, 'weight') keep
-their [B] shape and order: the loss, metrics and batch size in examples are unchanged.
+second shape. Per-token labels (token classification's 'labels') are packed with the tokens;
+the per-example arrays ('label', 'target', 'weight') keep their [B] shape and order: the loss,
+metrics and batch size in examples are unchanged.
 """
 
 import numpy as np
