@@ -8,8 +8,8 @@ Everything is built as `ftjax.train.train_and_evaluate` builds it, from the conf
 default job, batch 32 x 8 tokens): the dataset (`data.build_dataset`), the model, PEFT surgery
 and parameter policy (`train._build_model`), the tokenizer, the optimizer and its schedule over
 the run's total steps, the train state in its shardings on the config's mesh, and the train
-iterator (`data.train_iterator`: grain shuffle -> batch -> read + tokenize, with the config's
-`data.num_workers`). Then, in one process:
+iterator (`data.train_iterator`: grain shuffle -> batch -> read + tokenize (+ pack), with the
+config's `data.num_workers`, length buckets and packing). Then, in one process:
 
   pipeline    after `--warmup_batches` batches, the time to pull `--batches` more, each as the
               loop takes it: `next(train_iter)` (host numpy) then `parallel.global_batch` (onto
@@ -51,9 +51,16 @@ def build(config):
   processor, eos_id = train_lib._processor(dataset, checkpoint_dir, config.data.max_length)
   tx, schedule = optim.make_optimizer(config.optim, total_steps, groups)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  accum_steps = config.train.get('grad_accum_steps', 1)
+  buckets = train_lib._length_buckets(config.data, dataset)  # pylint: disable=protected-access
+  pack_length, pack_if_smaller = train_lib._pack_length(  # pylint: disable=protected-access
+      config, task, model, accum_steps, buckets)
   train_iter = data.train_iterator(dataset, processor, config.train.batch_size, config.seed,
                                    num_workers=config.data.num_workers, eos_id=eos_id,
-                                   rows=parallel.local_rows(config.train.batch_size))
+                                   rows=parallel.local_rows(config.train.batch_size),
+                                   length_buckets=buckets, pack_length=pack_length,
+                                   pack_if_smaller=pack_if_smaller,
+                                   row_multiple=parallel.batch_divisor(mesh))
   graphdef, params, rest = train_lib._split(model, groups, 0)
   params, rest = train_lib._place(params, mesh), train_lib._place(rest, mesh)
   replicated = parallel.replicated(mesh)
@@ -65,7 +72,7 @@ def build(config):
       graphdef, tx, schedule, task, mesh=mesh,
       state_shardings=train_lib._shardings_of(state),
       rest_shardings=train_lib._shardings_of(rest),
-      accum_steps=config.train.get('grad_accum_steps', 1))
+      accum_steps=accum_steps)
   return mesh, dataset, train_iter, train_step, state, rest
 
 
