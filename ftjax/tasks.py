@@ -65,7 +65,8 @@ class Task:
   _losses: Callable[[jax.Array, Batch], tuple] = dataclasses.field(repr=False)
   _eval: Callable[[jax.Array, Batch], dict] = dataclasses.field(repr=False)
   _accumulator: Callable[[int], Any] = dataclasses.field(repr=False)
-  # Whether batches may be packed (`data.pack_length`): one output per example, pooled.
+  # Whether batches may be packed (`data.pack_length`): outputs per example (pooled) or per
+  # token, whose losses the packed layout does not change.
   packable: bool = False
 
   def build_head(self, backbone: nnx.Module, *, kind: str, num_labels: int, pooling: str,

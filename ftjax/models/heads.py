@@ -170,10 +170,8 @@ class TokenClassifier(nnx.Module):
     """Returns float32 logits [B, L, num_labels] for the L input tokens ([R, L, num_labels] for
     the rows of a packed batch, `packing`)."""
     kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
-    if packing is not None:
-      kw['packing'] = packing
-    hidden_BxLxD = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
-    kw.pop('packing', None)
+    packed = {} if packing is None else {'packing': packing}
+    hidden_BxLxD = self.encoder(input_ids, attention_mask, token_type_ids, **kw, **packed)
     hidden_BxLxD = _drop_prompt(hidden_BxLxD, input_ids.shape[1])
     return self.classifier(self.dropout(hidden_BxLxD.astype(jnp.float32), **kw))
 
