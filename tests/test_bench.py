@@ -116,8 +116,10 @@ def test_pipeline_benchmark_reports_batches_and_steps(tmp_path):
   _run('pipeline.py', '--quick', f'--out={out}')
   result = json.loads(out.read_text())
   assert result['pipeline_batches_per_second'] > 0 and result['train_steps_per_second'] > 0
-  assert result['ratio_pipeline_over_step'] == pytest.approx(
-      result['pipeline_batches_per_second'] / result['train_steps_per_second'], rel=1e-3)
+  # The JSON rounds the ratio to 0.1 and its two rates to 0.1 and 0.001, so the ratio recomputed
+  # from them can differ from the reported one by up to 0.05 plus the rates' own rounding.
+  recomputed = result['pipeline_batches_per_second'] / result['train_steps_per_second']
+  assert abs(result['ratio_pipeline_over_step'] - recomputed) <= 0.05 + 1e-3 * recomputed
 
 
 def test_packing_benchmark_times_both_layouts_of_the_same_batches(tmp_path):
