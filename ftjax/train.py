@@ -256,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   _ensure_logging()
   started = time.perf_counter()
   launch.enable_compilation_cache()  # A rerun, resume or sweep skips compiling the steps.
+  launch.reuse_freed_host_memory()  # Each step's scratch memory is not faulted in afresh.
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise FtjaxError(f'--workdir {workdir} exists and is not a directory')

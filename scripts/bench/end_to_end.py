@@ -45,8 +45,8 @@ CONFIG = 'configs/minilm_vader.py'
 QUICK_EPOCHS = 0.05  # round(0.05 * 187) = 9 steps.
 QUICK_STEPS = 9
 BUSY_LIMIT = 0.1  # Other processes' CPU seconds per wall second above which a run is flagged.
-# Both commands run under the environment ftjax's launcher sets for itself (huge pages for
-# malloc, `ftjax.launch`), so the baseline gets whatever helps ftjax.
+# Both commands run under the environment ftjax sets for itself (`ftjax.launch`: malloc keeps
+# each step's scratch memory; huge pages on AMD CPUs), so the baseline gets whatever helps ftjax.
 sys.path.insert(0, str(ROOT))
 from ftjax import launch  # noqa: E402  pylint: disable=g-import-not-at-top
 _ENV = launch.process_env()

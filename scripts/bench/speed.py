@@ -98,8 +98,9 @@ width (kv heads x head size), I = FFN width, V = vocab, C = classes, r = LoRA ra
   head only  F + H                    (forward + the head's weight gradient; no backward through
                                        the frozen encoder)
 
-Environment: ftjax's command line re-executes itself with process-level settings (glibc's huge
-pages for XLA's buffers on AMD CPUs, `ftjax.launch`). By default (`--env=same`) this benchmark
+Environment: ftjax applies process-level settings itself (glibc's huge pages for XLA's buffers
+on AMD CPUs; malloc thresholds that keep each step's scratch memory for the next: `ftjax.launch`).
+By default (`--env=same`) this benchmark
 applies `launch.process_env()` once in the parent (`_child_envs`, the single place) and gives the
 result to every child, ftjax's and torch's, so both frameworks run under the same environment.
 `--env=own` gives torch's children the inherited environment instead (what a torch user's
