@@ -4,15 +4,17 @@ Three settings, each measured on this project's machines:
 
 * **malloc keeps the step's scratch memory** (`reuse_freed_host_memory`, called by
   `train_and_evaluate`). XLA:CPU allocates each step's scratch buffers afresh and frees them at
-  the end of the step. glibc serves blocks of 32 MiB or more with a fresh `mmap` and trims freed
-  memory at the top of a heap beyond 128 KiB, so every step faulted its scratch pages in again
-  and the kernel zeroed them (the default job's packed step: ~12,000 page faults and ~28 ms of
-  system CPU per ~100 ms step). Raising malloc's mmap threshold to 64 MiB (the largest block a
-  thread's heap can hold) and its trim threshold to 1 GiB keeps that memory for the next step:
-  the default job's step took 0.85x as long (three fresh-process pairs, one-off A/B: 106 / 110 /
-  105 ms -> 90 / 92 / 91 ms, faults ~12,000 -> ~10 per step) for a peak 1-13% higher. Steps
-  whose scratch blocks are larger than 64 MiB (MiniLM at 32 x 128 tokens) are unchanged: glibc
-  maps those afresh whatever the threshold. Set in-process with `mallopt`, so no restart is
+  the end of the step. By default glibc serves blocks of 32 MiB or more with a fresh `mmap`,
+  trims freed memory at the top of a heap beyond 128 KiB, and gives each thread a heap of its
+  own that it unmaps whenever it empties, so every step faulted its scratch pages in again and
+  the kernel zeroed them (the default job: ~12,000 page faults and ~30 ms of system CPU per
+  ~110 ms step). Three malloc settings keep that memory for the next step: mmap threshold
+  64 MiB (the largest block a thread's heap can hold), trim threshold 1 GiB, and one heap for
+  all threads (`arena_max=1`). The default job's step then faulted nothing (measured in its
+  real training loop: 109-114 -> 81-89 ms per step, one-off runs) for a peak within a few
+  percent; `scripts/bench/malloc.py` compares the two in fresh processes. Steps whose scratch
+  blocks exceed 64 MiB (MiniLM at 32 x 128 tokens) fault as before, at the same speed and peak.
+  Set in-process with `mallopt`, before the data and XLA threads start, so no restart is
   needed; `FTJAX_MALLOC_REUSE=0` turns it off. `process_env` gives child processes the same
   settings as `GLIBC_TUNABLES`, so benchmarks run their baselines under them too.
 
@@ -43,12 +45,15 @@ import sys
 
 _HUGETLB = 'glibc.malloc.hugetlb=1'
 # malloc keeps freed scratch memory (`reuse_freed_host_memory`): blocks below 64 MiB come from the
-# heap, and up to 1 GiB of free memory at a heap's top is kept rather than handed back.
-_MMAP_THRESHOLD = 64 << 20
-_TRIM_THRESHOLD = 1 << 30
-_REUSE_TUNABLES = {'glibc.malloc.mmap_threshold': _MMAP_THRESHOLD,
-                   'glibc.malloc.trim_threshold': _TRIM_THRESHOLD}
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h).
+# heap, up to 1 GiB of free memory at the heap's top is kept rather than handed back, and every
+# thread allocates from the one main heap (a thread's own heap is unmapped whenever it empties).
+_REUSE_TUNABLES = {'glibc.malloc.mmap_threshold': 64 << 20,
+                   'glibc.malloc.trim_threshold': 1 << 30,
+                   'glibc.malloc.arena_max': 1}
+# mallopt's parameter numbers for the same settings (malloc.h: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
+# M_ARENA_MAX).
+_MALLOPT = {'glibc.malloc.mmap_threshold': -3, 'glibc.malloc.trim_threshold': -1,
+            'glibc.malloc.arena_max': -8}
 # Set in the re-executed process so that a failed or ignored tunable can never loop.
 _REEXECUTED = 'FTJAX_REEXECUTED'
 
@@ -85,8 +90,7 @@ def reuse_freed_host_memory() -> bool:
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-                and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return all(libc.mallopt(_MALLOPT[name], value) for name, value in _REUSE_TUNABLES.items())
   except (OSError, AttributeError):
     return False
 

@@ -130,3 +130,14 @@ def test_packing_benchmark_times_both_layouts_of_the_same_batches(tmp_path):
   assert result['positions']['packed'] < result['positions']['padded']
   assert result['max_logits_difference'] < 1e-5  # The same examples, the same outputs.
   assert result['step_s']['packed'] > 0 and result['step_s']['padded'] > 0
+
+
+def test_malloc_benchmark_runs_the_default_job_with_reuse_off_and_on(tmp_path):
+  out = tmp_path / 'malloc.json'
+  _run('malloc.py', '--quick', f'--out={out}')
+  result = json.loads(out.read_text())
+  (off,), (on,) = result['runs']['off'], result['runs']['on']
+  assert off['steps'] == on['steps'] == 9
+  assert off['test_accuracy'] == on['test_accuracy']  # malloc never changes the numbers.
+  # Kept scratch memory is not faulted in again (over the whole command, start-up included).
+  assert on['faults_per_step'] < 0.8 * off['faults_per_step']

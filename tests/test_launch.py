@@ -41,60 +41,25 @@ def test_process_env_adds_the_huge_page_tunable_and_keeps_the_users(monkeypatch)
     assert ('glibc.malloc.hugetlb=1' in tunables) is wanted
 
 
-_REUSE = 'glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=1073741824'
+_REUSE = ('glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=1073741824:'
+          'glibc.malloc.arena_max=1')
 
 
 def test_process_env_gives_children_the_malloc_reuse_thresholds():
   off = {'FTJAX_HUGEPAGES': '0'}
   assert launch.process_env(off)['GLIBC_TUNABLES'] == _REUSE
-  assert launch.process_env({**off, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})[
-      'GLIBC_TUNABLES'] == f'glibc.malloc.arena_max=2:{_REUSE}'
+  assert launch.process_env({**off, 'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'})[
+      'GLIBC_TUNABLES'] == f'glibc.malloc.tcache_count=0:{_REUSE}'
   # The user's own threshold stands; the other one is still added.
   mine = {**off, 'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=1048576'}
   assert launch.process_env(mine)['GLIBC_TUNABLES'] == (
-      'glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=1073741824')
+      'glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=1073741824:'
+      'glibc.malloc.arena_max=1')
   assert launch.process_env({**off, 'FTJAX_MALLOC_REUSE': '0'}) == {**off,
                                                                       'FTJAX_MALLOC_REUSE': '0'}
   assert 'GLIBC_TUNABLES' not in launch.process_env(off, malloc_reuse=False)
   on = {'FTJAX_HUGEPAGES': '1'}
   assert launch.process_env(on)['GLIBC_TUNABLES'] == f'glibc.malloc.hugetlb=1:{_REUSE}'
-
-
-# A 48 MiB block, the size of the default job's scratch buffer, allocated, written and freed
-# five times; prints the page faults of the last four rounds (the first always faults).
-_SCRATCH_FAULTS = r'''
-import ctypes, resource, sys
-from ftjax import launch
-if sys.argv[1] == 'reuse':
-  assert launch.reuse_freed_host_memory()
-libc = ctypes.CDLL('libc.so.6')
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-size = 48 << 20
-faults = []
-for _ in range(5):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  block = libc.malloc(size)
-  ctypes.memset(block, 1, size)
-  libc.free(block)
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[1:]))
-'''
-
-
-def test_malloc_keeps_freed_scratch_memory_for_the_next_step():
-  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'FTJAX_MALLOC_REUSE')}
-  faults = {mode: int(subprocess.run(
-      [sys.executable, '-c', _SCRATCH_FAULTS, mode], env=env, capture_output=True, text=True,
-      check=True).stdout) for mode in ('default', 'reuse')}
-  pages = 4 * (48 << 20) // 4096
-  assert faults['default'] > pages // 2  # glibc maps the block afresh every time.
-  assert faults['reuse'] < pages // 20  # The freed block is reused: its pages stay mapped.
-  # Off when asked, and the user's own thresholds stand.
-  code = 'from ftjax import launch; print(launch.reuse_freed_host_memory())'
-  assert _run(code, FTJAX_MALLOC_REUSE='0') == 'False'
-  assert _run(code, GLIBC_TUNABLES='glibc.malloc.trim_threshold=0') == 'False'
-  assert _run(code) == 'True'
 
 
 def test_entry_point_reexecutes_once_with_the_settings():
@@ -103,7 +68,54 @@ def test_entry_point_reexecutes_once_with_the_settings():
   # Already set: no re-execution.
   assert _run(_PRINT_ENV, GLIBC_TUNABLES='glibc.malloc.hugetlb=1', FTJAX_HUGEPAGES='1') == (
       'glibc.malloc.hugetlb=1 None')
+  # Nothing to restart for: malloc reuse is set in-process (`reuse_freed_host_memory`).
   assert _run(_PRINT_ENV, FTJAX_HUGEPAGES='0') == 'None None'
+
+
+# A 48 MiB block, the size of the default job's scratch buffer, allocated, written and freed
+# five times, on the main thread or another one (XLA's); prints the page faults of the last four
+# rounds (the first always faults).
+_SCRATCH_FAULTS = r'''
+import ctypes, resource, sys, threading
+from ftjax import launch
+if sys.argv[1] == 'reuse':
+  assert launch.reuse_freed_host_memory()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 48 << 20
+faults = []
+def rounds():
+  for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+if sys.argv[2] == 'thread':
+  thread = threading.Thread(target=rounds)
+  thread.start()
+  thread.join()
+else:
+  rounds()
+print(sum(faults[1:]))
+'''
+
+
+def test_malloc_keeps_freed_scratch_memory_for_the_next_step():
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'FTJAX_MALLOC_REUSE')}
+  pages = 4 * (48 << 20) // 4096
+  for where in ('main', 'thread'):
+    faults = {mode: int(subprocess.run(
+        [sys.executable, '-c', _SCRATCH_FAULTS, mode, where], env=env, capture_output=True,
+        text=True, check=True).stdout) for mode in ('default', 'reuse')}
+    assert faults['default'] > pages // 2, where  # glibc maps the block afresh every time.
+    assert faults['reuse'] < pages // 20, where  # The freed block is reused: no new pages.
+  # Off when asked, and the user's own settings stand.
+  code = 'from ftjax import launch; print(launch.reuse_freed_host_memory())'
+  assert _run(code, FTJAX_MALLOC_REUSE='0') == 'False'
+  assert _run(code, GLIBC_TUNABLES='glibc.malloc.trim_threshold=0') == 'False'
+  assert _run(code) == 'True'
 
 
 def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):

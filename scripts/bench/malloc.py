@@ -1,0 +1,97 @@
+r"""malloc keeping each step's scratch memory, off and on, over the default job's training loop.
+
+  .venv/bin/python scripts/bench/malloc.py [--rounds=3] [--epochs=1]
+  .venv/bin/python scripts/bench/malloc.py --quick     # a smoke run (1 round of 9 steps)
+
+`train_and_evaluate` makes glibc's malloc keep the memory XLA frees after each step
+(`ftjax.launch.reuse_freed_host_memory`: mmap threshold 64 MiB, trim threshold 1 GiB, one heap
+for all threads). This runs the default job (`scripts/train.py --config=configs/minilm_vader.py`,
+`--epochs` epochs: 187 steps each) with it off and on (`FTJAX_MALLOC_REUSE=0` / `1`), each in a
+fresh process (malloc's thresholds cannot be put back to glibc's dynamic default once set),
+alternating which goes first every round, `--rounds` pairs, on an otherwise idle machine. For
+each run it reports the training loop's median step (the spacing of its iterations, from
+results.json), the command's wall seconds, and from the kernel's accounting of the process the
+minor page faults, user and system CPU seconds per step (over the whole command, start-up
+included) and the peak resident memory. Prints a markdown table and the ratio on / off of the
+median steps, and writes the figures as JSON to `--out`.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODES = {'off': '0', 'on': '1'}  # FTJAX_MALLOC_REUSE in each run.
+QUICK_EPOCHS = 0.05  # round(0.05 * 187) = 9 steps.
+
+
+def run_job(mode: str, epochs: float, env: dict[str, str]) -> dict:
+  """One default job in a fresh process with malloc reuse `mode`; its figures."""
+  with tempfile.TemporaryDirectory() as workdir:
+    command = [sys.executable, 'scripts/train.py', '--config=configs/minilm_vader.py',
+               f'--workdir={workdir}', f'--config.train.num_epochs={epochs}']
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env={**env, 'FTJAX_MALLOC_REUSE': MODES[mode]},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+      raise SystemExit(f'malloc.py: the {mode} run failed:\n{output[-2000:]}')
+    results = json.loads((pathlib.Path(workdir) / 'results.json').read_text())
+  steps = results['total_steps']
+  return {'step_s': 1 / results['steps_per_second'], 'wall_s': wall, 'steps': steps,
+          'faults_per_step': usage.ru_minflt / steps,
+          'user_s_per_step': usage.ru_utime / steps, 'system_s_per_step': usage.ru_stime / steps,
+          'peak_mib': usage.ru_maxrss / 1024, 'test_accuracy': results['test']['accuracy']}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--epochs', type=float, default=1.0)
+  parser.add_argument('--quick', action='store_true', help='1 round of 9 steps')
+  parser.add_argument('--out', default='workdirs/bench/malloc.json')
+  args = parser.parse_args()
+  rounds, epochs = (1, QUICK_EPOCHS) if args.quick else (args.rounds, args.epochs)
+
+  # The runs' malloc setting comes from FTJAX_MALLOC_REUSE alone.
+  env = {k: v for k, v in os.environ.items() if k not in ('FTJAX_MALLOC_REUSE', 'GLIBC_TUNABLES')}
+  runs = {mode: [] for mode in MODES}
+  for round_index in range(rounds):
+    for mode in (list(MODES) if round_index % 2 == 0 else list(MODES)[::-1]):
+      runs[mode].append(run_job(mode, epochs, env))
+      r = runs[mode][-1]
+      print(f'round {round_index + 1} {mode}: {r["step_s"] * 1e3:.1f} ms / step, '
+            f'{r["wall_s"]:.1f} s', flush=True)
+
+  keys = ('step_s', 'wall_s', 'faults_per_step', 'user_s_per_step', 'system_s_per_step')
+  summary = {mode: {**{k: statistics.median(r[k] for r in rs) for k in keys},
+                    'peak_mib': max(r['peak_mib'] for r in rs)} for mode, rs in runs.items()}
+  ratio = summary['on']['step_s'] / summary['off']['step_s']
+  steps = runs['on'][0]['steps']
+  print(f'\nThe default job ({steps} steps), malloc reuse off and on, {rounds} fresh process(es) '
+        'each, alternating; medians (peak: the largest):\n')
+  print('| malloc reuse | ms / step (loop) | command wall s | page faults / step | '
+        'user CPU ms / step | system CPU ms / step | peak MiB |')
+  print('|:---|---:|---:|---:|---:|---:|---:|')
+  for mode, s in summary.items():
+    print(f'| {mode} | {s["step_s"] * 1e3:.1f} | {s["wall_s"]:.1f} | '
+          f'{s["faults_per_step"]:,.0f} | {s["user_s_per_step"] * 1e3:.1f} | '
+          f'{s["system_s_per_step"] * 1e3:.1f} | {s["peak_mib"]:,.0f} |')
+  print(f'\non / off: {ratio:.3f} (median steps); per round: ' + ', '.join(
+      f'{on["step_s"] / off["step_s"]:.3f}' for on, off in zip(runs['on'], runs['off'])))
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({'summary': summary, 'runs': runs, 'ratio_on_over_off': ratio,
+                             'rounds': rounds, 'epochs': epochs}, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+  main()
