@@ -158,7 +158,7 @@ class _ProcessRows:
     self.rows = rows
     self.pad_to = pad_to
     self.buckets = buckets
-    self.packing = packing  # (pack_length, rows) or None.
+    self.packing = packing  # (pack_length, rows, row multiple) or None.
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     if self.pad_to is not None:
@@ -214,7 +214,7 @@ def _reader(dataset: builder_lib.Dataset, split: str, processor, *, rows: slice,
       # never reused by other objects while it is cached.
       _PACKED_ROWS[key] = (count, dataset, processor)
     count = _PACKED_ROWS[key][0]
-    packing = (pack_length, count) if count else None
+    packing = (pack_length, count, row_multiple) if count else None
   return _ProcessRows(read, rows, pad_to, buckets, packing)
 
 
@@ -236,7 +236,7 @@ def _packed_rows(dataset: builder_lib.Dataset, splits: list[str], reader_of, *, 
     mask = reader_of(split)(sample)['attention_mask']
     rows_needed = max(rows_needed, packing_lib.rows_for(
         packing_lib.lengths_of({'attention_mask': mask}), batch_size, pack_length, row_multiple,
-        in_order=in_order))
+        in_order=in_order, width=mask.shape[1]))
     positions = batch_size * mask.shape[1]
   name = 'evaluation' if evaluation else splits[0]
   share = rows_needed * pack_length / positions
@@ -244,8 +244,12 @@ def _packed_rows(dataset: builder_lib.Dataset, splits: list[str], reader_of, *, 
     logger.info('%s batches are not packed: %d rows of %d tokens would take %.0f%% of the '
                 'padded batch\'s positions', name, rows_needed, pack_length, 100 * share)
     return 0
+  fallback = packing_lib.fallback_rows(batch_size, positions // batch_size, pack_length,
+                                       row_multiple)
   logger.info('packing %s batches: %d examples into %d rows of %d tokens (%.0f%% of the padded '
-              'batch\'s positions)', name, batch_size, rows_needed, pack_length, 100 * share)
+              'batch\'s positions)%s', name, batch_size, rows_needed, pack_length, 100 * share,
+              '' if evaluation or fallback <= rows_needed else
+              f'; a batch that needs more takes {fallback} rows')
   return rows_needed
 
 
