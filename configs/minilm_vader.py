@@ -109,9 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.length_buckets = ()
   # Packing: each batch's examples go end to end into rows of this many tokens (>= max_length);
   # attention stays within an example and each example pools its own tokens, so the logits are
-  # the padded batch's, computed on fewer positions (VADER: 10 rows of 16 instead of 32 of 8,
-  # a 0.71x step). -1 (auto): rows of 2 x max_length where the task, model, PEFT method and run
-  # allow it and it saves >= 20% of the positions (the log says which); 0: off.
+  # the padded batch's, computed on fewer positions (VADER: 9 rows of 16 instead of 32 of 8).
+  # -1 (auto): rows of 2 x max_length where the task, model, PEFT method and run allow it and
+  # it saves >= 20% of the positions (the log says which); 0: off.
   config.data.pack_length = -1
   config.data.num_workers = 0  # grain worker processes for tokenization; 0 = in-process.
 

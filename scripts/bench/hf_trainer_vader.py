@@ -25,7 +25,7 @@ as `--config.policy.preset=peft --config.peft.method=lora`), as a Hugging Face u
              validation and test splits
 
 Where the two differ by design: ftjax packs each batch's examples into shared rows (its default
-`data.pack_length=-1`: 10 rows of 16 tokens instead of 32 of 8; the same logits), which the
+`data.pack_length=-1`: 9 rows of 16 tokens instead of 32 of 8; the same logits), which the
 Trainer has no counterpart for on a CPU: transformers' padding-free batches
 (`DataCollatorWithFlattening`, one long row per batch) rely on an attention implementation that
 reads the sequence boundaries (flash attention, a CUDA kernel) and leave per-sequence pooling to
