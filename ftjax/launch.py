@@ -10,12 +10,13 @@ Three settings, each measured on this project's machines:
   the kernel zeroed them (the default job: ~12,000 page faults and ~30 ms of system CPU per
   ~110 ms step). Three malloc settings keep that memory for the next step: mmap threshold
   64 MiB (the largest block a thread's heap can hold), trim threshold 1 GiB, and one heap for
-  all threads (`arena_max=1`). The default job's step then faulted nothing (measured in its
-  real training loop: 109-114 -> 81-89 ms per step, one-off runs) for a peak within a few
-  percent; `scripts/bench/malloc.py` compares the two in fresh processes. Steps whose scratch
+  all threads (`arena_max=1`). The default job's step in its training loop then took 0.82x as
+  long, with ~1,000 page faults per step instead of ~13,000 and a lower peak
+  (`scripts/bench/malloc.py`: off and on in fresh processes, 3 pairs). Steps whose scratch
   blocks exceed 64 MiB (MiniLM at 32 x 128 tokens) fault as before, at the same speed and peak.
-  Set in-process with `mallopt`, before the data and XLA threads start, so no restart is
-  needed; `FTJAX_MALLOC_REUSE=0` turns it off. `process_env` gives child processes the same
+  Set in-process with `mallopt` (no restart needed), first thing in `train_and_evaluate`; in a
+  process that already ran jax computations, threads that already have a heap of their own keep
+  it. `FTJAX_MALLOC_REUSE=0` turns it off. `process_env` gives child processes the same
   settings as `GLIBC_TUNABLES`, so benchmarks run their baselines under them too.
 
 Two more, chosen before the training loop starts:
