@@ -83,8 +83,8 @@ def malloc_reuse_wanted(env: dict[str, str] | None = None) -> bool:
 def reuse_freed_host_memory() -> bool:
   """Makes glibc's malloc keep the memory XLA frees after each step (see the module docstring).
 
-  A no-op off glibc, with `FTJAX_MALLOC_REUSE=0`, or where the user chose either threshold in
-  `GLIBC_TUNABLES` (their choice stands). Returns whether the thresholds were set.
+  A no-op off glibc, with `FTJAX_MALLOC_REUSE=0`, or where the user set any of the three in
+  `GLIBC_TUNABLES` (their choice stands). Returns whether the settings were made.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   if not malloc_reuse_wanted() or any(name in tunables for name in _REUSE_TUNABLES):
