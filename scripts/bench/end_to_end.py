@@ -14,7 +14,10 @@ and times each whole command, from process start to exit (imports, data, model l
 compilation, training, checkpoints, evaluation of the best checkpoint). The order is swapped
 every round (round 1: ftjax first). Test accuracy and macro-F1 come from each run's own
 results.json. Before the first round, ftjax's TFDS build of the VADER data is made if it is
-missing (untimed: it is written once per machine and reused by every later run).
+missing (untimed: it is written once per machine and reused by every later run). ftjax's
+persistent compilation cache (`~/.cache/ftjax/xla`, `ftjax.launch`) is left as it is: where it
+lacks the job's steps (a first run on the machine, or after a change to the step or to the
+packed row count), the first ftjax round compiles them, ~5-15 s more, and later rounds load them.
 
 Prints a markdown table (one row per run, then the median wall time per command and the ratio
 ftjax / HF of the medians; the goal is <= 0.7) and writes it as JSON to `--out`, with each
