@@ -26,15 +26,17 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from end_to_end import CONFIG, QUICK_EPOCHS, ROOT  # noqa: E402  The same job and smoke length.
+
 MODES = {'off': '0', 'on': '1'}  # FTJAX_MALLOC_REUSE in each run.
-QUICK_EPOCHS = 0.05  # round(0.05 * 187) = 9 steps.
 
 
 def run_job(mode: str, epochs: float, env: dict[str, str]) -> dict:
   """One default job in a fresh process with malloc reuse `mode`; its figures."""
   with tempfile.TemporaryDirectory() as workdir:
-    command = [sys.executable, 'scripts/train.py', '--config=configs/minilm_vader.py',
+    command = [sys.executable, 'scripts/train.py', f'--config={CONFIG}',
                f'--workdir={workdir}', f'--config.train.num_epochs={epochs}']
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env={**env, 'FTJAX_MALLOC_REUSE': MODES[mode]},
