@@ -127,6 +127,19 @@ def _dot_f32(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array
                              preferred_element_type=jnp.float32)
 
 
+def _transposed_copy(x_MxK: jax.Array) -> jax.Array:
+  """x.T [K, M], laid out in memory as such, so that a product contracting M reads it row-major.
+
+  A plain `x.T` is folded into the consuming dot's dimension numbers (a dot contracting its
+  lhs's first dimension, which XLA:CPU runs on its float32 path); the transposes of two blocks
+  of rows, concatenated, are not, and cost one copy of x. (The same for the batched [B, G, Q, K]
+  operands of attention's backward pass compiled, but failed at run time in XLA:CPU's DotThunk,
+  'Unsupported element type BF16 x BF16 = F32', so attention keeps its plain contraction.)
+  """
+  half = x_MxK.shape[0] // 2
+  return jnp.concatenate([x_MxK[:half].T, x_MxK[half:].T], axis=1)
+
+
 @jax.custom_vjp
 def _bf16_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
   """x @ w for bfloat16 operands, accumulated in float32 and rounded to bfloat16 once.
@@ -135,9 +148,9 @@ def _bf16_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
   lhs contracts its last dimension); a bf16 x bf16 -> bf16 dot, which is what `nnx.Linear` and
   autodiff of it emit, is upcast to a float32 dot instead, at half the speed on a CPU with
   bfloat16 instructions (AMD EPYC Zen 4 with avx512_bf16: ~400 against ~190 GFLOP/s at MiniLM's
-  FFN shapes). Both the forward product and the input gradient g @ w^T keep that form here;
-  the weight gradient x^T @ g contracts the lhs's first dimension and stays on XLA's float32
-  path. The values are those of the plain dot (float32 accumulation, one rounding).
+  FFN shapes). The forward product, the input gradient g @ w^T and the weight gradient x^T @ g
+  (on a transposed copy of x, `_transposed_copy`) all keep that form here. The values are those
+  of the plain dot (float32 accumulation, one rounding).
   """
   return _dot_f32(x_MxK, w_KxN, (1, 0)).astype(x_MxK.dtype)
 
@@ -151,19 +164,6 @@ def _bf16_matmul_bwd(residuals, g_MxN):
   g_MxN = g_MxN.astype(x_MxK.dtype)
   return (_dot_f32(g_MxN, w_KxN, (1, 1)).astype(x_MxK.dtype),
           _dot_f32(_transposed_copy(x_MxK), g_MxN, (1, 0)).astype(w_KxN.dtype))
-
-
-def _transposed_copy(x_MxK: jax.Array) -> jax.Array:
-  """x.T [K, M], laid out in memory as such, so that a product contracting M reads it row-major.
-
-  A plain `x.T` is folded into the consuming dot's dimension numbers (a dot contracting its
-  lhs's first dimension, which XLA:CPU runs on its float32 path); the transposes of two blocks
-  of rows, concatenated, are not, and cost one copy of x. (The same for the batched [B, G, Q, K]
-  operands of attention's backward pass compiled, but failed at run time in XLA:CPU's DotThunk,
-  'Unsupported element type BF16 x BF16 = F32', so attention keeps its plain contraction.)
-  """
-  half = x_MxK.shape[0] // 2
-  return jnp.concatenate([x_MxK[:half].T, x_MxK[half:].T], axis=1)
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
