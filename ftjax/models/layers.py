@@ -526,39 +526,40 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
     if dropout.rate == 1.0:
       return jnp.zeros((batch, length, heads * head_dim), dtype)
     rate, seeds = dropout.rate, _seeds(dropout.draw_key(rngs))
-  out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK,
-                            bias_Bx1xLxS.astype(jnp.float32)[:, :, None], seeds,
-                            repeats, scale, rate, dtype)
+  # The bias of query row r * L + l is the bias of query l: tiled R times when it varies over L.
+  bias = bias_Bx1xLxS.astype(jnp.float32)
+  if repeats > 1 and bias.shape[2] > 1:
+    bias = jnp.tile(bias, (1, 1, repeats, 1))
+  out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate, dtype)
   return out_BxGxRLxK.reshape(batch, groups, repeats, length, head_dim).transpose(
       0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 
 
-def _scores(q, k, bias, repeats, scale):
-  """Float32 logits [B, G, R, L, S] of heads-major q [B, G, R * L, K] and k [B, G, S, K]."""
-  batch, groups, rows, _ = q.shape
-  logits = jnp.einsum('bgqk,bgsk->bgqs', q, k, preferred_element_type=jnp.float32)
-  return logits.reshape(batch, groups, repeats, rows // repeats, k.shape[2]) * scale + bias
+def _scores(q, k, bias, scale):
+  """Float32 logits [B, G, R * L, S] of heads-major q [B, G, R * L, K] and k [B, G, S, K]."""
+  return jnp.einsum('bgqk,bgsk->bgqs', q, k, preferred_element_type=jnp.float32) * scale + bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _attention(q, k, v, bias, seeds, repeats, scale, rate, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, bias, seeds, scale, rate, dtype):
   """softmax(q k^T * scale + bias) v on heads-major operands, with dropout on the probabilities.
 
   Autodiff would keep the [B, G, R, L, S] probabilities, their dropped copy and the keep-mask
   for the backward pass: three full-size tensors per layer (in bfloat16, 30 MiB per MiniLM layer
   at 32 x 128 tokens). Besides q, k, v and the output, this keeps only the softmax's per-row
-  maximum and normaliser ([B, G, R, L, 1] float32) and recomputes the logits (one more q k^T
+  maximum and normaliser ([B, G, R * L, 1] float32) and recomputes the logits (one more q k^T
   matmul), the probabilities (bit-identical to the forward's) and the hash-based mask in the
   backward pass, the way flash attention does (without its tiling: XLA materialises one layer's
-  [B, G, R, L, S] at a time).
+  [B, G, R * L, S] at a time). Everything stays 4-D: a [B, G, R, L, S] view of the logits (for a
+  [B, 1, 1, L, S] bias) made XLA:CPU lay them out with R outermost and copy them, in the forward
+  and backward passes.
 
   Args:
     q: [B, G, R * L, K] queries, R query heads per key/value head stacked along the query axis.
     k: [B, G, S, K] keys, in q's dtype.
     v: [B, G, S, K] values, in `dtype`.
-    bias: float32, broadcastable to [B, G, R, L, S], added to the scaled logits.
+    bias: float32, broadcastable to [B, G, R * L, S], added to the scaled logits.
     seeds: uint32 [2], the dropout key's seeds (`_seeds`); unused when `rate` is 0.
-    repeats: R.
     scale: the logits' scale (usually K ** -0.5).
     rate: dropout rate of the probabilities, in [0, 1).
     dtype: dtype of the probabilities and the output.
@@ -566,7 +567,7 @@ def _attention(q, k, v, bias, seeds, repeats, scale, rate, dtype):
   Returns:
     [B, G, R * L, K] in `dtype`.
   """
-  return _attention_fwd(q, k, v, bias, seeds, repeats, scale, rate, dtype)[0]
+  return _attention_fwd(q, k, v, bias, seeds, scale, rate, dtype)[0]
 
 
 def _probs(logits, maximum, normaliser, seeds, rate, dtype):
@@ -580,15 +581,14 @@ def _probs(logits, maximum, normaliser, seeds, rate, dtype):
   return dropped, probs, keep
 
 
-def _attention_fwd(q, k, v, bias, seeds, repeats, scale, rate, dtype):
-  logits = _scores(q, k, bias, repeats, scale)
+def _attention_fwd(q, k, v, bias, seeds, scale, rate, dtype):
+  logits = _scores(q, k, bias, scale)
   maximum = jnp.max(logits, axis=-1, keepdims=True)
   normaliser = jnp.sum(jnp.exp(logits - maximum), axis=-1, keepdims=True)
   dropped, _, _ = _probs(logits, maximum, normaliser, seeds, rate, dtype)
   # float32 accumulation: the bf16 x bf16 -> f32 form that XLA:CPU runs on YNNPACK (see
   # `_bf16_matmul`), rounded once.
-  out = jnp.einsum('bgqs,bgsk->bgqk', dropped.reshape(*q.shape[:3], k.shape[2]), v,
-                   preferred_element_type=jnp.float32).astype(dtype)
+  out = jnp.einsum('bgqs,bgsk->bgqk', dropped, v, preferred_element_type=jnp.float32).astype(dtype)
   return out, (q, k, v, bias, seeds, maximum, normaliser, out)
 
 
@@ -614,29 +614,27 @@ def _sum_over_queries(x_BxGxQxK: jax.Array, p_BxGxQxS: jax.Array) -> jax.Array:
                     preferred_element_type=jnp.float32).swapaxes(2, 3)
 
 
-def _attention_bwd(repeats, scale, rate, dtype, residuals, g):
+def _attention_bwd(scale, rate, dtype, residuals, g):
   q, k, v, bias, seeds, maximum, normaliser, out = residuals
   q, k, bias, maximum, normaliser = _after(g, q, k, bias, maximum, normaliser)
-  logits = _scores(q, k, bias, repeats, scale)
+  logits = _scores(q, k, bias, scale)
   dropped, probs, keep = _probs(logits, maximum, normaliser, seeds, rate, dtype)
-  flat = lambda t: t.reshape(*q.shape[:3], k.shape[2])
   # Every matmul takes operands of one dtype and accumulates in float32 (XLA CPU's fast path).
   g = g.astype(dtype)
-  dv = _sum_over_queries(g, flat(dropped))
-  d_dropped = jnp.einsum('bgqk,bgsk->bgqs', g, v, preferred_element_type=jnp.float32)
-  d_probs = d_dropped.reshape(logits.shape)
+  dv = _sum_over_queries(g, dropped)
+  d_probs = jnp.einsum('bgqk,bgsk->bgqs', g, v, preferred_element_type=jnp.float32)
   if rate:
     d_probs = jnp.where(keep, d_probs * (1.0 / (1.0 - rate)), 0.0)
   # The softmax's backward needs sum_s probs * d_probs per row, which is sum_k g * out (the
   # dropped probabilities times v, dotted with g), as flash attention computes it: a reduction
-  # over K of [B, G, R * L, K] instead of over S of [B, G, R, L, S] (on XLA:CPU a YNNPACK
+  # over K of [B, G, R * L, K] instead of over S of [B, G, R * L, S] (on XLA:CPU a YNNPACK
   # reduce fusion that cost ~8% of a MiniLM LoRA step at 32 x 128).
   rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  d_logits = probs * (d_probs - rows.reshape(maximum.shape))
+  d_logits = probs * (d_probs - rows[..., None])
   d_bias = jnp.sum(d_logits, axis=tuple(i for i, n in enumerate(bias.shape) if n == 1),
                    keepdims=True)
   # The logits' scale is applied to the [B, G, R * L, K] products, not the [.., L, S] factor.
-  d_scores = flat(d_logits).astype(q.dtype)
+  d_scores = d_logits.astype(q.dtype)
   dq = jnp.einsum('bgqs,bgsk->bgqk', d_scores, k, preferred_element_type=jnp.float32) * scale
   dk = _sum_over_queries(q, d_scores) * scale
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None)
