@@ -33,6 +33,10 @@ def test_speed_benchmark_runs_both_frameworks_on_the_same_problem(tmp_path):
     assert ftjax['trainable'] == torch['trainable']  # The same LoRA factors (+ head).
     assert ftjax['step_s'] > 0 and torch['step_s'] > 0 and row['flops']['step'] > 0
     assert 0 < ftjax['mfu'] and ftjax['peak_mib'] > 0
+    parts = ftjax['first_step_parts']
+    assert parts['compile_s'] > 0 and parts['trace_s'] > 0 and parts['execute_s'] > 0
+    assert len(ftjax['rounds']) == 1  # --quick: one round, so the parts add up to its first step.
+    assert sum(parts.values()) == pytest.approx(ftjax['first_step_s'])
   assert rows['minilm-lora']['ftjax']['trainable'] == 74_883
   # Same random-weight decoder, same tokens, same constant lr: the same loss after the steps.
   llama = rows['llama-lora']

@@ -51,7 +51,10 @@ synchronised (block_until_ready / cuda.synchronize). Per row:
                  rounded up to a multiple of `--rounds`)
   samples/s      batch / median step; tokens/s = batch x length / median step
   first step s   from the start of model loading to the end of the first step (loading,
-                 compilation, one step), median over the rounds; import time is separate (JSON)
+                 compilation, one step), median over the rounds; import time is separate (JSON).
+                 ftjax's is also split, below the table: set-up (loading, PEFT, policy,
+                 optimizer state) + tracing and lowering the step + XLA compilation (jax's own
+                 `jax.monitoring` durations) + the first execution (the rest)
   peak MiB       the process's peak resident memory (VmHWM of /proc/self/status), max over the
                  rounds (plus the accelerator's peak allocation on a GPU)
   loss           after the last step of the last round; trainable = parameters the optimizer
@@ -252,15 +255,40 @@ def train_ftjax(spec: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   from ftjax import configs, hub, optim, params, peft, steps, tasks  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  compiling = _CompileClock()
+  jax.monitoring.register_event_duration_secs_listener(compiling)
   imported = time.perf_counter()
   step, sync, batches, info = _setup_ftjax(spec)
+  set_up = time.perf_counter()
+  before = dict(compiling.seconds)
   sync(step(batches[0]))
   first = time.perf_counter() - imported
+  traced = sum(compiling.seconds[e] - before[e] for e in _TRACE_EVENTS)
+  compiled = compiling.seconds[_COMPILE_EVENT] - before[_COMPILE_EVENT]
+  parts = {'setup_s': set_up - imported, 'trace_s': traced, 'compile_s': compiled,
+           'execute_s': first - (set_up - imported) - traced - compiled}
   times, metrics = _timed(step, batches, spec['steps'], sync)
   stats = jax.devices()[0].memory_stats() or {}
-  return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'step_times': times,
-          'loss': float(metrics['loss']), 'peak_mib': _peak_mib(),
+  return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'first_step_parts': parts,
+          'step_times': times, 'loss': float(metrics['loss']), 'peak_mib': _peak_mib(),
           'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2**20 or None, **info}
+
+
+# jax's own timings of what a jitted call's first run does before it executes (jax._src.dispatch).
+_TRACE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                 '/jax/core/compile/jaxpr_to_mlir_module_duration')
+_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+class _CompileClock:
+  """A `jax.monitoring` duration listener: seconds spent per tracing or compilation event."""
+
+  def __init__(self):
+    self.seconds = dict.fromkeys((*_TRACE_EVENTS, _COMPILE_EVENT), 0.0)
+
+  def __call__(self, event: str, duration: float, **_) -> None:
+    if event in self.seconds:
+      self.seconds[event] += duration
 
 
 def _setup_torch(spec: dict) -> tuple:
@@ -613,6 +641,9 @@ def _framework_summary(runs: list[dict], batch: int, length: int, flops: float,
       'step_s': step_s, 'samples_s': batch / step_s, 'tokens_s': batch * length / step_s,
       'mfu': flops / step_s / (peak_gflops * 1e9) if peak_gflops else None,
       'first_step_s': statistics.median(r['first_step_s'] for r in runs),
+      'first_step_parts': ({k: statistics.median(r['first_step_parts'][k] for r in runs)
+                            for k in runs[0]['first_step_parts']}
+                           if 'first_step_parts' in runs[0] else None),
       'import_s': statistics.median(r['import_s'] for r in runs),
       'peak_mib': max(r['peak_mib'] for r in runs),
       'device_peak_mib': max(device_peaks) if device_peaks else None,
@@ -699,6 +730,14 @@ def _markdown(result: dict) -> str:
   flops = ', '.join(f'{r["workload"]} {_si(r["flops"]["step"])}' for r in result['rows']
                     if r['dtype'] == result['rows'][0]['dtype'])
   lines += ['', '; '.join(notes) + f'. Matmul FLOPs per training step: {flops}.']
+  split = [f'{r["workload"]} {r["dtype"]} {p["setup_s"]:.1f} + {p["trace_s"]:.1f} + '
+           f'{p["compile_s"]:.1f} + {p["execute_s"]:.1f}'
+           for r in result['rows'] if (p := r['ftjax'].get('first_step_parts'))]
+  if split:
+    lines += ['', 'ftjax\'s first step, split (seconds, medians over the rounds): loading, PEFT, '
+              'policy and optimizer state (its own small compilation included) + tracing and '
+              'lowering the train step + XLA compiling it + its first execution: '
+              + '; '.join(split) + '.']
   return '\n'.join(lines) + '\n'
 
 
