@@ -544,7 +544,7 @@ def _scores(q, k, bias, scale):
 def _attention(q, k, v, bias, seeds, scale, rate, dtype):
   """softmax(q k^T * scale + bias) v on heads-major operands, with dropout on the probabilities.
 
-  Autodiff would keep the [B, G, R, L, S] probabilities, their dropped copy and the keep-mask
+  Autodiff would keep the [B, G, R * L, S] probabilities, their dropped copy and the keep-mask
   for the backward pass: three full-size tensors per layer (in bfloat16, 30 MiB per MiniLM layer
   at 32 x 128 tokens). Besides q, k, v and the output, this keeps only the softmax's per-row
   maximum and normaliser ([B, G, R * L, 1] float32) and recomputes the logits (one more q k^T
