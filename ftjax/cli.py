@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import flags  # grain's worker processes insist that absl flags were parsed.
     flags.FLAGS.mark_as_parsed()
     from ftjax.train import train_and_evaluate  # After parsing: a typo fails before jax starts.
+    from ftjax import kernels  # pylint: disable=g-import-not-at-top
+    kernels.choice()  # A bad FTJAX_ATTENTION fails now, not at the first step's trace.
     train_and_evaluate(config, workdir)
   except FtjaxError as e:
     print(f'ftjax: error: {e}', file=sys.stderr)

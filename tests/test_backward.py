@@ -99,9 +99,12 @@ def _reference_attention(q, k, v, bias, *, dtype, scale, rate, key):
 @pytest.mark.parametrize('groups', [4, 2])  # Multi-head and grouped-query (2 query heads each).
 # dv and dk by a broadcast multiply-sum (short sequences, as here) and by batched matmuls.
 @pytest.mark.parametrize('small_attention', [layers._SMALL_ATTENTION, 0])
-def test_attention_backward_matches_autodiff(rate, groups, small_attention, monkeypatch):
+# The XLA path, and the fused kernel (whose learnt-looking bias here takes the XLA backward).
+@pytest.mark.parametrize('impl', ['xla', 'fused'])
+def test_attention_backward_matches_autodiff(rate, groups, small_attention, impl, monkeypatch):
   """`layers.attend` keeps no probabilities; its gradients are autodiff's, with dropout too."""
   monkeypatch.setattr(layers, '_SMALL_ATTENTION', small_attention)
+  monkeypatch.setenv('FTJAX_ATTENTION', impl)
   keys = jax.random.split(jax.random.key(0), 5)
   q = 2 * jax.random.normal(keys[0], (2, 6, 4, 8))
   k = 2 * jax.random.normal(keys[1], (2, 6, groups, 8))
@@ -134,7 +137,9 @@ def test_recomputing_backward_passes_keep_no_forward_intermediates(monkeypatch):
   which would keep each layer's forward [B, H, L, L] probabilities alive until its backward
   pass. `layers._after` makes the recomputation depend on the cotangent; without it, XLA's
   scratch memory for this 4-layer stack grows by more than a [B, H, L, L] tensor per layer.
+  (The XLA path: the fused kernel, test_kernels, keeps no logits at all.)
   """
+  monkeypatch.setenv('FTJAX_ATTENTION', 'xla')
   batch, length, heads, head_dim, depth = 4, 128, 4, 16, 4
   dropout = layers.Dropout(0.1)
 

@@ -133,3 +133,11 @@ def test_misconfigured_policy_or_peft_fails_before_training(trained, tmp_path, c
   _fails(argv + [f'--config.{o}' for o in overrides] + [f'--workdir={tmp_path / "w"}'],
          expected, capsys)
   assert not (tmp_path / 'w').exists()
+
+
+def test_bad_attention_choice(trained, monkeypatch, capsys):
+  root, argv = trained
+  before = _snapshot(root / 'run')
+  monkeypatch.setenv('FTJAX_ATTENTION', 'flash')
+  _fails(argv, "FTJAX_ATTENTION='flash': expected one of auto, xla, fused", capsys)
+  assert _snapshot(root / 'run') == before

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import kernels
+
 Axes = tuple[str | None, ...]
 
 
@@ -526,11 +528,17 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
     if dropout.rate == 1.0:
       return jnp.zeros((batch, length, heads * head_dim), dtype)
     rate, seeds = dropout.rate, _seeds(dropout.draw_key(rngs))
-  # The bias of query row r * L + l is the bias of query l: tiled R times when it varies over L.
   bias = bias_Bx1xLxS.astype(jnp.float32)
-  if repeats > 1 and bias.shape[2] > 1:
-    bias = jnp.tile(bias, (1, 1, repeats, 1))
-  out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate, dtype)
+  if kernels.fused_attention_applies(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, dtype):
+    # The kernel reads query row r * L + l's bias from row l (it takes a bias whose query rows
+    # divide R * L): no tiled copy.
+    out_BxGxRLxK = _fused_attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate,
+                                    dtype)
+  else:
+    # The bias of query row r * L + l is the bias of query l: tiled R times when it varies over L.
+    if repeats > 1 and bias.shape[2] > 1:
+      bias = jnp.tile(bias, (1, 1, repeats, 1))
+    out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate, dtype)
   return out_BxGxRLxK.reshape(batch, groups, repeats, length, head_dim).transpose(
       0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 
@@ -641,6 +649,49 @@ def _attention_bwd(scale, rate, dtype, residuals, g):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_attention(q, k, v, bias, seeds, scale, rate, dtype):
+  """`_attention` on the fused CPU kernel (ftjax/kernels/attention.cc), same semantics.
+
+  The kernel keeps each (batch, kv head) pair's keys, values and a block of logits in cache and
+  never writes the [B, G, R * L, S] logits or probabilities to memory, in either pass. It takes
+  the bias untiled ([.., L, S] with R * L query rows) and computes no gradient for it, so a bias
+  that is being differentiated (`perturbed`; masks never are) takes the XLA path's backward.
+  """
+  del dtype
+  return kernels.attention_forward(q, k, v, bias, seeds, scale, rate)[0]
+
+
+def _fused_attention_fwd(q, k, v, bias, seeds, scale, rate, dtype):
+  del dtype
+  q, k, v, seeds = (x.value for x in (q, k, v, seeds))
+  bias_perturbed, bias = bias.perturbed, bias.value
+  out, maximum, normaliser = kernels.attention_forward(q, k, v, bias, seeds, scale, rate)
+  residuals = (q, k, v, bias, seeds, maximum, normaliser, out)
+  # The residuals' pytree structure tells the backward pass which one to run.
+  return out, ({'xla': residuals} if bias_perturbed else {'fused': residuals})
+
+
+def _fused_attention_bwd(scale, rate, dtype, residuals, g):
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None, None, None, None
+  if 'xla' in residuals:
+    q, k, v, bias, seeds, maximum, normaliser, out = residuals['xla']
+    repeats = q.shape[2] // bias.shape[2] if bias.shape[2] > 1 else 1
+    tiled = jnp.tile(bias, (1, 1, repeats, 1))
+    d_q, d_k, d_v, d_tiled, _ = _attention_bwd(
+        scale, rate, dtype, (q, k, v, tiled, seeds, maximum, normaliser, out), g)
+    d_bias = d_tiled.reshape(*bias.shape[:2], repeats, bias.shape[2], bias.shape[3]).sum(2)
+    return d_q, d_k, d_v, d_bias, None
+  q, k, v, bias, seeds, maximum, normaliser, out = residuals['fused']
+  d_q, d_k, d_v = kernels.attention_backward(q, k, v, bias, seeds, maximum, normaliser, out,
+                                             g.astype(q.dtype), scale, rate)
+  return d_q, d_k, d_v, None, None
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd, symbolic_zeros=True)
 
 
 def run_block(block: nnx.Module, remat: bool, *args, **kwargs):

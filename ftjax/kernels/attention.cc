@@ -1,0 +1,628 @@
+// Fused scaled dot-product attention for XLA:CPU, as two XLA FFI custom calls (forward and
+// backward) that ftjax.kernels builds with the machine's C++ compiler and registers with jax.
+//
+// Why: XLA:CPU lowers attention to batched matmuls of tiny per-head products (e.g. 128 x 32 x
+// 128 for MiniLM) that run at a fraction of the machine's matmul speed, plus a materialised
+// [B, G, Q, S] logits tensor per layer that travels through memory several times. Here each
+// (batch, kv head) pair is one task that keeps its keys, values and a block of logits in
+// cache-sized scratch, in float32, the way a fused CPU attention kernel (e.g. PyTorch's) does.
+//
+// Semantics are those of ftjax.models.layers._attention (the XLA path, kept as the reference):
+//   logits = q k^T * scale + bias (float32), probs = exp(logits - max) / sum,
+//   dropped = round(probs) to the value dtype, then the hash-based dropout of layers._keep,
+//   out = dropped v (float32 accumulation), rounded to the output dtype;
+// the backward pass recomputes logits and probabilities from the saved row maximum and
+// normaliser, as that path does, and rounds d_logits to q's dtype before the dq and dk products.
+//
+// Layouts (row-major): q [B, G, Q, K]; k, v [B, G, S, K]; out [B, G, Q, K]; row statistics
+// [B, G, Q, 1]; bias float32 [Bb, Gb, Qb, Sb] with Bb in {1, B}, Gb in {1, G}, Sb in {1, S} and
+// Q % Qb == 0 (query row r reads bias row r % Qb: grouped-query heads stacked along the query
+// axis share their bias rows without tiling it). q, k, v share one dtype, float32 or bfloat16.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;     // float32 lanes of one AVX-512 register: padding unit.
+constexpr int64_t kRowTile = 8;    // rows padding unit: a multiple of every register tile's.
+constexpr int64_t kRowBlock = 64;  // query rows per block of logits kept in scratch.
+
+int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// bfloat16 <-> float32, round to nearest even (as XLA converts).
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float RoundBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
+
+template <typename T> float Load(const T* p, int64_t i);
+template <> inline float Load<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return Bf16ToF32(p[i]); }
+
+template <typename T> void Store(T* p, int64_t i, float x);
+template <> inline void Store<float>(float* p, int64_t i, float x) { p[i] = x; }
+template <> inline void Store<uint16_t>(uint16_t* p, int64_t i, float x) { p[i] = F32ToBf16(x); }
+
+// Rounds a float32 value to what the dtype T holds (bfloat16 or float32 itself).
+template <typename T> inline float Round(float x) { return x; }
+template <> inline float Round<uint16_t>(float x) { return RoundBf16(x); }
+
+// MurmurHash3's finaliser, as layers._mix32.
+inline uint32_t Mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// layers._keep for the element at flat index `index` of the [B, G, Q, S] probabilities.
+inline bool Keep(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t threshold) {
+  return Mix32(Mix32(index * 0x9E3779B1u + seed0) ^ seed1) >= threshold;
+}
+
+#if defined(__AVX512F__)
+// Vector forms of Round<T>, Mix32 and Keep for 16 consecutive columns.
+template <typename T> inline __m512 RoundV(__m512 x) { return x; }
+template <> inline __m512 RoundV<uint16_t>(__m512 x) {
+  // Round to nearest even on the bits (the operands here are finite).
+  __m512i bits = _mm512_castps_si512(x);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff0000u)));
+}
+
+inline __m512i Mix32V(__m512i h) {
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x85EBCA6Bu));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0xC2B2AE35u));
+  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+
+inline __mmask16 KeepV(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t threshold) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i h = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index)), lanes);
+  h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(0x9E3779B1u)),
+                       _mm512_set1_epi32(static_cast<int>(seed0)));
+  h = Mix32V(_mm512_xor_si512(Mix32V(h), _mm512_set1_epi32(static_cast<int>(seed1))));
+  return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32(static_cast<int>(threshold)));
+}
+#endif
+
+#if defined(__AVX512F__)
+// One MR x (NV * kLanes) register tile of Gemm below.
+template <int MR, int NV>
+inline void Tile(int64_t reduce, const float* a, int64_t a_row, int64_t a_red, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? _mm512_loadu_ps(c + i * ldc + v * kLanes) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < reduce; ++t) {
+    __m512 bt[NV];
+    for (int v = 0; v < NV; ++v) bt[v] = _mm512_loadu_ps(b + t * ldb + v * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i * a_row + t * a_red]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bt[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + v * kLanes, acc[i][v]);
+}
+#endif
+
+// C[r][j] (+)= sum_t a[r * a_row + t * a_red] * b[t * ldb + j] for r < m (a multiple of
+// kRowTile), j < n (a multiple of kLanes), t < reduce. One kernel serves the three products of
+// attention: q k^T (a = q rows, b = k^T), p v and ds k (a = a block of [rows, S], b = v or k),
+// and the transposed ds^T q and p^T g (a read down its columns). Register tiles of 4 x 64 where
+// n allows, else 8 x 32 or 8 x 16 (a head size of 32 or 16): about 16 accumulators each.
+void Gemm(int64_t m, int64_t n, int64_t reduce, const float* a, int64_t a_row, int64_t a_red,
+          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
+  for (int64_t j = 0; j < n;) {
+    if (n - j >= 4 * kLanes) {
+      for (int64_t r = 0; r < m; r += 4)
+        Tile<4, 4>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
+                   accumulate);
+      j += 4 * kLanes;
+    } else if (n - j >= 2 * kLanes) {
+      for (int64_t r = 0; r < m; r += 8)
+        Tile<8, 2>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
+                   accumulate);
+      j += 2 * kLanes;
+    } else {
+      for (int64_t r = 0; r < m; r += 8)
+        Tile<8, 1>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
+                   accumulate);
+      j += kLanes;
+    }
+  }
+#else
+  for (int64_t r = 0; r < m; ++r) {
+    float* cr = c + r * ldc;
+    if (!accumulate) std::fill(cr, cr + n, 0.0f);
+    for (int64_t t = 0; t < reduce; ++t) {
+      const float x = a[r * a_row + t * a_red];
+      const float* bt = b + t * ldb;
+      for (int64_t j = 0; j < n; ++j) cr[j] += x * bt[j];
+    }
+  }
+#endif
+}
+
+// exp(x - shift) over a float32 row in place, returning the row's sum (the softmax normaliser).
+float ExpRowAndSum(float* x, int64_t n, float shift) {
+  float total = 0.0f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  for (; j + kLanes <= n; j += kLanes) {
+    // exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln 2 / 2; a degree-6 polynomial for
+    // exp(r) (Cephes' expf coefficients), then scalef. Inputs below -104 underflow to 0 (and
+    // -inf, a masked logit, gives 0 instead of a NaN from -inf - -inf).
+    __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(shift)),
+                             _mm512_set1_ps(-104.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, ln2_hi, v);
+    r = _mm512_fnmadd_ps(k, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    p = _mm512_scalef_ps(p, k);
+    _mm512_storeu_ps(x + j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    total += x[j];
+  }
+  return total;
+}
+
+float RowMax(const float* x, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 v = _mm512_set1_ps(top);
+  for (; j + kLanes <= n; j += kLanes) v = _mm512_max_ps(v, _mm512_loadu_ps(x + j));
+  top = _mm512_reduce_max_ps(v);
+#endif
+  for (; j < n; ++j) top = std::max(top, x[j]);
+  return top;
+}
+
+// Runs body(i) for i in [0, count) on the caller and up to `helpers` tasks of XLA's intra-op
+// thread pool, and returns when all are done. The caller works too, and a helper that starts
+// after the work is gone returns at once, so a busy pool only delays the call, never
+// deadlocks it.
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> active{0};
+    std::atomic<bool> closed{false};
+    std::mutex mu;
+    std::condition_variable done;
+    const std::function<void(int64_t)>* body = nullptr;
+    int64_t count = 0;
+  };
+  auto state = std::make_shared<State>();
+  state->body = &body;
+  state->count = count;
+  auto drain = [](State& s) {
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.count;) (*s.body)(i);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, count - 1);
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([state, drain]() {
+      state->active.fetch_add(1);
+      if (!state->closed.load()) drain(*state);
+      if (state->active.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->done.notify_all();
+      }
+    });
+  }
+  drain(*state);
+  state->closed.store(true);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->done.wait(lock, [&] { return state->active.load() == 0; });
+}
+
+struct Shape {
+  int64_t batch, groups, queries, keys, head_dim;
+  // Bias strides (0 where it broadcasts) and its number of query rows.
+  int64_t bias_b, bias_g, bias_q, bias_s, bias_rows;
+};
+
+ffi::Error ReadShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                     const ffi::Buffer<ffi::F32>& bias, Shape* shape) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4)
+    return ffi::Error::InvalidArgument("attention operands and bias must be 4-D");
+  if (q.element_type() != k.element_type() || q.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument("q, k and v must share one dtype");
+  if (q.element_type() != ffi::F32 && q.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("attention supports float32 and bfloat16");
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("k and v shapes differ");
+  if (qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3])
+    return ffi::Error::InvalidArgument("q and k shapes do not match");
+  *shape = {qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, 0, bd[2]};
+  const int64_t want[4] = {qd[0], qd[1], qd[2], kd[2]};
+  for (int i = 0; i < 4; ++i)
+    if (bd[i] != 1 && bd[i] != want[i] && !(i == 2 && qd[2] % bd[2] == 0))
+      return ffi::Error::InvalidArgument("bias does not broadcast to the logits");
+  shape->bias_s = bd[3] == 1 ? 0 : 1;
+  shape->bias_q = bd[2] == 1 ? 0 : bd[3];
+  shape->bias_g = bd[1] == 1 ? 0 : bd[2] * bd[3];
+  shape->bias_b = bd[0] == 1 ? 0 : bd[1] * bd[2] * bd[3];
+  return ffi::Error::Success();
+}
+
+struct Dropout {
+  float rate;        // 0: no dropout.
+  float keep_scale;  // float32(1 / (1 - rate)), as the reference rounds it.
+  uint32_t seed0, seed1, threshold;
+};
+
+// Scratch of one task, reused across the tasks a thread runs.
+struct Scratch {
+  std::vector<float> k_t, v, k, v_t, q, g, o, logits, probs, d_probs, d_k, d_v;
+  static Scratch& Get() {
+    thread_local Scratch s;
+    return s;
+  }
+};
+
+// rows x cols of src (row-major, ld cols) into dst [rows_pad][ld_dst], float32, zero-padded.
+template <typename T>
+void LoadRows(const T* src, int64_t rows, int64_t cols, int64_t rows_pad, float* dst,
+              int64_t ld_dst) {
+  std::fill(dst, dst + rows_pad * ld_dst, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = Load(src, r * cols + c);
+}
+
+// The transpose of rows x cols of src into dst [cols][ld_dst], float32, zero-padded.
+template <typename T>
+void LoadTransposed(const T* src, int64_t rows, int64_t cols, int64_t ld_dst, float* dst) {
+  std::fill(dst, dst + cols * ld_dst, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = Load(src, r * cols + c);
+}
+
+// The scaled, biased logits of `rows` query rows from `row0` on, into s.logits [rows][Sp];
+// padded key columns are -inf.
+void Logits(const Shape& sh, int64_t b, int64_t g, int64_t row0, int64_t rows, int64_t rows_pad,
+            int64_t kp, int64_t sp, float scale, const float* bias, Scratch& s) {
+  Gemm(rows_pad, sp, kp, s.q.data(), kp, 1, s.k_t.data(), sp, s.logits.data(), sp, false);
+  const float* bias_bg = bias + b * sh.bias_b + g * sh.bias_g;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s.logits.data() + r * sp;
+    const float* bias_row = bias_bg + ((row0 + r) % sh.bias_rows) * sh.bias_q;
+    if (sh.bias_s) {
+      for (int64_t j = 0; j < sh.keys; ++j) row[j] = row[j] * scale + bias_row[j];
+    } else {
+      for (int64_t j = 0; j < sh.keys; ++j) row[j] = row[j] * scale + bias_row[0];
+    }
+    for (int64_t j = sh.keys; j < sp; ++j) row[j] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+// The dropped probabilities of one row: round(p) to T, then dropout (index: the row's first
+// element in the [B, G, Q, S] probabilities). Padded columns have p = 0 and stay 0.
+template <typename T>
+void DropRow(const float* p, float* dropped, int64_t sp, uint32_t index, const Dropout& drop) {
+  const float kept = Round<T>(drop.keep_scale);
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < sp; j += kLanes) {
+    __m512 d = RoundV<T>(_mm512_loadu_ps(p + j));
+    if (drop.rate > 0.0f)
+      d = _mm512_maskz_mov_ps(KeepV(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1,
+                                    drop.threshold),
+                              RoundV<T>(_mm512_mul_ps(d, _mm512_set1_ps(kept))));
+    _mm512_storeu_ps(dropped + j, d);
+  }
+#endif
+  for (; j < sp; ++j) {
+    float d = Round<T>(p[j]);
+    if (drop.rate > 0.0f)
+      d = Keep(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1, drop.threshold)
+              ? Round<T>(d * kept) : 0.0f;
+    dropped[j] = d;
+  }
+}
+
+// d_logits of one row, rounded to T: p * (dropout'(d_probs) - row_sum).
+template <typename T>
+void DLogitsRow(const float* p, const float* d_probs, float* d_logits, int64_t sp,
+                uint32_t index, float row_sum, const Dropout& drop) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < sp; j += kLanes) {
+    __m512 d = _mm512_loadu_ps(d_probs + j);
+    if (drop.rate > 0.0f)
+      d = _mm512_maskz_mov_ps(KeepV(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1,
+                                    drop.threshold),
+                              _mm512_mul_ps(d, _mm512_set1_ps(drop.keep_scale)));
+    d = _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(d, _mm512_set1_ps(row_sum)));
+    _mm512_storeu_ps(d_logits + j, RoundV<T>(d));
+  }
+#endif
+  for (; j < sp; ++j) {
+    float d = d_probs[j];
+    if (drop.rate > 0.0f)
+      d = Keep(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1, drop.threshold)
+              ? d * drop.keep_scale : 0.0f;
+    d_logits[j] = Round<T>(p[j] * (d - row_sum));
+  }
+}
+
+// probs (float32, in s.logits) and the dropped probabilities in the value dtype (s.probs) of
+// rows already holding logits; padded rows and columns of s.probs are 0. The forward pass
+// passes `maximum_out` and `normaliser_out` to have each row's maximum and normaliser computed
+// and written there; the backward pass reads them from `maximum` and `normaliser` instead.
+template <typename T>
+void Probabilities(const Shape& sh, int64_t n, int64_t row0, int64_t rows, int64_t rows_pad,
+                   int64_t sp, const float* maximum, const float* normaliser,
+                   float* maximum_out, float* normaliser_out, const Dropout& drop, Scratch& s) {
+  const bool fill = maximum_out != nullptr;
+  std::fill(s.probs.begin(), s.probs.begin() + rows_pad * sp, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* logit = s.logits.data() + r * sp;
+    float* dropped = s.probs.data() + r * sp;
+    const float m = fill ? (maximum_out[r] = RowMax(logit, sp)) : maximum[r];
+    const float total = ExpRowAndSum(logit, sp, m);  // Padded columns: exp(-inf) = 0.
+    const float l = fill ? (normaliser_out[r] = total) : normaliser[r];
+    for (int64_t j = 0; j < sp; ++j) logit[j] /= l;
+    DropRow<T>(logit, dropped, sp, static_cast<uint32_t>((n * sh.queries + row0 + r) * sh.keys),
+               drop);
+  }
+}
+
+template <typename T>
+void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
+                 const float* bias, float scale, const Dropout& drop, T* out, float* maximum,
+                 float* normaliser) {
+  Scratch& s = Scratch::Get();
+  const int64_t kp = RoundUp(sh.head_dim, kLanes), sp = RoundUp(sh.keys, kLanes);
+  const int64_t block = std::min(kRowBlock, RoundUp(sh.queries, kRowTile));
+  const int64_t b = n / sh.groups, g = n % sh.groups;
+  const int64_t kv_offset = n * sh.keys * sh.head_dim;
+  s.k_t.resize(kp * sp);
+  s.v.resize(sp * kp);
+  s.q.resize(block * kp);
+  s.o.resize(block * kp);
+  s.logits.resize(block * sp);
+  s.probs.resize(block * sp);
+  LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
+  LoadRows(v + kv_offset, sh.keys, sh.head_dim, sp, s.v.data(), kp);
+  for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
+    const int64_t rows = std::min(block, sh.queries - row0);
+    const int64_t rows_pad = RoundUp(rows, kRowTile);
+    const int64_t q_offset = (n * sh.queries + row0) * sh.head_dim;
+    LoadRows(q + q_offset, rows, sh.head_dim, rows_pad, s.q.data(), kp);
+    Logits(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, s);
+    Probabilities<T>(sh, n, row0, rows, rows_pad, sp, nullptr, nullptr,
+                     maximum + n * sh.queries + row0, normaliser + n * sh.queries + row0, drop,
+                     s);
+    Gemm(rows_pad, kp, sp, s.probs.data(), sp, 1, s.v.data(), kp, s.o.data(), kp, false);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < sh.head_dim; ++c)
+        Store(out, q_offset + r * sh.head_dim + c, s.o[r * kp + c]);
+  }
+}
+
+template <typename T>
+void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
+                  const float* bias, const float* maximum, const float* normaliser, const T* out,
+                  const T* d_out, float scale, const Dropout& drop, T* d_q, T* d_k, T* d_v) {
+  Scratch& s = Scratch::Get();
+  const int64_t kp = RoundUp(sh.head_dim, kLanes), sp = RoundUp(sh.keys, kLanes);
+  const int64_t block = std::min(kRowBlock, RoundUp(sh.queries, kRowTile));
+  const int64_t b = n / sh.groups, g = n % sh.groups;
+  const int64_t kv_offset = n * sh.keys * sh.head_dim;
+  s.k_t.resize(kp * sp);
+  s.k.resize(sp * kp);
+  s.v_t.resize(kp * sp);
+  s.q.resize(block * kp);
+  s.g.resize(block * kp);
+  s.o.resize(block * kp);
+  s.logits.resize(block * sp);
+  s.probs.resize(block * sp);
+  s.d_probs.resize(block * sp);
+  s.d_k.assign(sp * kp, 0.0f);
+  s.d_v.assign(sp * kp, 0.0f);
+  LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
+  LoadRows(k + kv_offset, sh.keys, sh.head_dim, sp, s.k.data(), kp);
+  LoadTransposed(v + kv_offset, sh.keys, sh.head_dim, sp, s.v_t.data());
+  for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
+    const int64_t rows = std::min(block, sh.queries - row0);
+    const int64_t rows_pad = RoundUp(rows, kRowTile);
+    const int64_t q_offset = (n * sh.queries + row0) * sh.head_dim;
+    LoadRows(q + q_offset, rows, sh.head_dim, rows_pad, s.q.data(), kp);
+    LoadRows(d_out + q_offset, rows, sh.head_dim, rows_pad, s.g.data(), kp);
+    Logits(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, s);
+    Probabilities<T>(sh, n, row0, rows, rows_pad, sp, maximum + n * sh.queries + row0,
+                     normaliser + n * sh.queries + row0, nullptr, nullptr, drop, s);
+    // d_v += dropped^T g (before s.probs is reused for d_logits).
+    Gemm(sp, kp, rows_pad, s.probs.data(), 1, sp, s.g.data(), kp, s.d_v.data(), kp, true);
+    Gemm(rows_pad, sp, kp, s.g.data(), kp, 1, s.v_t.data(), sp, s.d_probs.data(), sp, false);
+    std::fill(s.probs.begin(), s.probs.begin() + rows_pad * sp, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      // sum_s probs * d_probs of the row, as sum_k g * out (the reference's form).
+      float row_sum = 0.0f;
+      for (int64_t c = 0; c < sh.head_dim; ++c)
+        row_sum += s.g[r * kp + c] * Load(out, q_offset + r * sh.head_dim + c);
+      const float* p = s.logits.data() + r * sp;
+      float* dp = s.d_probs.data() + r * sp;
+      float* ds = s.probs.data() + r * sp;
+      DLogitsRow<T>(p, dp, ds, sp, static_cast<uint32_t>((n * sh.queries + row0 + r) * sh.keys),
+                    row_sum, drop);
+    }
+    // d_q = d_logits k * scale; d_k += d_logits^T q.
+    Gemm(rows_pad, kp, sp, s.probs.data(), sp, 1, s.k.data(), kp, s.o.data(), kp, false);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < sh.head_dim; ++c)
+        Store(d_q, q_offset + r * sh.head_dim + c, s.o[r * kp + c] * scale);
+    Gemm(sp, kp, rows_pad, s.probs.data(), 1, sp, s.q.data(), kp, s.d_k.data(), kp, true);
+  }
+  for (int64_t j = 0; j < sh.keys; ++j)
+    for (int64_t c = 0; c < sh.head_dim; ++c) {
+      Store(d_k, kv_offset + j * sh.head_dim + c, s.d_k[j * kp + c] * scale);
+      Store(d_v, kv_offset + j * sh.head_dim + c, s.d_v[j * kp + c]);
+    }
+}
+
+Dropout MakeDropout(float rate, float keep_scale, const ffi::Buffer<ffi::U32>& seeds,
+                    int64_t threshold) {
+  const uint32_t* sd = seeds.typed_data();
+  return {rate, keep_scale, sd[0], sd[1], static_cast<uint32_t>(threshold)};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds, float scale,
+                   float rate, float keep_scale, int64_t threshold,
+                   ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::Buffer<ffi::F32>> maximum,
+                   ffi::Result<ffi::Buffer<ffi::F32>> normaliser) {
+  Shape sh;
+  if (ffi::Error e = ReadShape(q, k, v, bias, &sh); e.failure()) return e;
+  if (seeds.element_count() != 2) return ffi::Error::InvalidArgument("seeds must be uint32[2]");
+  const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
+  const float* bias_data = bias.typed_data();
+  float* m = maximum->typed_data();
+  float* l = normaliser->typed_data();
+  if (q.element_type() == ffi::F32) {
+    ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
+      ForwardTask<float>(sh, n, q.typed_data<float>(), k.typed_data<float>(),
+                         v.typed_data<float>(), bias_data, scale, drop,
+                         out->typed_data<float>(), m, l);
+    });
+  } else {
+    auto* qd = reinterpret_cast<const uint16_t*>(q.untyped_data());
+    auto* kd = reinterpret_cast<const uint16_t*>(k.untyped_data());
+    auto* vd = reinterpret_cast<const uint16_t*>(v.untyped_data());
+    auto* od = reinterpret_cast<uint16_t*>(out->untyped_data());
+    ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
+      ForwardTask<uint16_t>(sh, n, qd, kd, vd, bias_data, scale, drop, od, m, l);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds,
+                    ffi::Buffer<ffi::F32> maximum, ffi::Buffer<ffi::F32> normaliser,
+                    ffi::AnyBuffer out, ffi::AnyBuffer d_out, float scale, float rate,
+                    float keep_scale, int64_t threshold, ffi::Result<ffi::AnyBuffer> d_q,
+                    ffi::Result<ffi::AnyBuffer> d_k, ffi::Result<ffi::AnyBuffer> d_v) {
+  Shape sh;
+  if (ffi::Error e = ReadShape(q, k, v, bias, &sh); e.failure()) return e;
+  if (out.element_type() != q.element_type() || d_out.element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("out and its cotangent must have q's dtype");
+  if (seeds.element_count() != 2) return ffi::Error::InvalidArgument("seeds must be uint32[2]");
+  const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
+  const float* bias_data = bias.typed_data();
+  const float* m = maximum.typed_data();
+  const float* l = normaliser.typed_data();
+  if (q.element_type() == ffi::F32) {
+    ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
+      BackwardTask<float>(sh, n, q.typed_data<float>(), k.typed_data<float>(),
+                          v.typed_data<float>(), bias_data, m, l, out.typed_data<float>(),
+                          d_out.typed_data<float>(), scale, drop, d_q->typed_data<float>(),
+                          d_k->typed_data<float>(), d_v->typed_data<float>());
+    });
+  } else {
+    auto as = [](const ffi::AnyBuffer& x) { return reinterpret_cast<const uint16_t*>(x.untyped_data()); };
+    auto as_out = [](ffi::Result<ffi::AnyBuffer>& x) {
+      return reinterpret_cast<uint16_t*>(x->untyped_data());
+    };
+    const uint16_t *qd = as(q), *kd = as(k), *vd = as(v), *od = as(out), *gd = as(d_out);
+    uint16_t *dq = as_out(d_q), *dk = as_out(d_k), *dv = as_out(d_v);
+    ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
+      BackwardTask<uint16_t>(sh, n, qd, kd, vd, bias_data, m, l, od, gd, scale, drop, dq, dk,
+                             dv);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // q
+                                  .Arg<ffi::AnyBuffer>()          // k
+                                  .Arg<ffi::AnyBuffer>()          // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // dropout seeds
+                                  .Attr<float>("scale")
+                                  .Attr<float>("rate")
+                                  .Attr<float>("keep_scale")
+                                  .Attr<int64_t>("threshold")
+                                  .Ret<ffi::AnyBuffer>()          // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // row maximum
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // row normaliser
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // q
+                                  .Arg<ffi::AnyBuffer>()          // k
+                                  .Arg<ffi::AnyBuffer>()          // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // dropout seeds
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // row maximum
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // row normaliser
+                                  .Arg<ffi::AnyBuffer>()          // out
+                                  .Arg<ffi::AnyBuffer>()          // d_out
+                                  .Attr<float>("scale")
+                                  .Attr<float>("rate")
+                                  .Attr<float>("keep_scale")
+                                  .Attr<int64_t>("threshold")
+                                  .Ret<ffi::AnyBuffer>()          // d_q
+                                  .Ret<ffi::AnyBuffer>()          // d_k
+                                  .Ret<ffi::AnyBuffer>());        // d_v

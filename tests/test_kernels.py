@@ -1,0 +1,177 @@
+"""The fused CPU attention kernel (ftjax/kernels/attention.cc) against the XLA path and autodiff."""
+
+import functools
+import logging
+import pathlib
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import kernels
+from ftjax.errors import FtjaxError
+from ftjax.models import layers
+
+def _operands(batch, length, keys, heads, groups, head_dim, dtype, bias_kind, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(2 * rng.normal(size=(batch, length, heads, head_dim)), dtype)
+  k = jnp.asarray(2 * rng.normal(size=(batch, keys, groups, head_dim)), dtype)
+  v = jnp.asarray(rng.normal(size=(batch, keys, groups, head_dim)), dtype)
+  if bias_kind == 'padding':  # [B, 1, 1, S]; the first sequence's last 3 keys are padding.
+    mask = np.ones((batch, keys), bool)
+    mask[0, -3:] = False
+    bias = jnp.where(jnp.asarray(mask)[:, None, None, :], 0.0, layers.MASKED)
+  elif bias_kind == 'causal':  # [B, 1, L, L], left padding: a query that sees only padding.
+    mask = np.ones((batch, length), np.int32)
+    mask[0, :2] = 0
+    bias, _ = layers.causal_bias(jnp.asarray(mask), length)
+  else:  # A dense [1, 1, L, S] bias, as a learnt one would be.
+    bias = jnp.asarray(rng.normal(size=(1, 1, length, keys)), jnp.float32)
+  return q, k, v, bias.astype(jnp.float32)
+
+
+def _attend(impl, monkeypatch, dtype, rate, q, k, v, bias):
+  monkeypatch.setenv('FTJAX_ATTENTION', impl)
+  dropout = layers.Dropout(rate)
+  return layers.attend(q, k, v, bias, dtype=dtype, scale=0.3, dropout=dropout,
+                       deterministic=not rate, rngs=nnx.Rngs(dropout=7))
+
+
+def _value_and_grads(impl, monkeypatch, dtype, rate, operands, argnums=(0, 1, 2)):
+  f = functools.partial(_attend, impl, monkeypatch, dtype, rate)
+  out, pullback = jax.vjp(lambda *a: f(*a), *operands)
+  cotangent = jax.random.normal(jax.random.key(1), out.shape, jnp.float32).astype(out.dtype)
+  grads = pullback(cotangent)
+  return out, [grads[i] for i in argnums]
+
+
+def _close(ours, reference, rtol):
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+# (batch, query length, key length, heads, kv heads, head size, bias): multi-head and
+# grouped-query; head sizes and lengths that are and are not multiples of the kernel's 16-lane
+# padding; a single query row (decoding); keys longer than queries (a cache or prefix).
+SHAPES = [(2, 20, 20, 4, 4, 32, 'padding'), (2, 24, 24, 4, 2, 16, 'causal'),
+          (3, 33, 50, 6, 2, 24, 'dense'), (2, 1, 9, 4, 1, 8, 'padding'),
+          (2, 128, 128, 4, 4, 64, 'padding')]
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('rate', [0.0, 0.2])
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s[:6])) + s[6])
+def test_fused_attention_matches_the_xla_path(shape, rate, dtype, monkeypatch):
+  """Same outputs and q/k/v gradients as the XLA path, dropout masks included."""
+  *dims, bias_kind = shape
+  operands = _operands(*dims, dtype, bias_kind)
+  out, grads = _value_and_grads('fused', monkeypatch, dtype, rate, operands)
+  ref_out, ref_grads = _value_and_grads('xla', monkeypatch, dtype, rate, operands)
+  assert out.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
+  # float32: summation order only. bfloat16: a rounding of d_logits that falls the other way
+  # moves a gradient by one bfloat16 step (2^-8) of its largest entries.
+  _close(out, ref_out, 1e-5 if dtype == jnp.float32 else 1e-2)
+  _close(grads, ref_grads, 1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize('rate', [0.0, 0.3])
+def test_fused_attention_matches_autodiff_of_plain_attention(rate, monkeypatch):
+  """Against attention written plainly and differentiated by jax, with the same dropout mask."""
+  q, k, v, bias = _operands(2, 12, 12, 4, 2, 16, jnp.float32, 'causal')
+  out, grads = _value_and_grads('fused', monkeypatch, jnp.float32, rate, (q, k, v, bias))
+  key = nnx.Rngs(dropout=7).dropout()
+
+  def plain(q, k, v):
+    k, v = (jnp.repeat(t, 2, axis=2) for t in (k, v))
+    probs = jax.nn.softmax(jnp.einsum('bqhk,bshk->bhqs', q, k) * 0.3 + bias, axis=-1)
+    if rate:
+      probs = jnp.where(layers.keep_mask(key, probs.shape, rate), probs / (1 - rate), 0.0)
+    out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
+    return out.reshape(*out.shape[:2], -1)
+
+  ref_out, pullback = jax.vjp(plain, q, k, v)
+  cotangent = jax.random.normal(jax.random.key(1), out.shape, jnp.float32)
+  _close(out, ref_out, 1e-5)
+  _close(grads, pullback(cotangent), 1e-5)
+
+
+def test_a_differentiated_bias_gets_its_gradient(monkeypatch):
+  """The kernel computes no bias gradient; a bias under differentiation takes the XLA backward."""
+  operands = _operands(2, 10, 10, 4, 2, 16, jnp.float32, 'dense')
+  argnums = (0, 1, 2, 3)
+  _, grads = _value_and_grads('fused', monkeypatch, jnp.float32, 0.1, operands, argnums)
+  _, ref_grads = _value_and_grads('xla', monkeypatch, jnp.float32, 0.1, operands, argnums)
+  assert grads[3].shape == operands[3].shape and np.abs(np.asarray(grads[3])).max() > 0
+  _close(grads, ref_grads, 1e-5)
+
+
+def _custom_calls(impl, monkeypatch, *operands) -> list[str]:
+  monkeypatch.setenv('FTJAX_ATTENTION', impl)
+  loss = lambda q, k, v: jnp.sum(layers.attend(q, k, v, operands[3], dtype=jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*operands[:3]).as_text()
+  return [t for t in kernels._TARGETS if t in text]
+
+
+def test_the_kernel_runs_by_default_and_not_under_ftjax_attention_xla(monkeypatch):
+  operands = _operands(2, 8, 8, 2, 2, 16, jnp.float32, 'padding')
+  assert _custom_calls('auto', monkeypatch, *operands) == list(kernels._TARGETS)
+  assert _custom_calls('xla', monkeypatch, *operands) == []
+
+
+def test_the_fused_step_keeps_no_logits(monkeypatch):
+  """XLA's scratch for a 4-layer attention stack's gradient: the kernel never writes the
+  [B, H, L, L] logits or probabilities that the XLA path materialises, one layer at a time."""
+  batch, length, heads, head_dim, depth = 4, 128, 4, 16, 4
+
+  def loss(x, w):
+    for i in range(depth):
+      q = (x @ w[i]).reshape(batch, length, heads, head_dim)
+      x = layers.attend(q, q, q, jnp.zeros((batch, 1, 1, length)), dtype=jnp.float32,
+                        dropout=layers.Dropout(0.1), deterministic=False,
+                        rngs=nnx.Rngs(dropout=i))
+    return jnp.sum(x)
+
+  x = jnp.ones((batch, length, heads * head_dim))
+  w = jnp.full((depth, heads * head_dim, heads * head_dim), 0.01)
+
+  def scratch(impl):
+    monkeypatch.setenv('FTJAX_ATTENTION', impl)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile(
+    ).memory_analysis().temp_size_in_bytes
+
+  probs_bytes = batch * heads * length * length * 4
+  fused, xla = scratch('fused'), scratch('xla')
+  assert fused < xla - probs_bytes, (fused, xla)
+
+
+def test_ftjax_attention_is_checked(monkeypatch):
+  monkeypatch.setenv('FTJAX_ATTENTION', 'flash')
+  with pytest.raises(FtjaxError, match='FTJAX_ATTENTION=.flash.: expected one of auto, xla, fused'):
+    kernels.choice()
+
+
+def test_build_failure_is_one_line(monkeypatch, tmp_path):
+  """A compiler that fails: `build` raises one line naming the command; nothing is cached."""
+  monkeypatch.setenv('FTJAX_KERNEL_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')
+  with pytest.raises(kernels.KernelUnavailable, match=r'^\S*false -O3 \.\.\. failed: 1$'):
+    kernels.build()
+  assert not list(pathlib.Path(tmp_path).rglob('*.so'))
+
+
+def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch, caplog):
+  monkeypatch.setattr(kernels, '_load', lambda: 'no C++ compiler found')
+  kernels._warn_once.cache_clear()
+  q, k, v, bias = _operands(1, 4, 4, 2, 2, 16, jnp.float32, 'padding')
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):
+      assert not kernels.fused_attention_applies(q, k, v, jnp.float32)
+  assert [r.getMessage() for r in caplog.records] == [
+      'ftjax: fused CPU attention unavailable (no C++ compiler found); using the XLA path']
+  monkeypatch.setenv('FTJAX_ATTENTION', 'fused')
+  with pytest.raises(kernels.KernelUnavailable, match='FTJAX_ATTENTION=fused, but'):
+    kernels.fused_attention_applies(q, k, v, jnp.float32)
