@@ -155,18 +155,25 @@ def _attrs(scale: float, rate: float) -> dict:
 
 
 def attention_forward(q, k, v, bias, seeds, scale: float, rate: float):
-  """(out, maximum, normaliser) of the fused kernel: see attention.cc for the layouts."""
+  """(out, maximum, normaliser, keep) of the fused kernel: see attention.cc for the layouts.
+
+  `keep` holds the dropout keep-mask as uint16 words ([B, G, Q, ceil(S / 16)]; one word when
+  `rate` is 0), hashed once here and read back by the backward pass.
+  """
   rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
+  words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
   call = jax.ffi.ffi_call('ftjax_attention_forward',
-                          (jax.ShapeDtypeStruct(q.shape, q.dtype), rows, rows),
+                          (jax.ShapeDtypeStruct(q.shape, q.dtype), rows, rows,
+                           jax.ShapeDtypeStruct(words, jnp.uint16)),
                           vmap_method='sequential')
   return call(q, k, v, bias, seeds, **_attrs(scale, rate))
 
 
-def attention_backward(q, k, v, bias, seeds, maximum, normaliser, out, d_out, scale: float,
-                       rate: float):
+def attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_out,
+                       scale: float, rate: float):
   """(d_q, d_k, d_v) of the fused kernel, d_out in q's dtype."""
   call = jax.ffi.ffi_call('ftjax_attention_backward',
                           tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
                           vmap_method='sequential')
-  return call(q, k, v, bias, seeds, maximum, normaliser, out, d_out, **_attrs(scale, rate))
+  return call(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_out,
+              **_attrs(scale, rate))

@@ -314,13 +314,58 @@ struct Scratch {
   }
 };
 
+// One row of `cols` values of T into float32 (the rest of dst untouched), and back, times
+// `scale` and rounded to T.
+template <typename T>
+inline void LoadRow(const T* src, int64_t cols, float* dst) {
+  int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (; c < cols; c += kLanes) {
+    const __mmask16 live = cols - c >= kLanes ? 0xffff : (1u << (cols - c)) - 1;
+    __m512 x;
+    if constexpr (sizeof(T) == 2) {
+      x = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src + c)), 16));
+    } else {
+      x = _mm512_maskz_loadu_ps(live, src + c);
+    }
+    _mm512_mask_storeu_ps(dst + c, live, x);
+  }
+#endif
+  for (; c < cols; ++c) dst[c] = Load(src, c);
+}
+
+template <typename T>
+inline void StoreRow(const float* src, int64_t cols, float scale, T* dst) {
+  int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (; c < cols; c += kLanes) {
+    const __mmask16 live = cols - c >= kLanes ? 0xffff : (1u << (cols - c)) - 1;
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + c), _mm512_set1_ps(scale));
+    if constexpr (sizeof(T) == 2) {
+      __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(RoundV<T>(x)), 16);
+      _mm256_mask_storeu_epi16(dst + c, live, _mm512_cvtepi32_epi16(bits));
+    } else {
+      _mm512_mask_storeu_ps(dst + c, live, x);
+    }
+  }
+#endif
+  for (; c < cols; ++c) Store(dst, c, src[c] * scale);
+}
+
 // rows x cols of src (row-major, ld cols) into dst [rows_pad][ld_dst], float32, zero-padded.
 template <typename T>
 void LoadRows(const T* src, int64_t rows, int64_t cols, int64_t rows_pad, float* dst,
               int64_t ld_dst) {
   std::fill(dst, dst + rows_pad * ld_dst, 0.0f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = Load(src, r * cols + c);
+  for (int64_t r = 0; r < rows; ++r) LoadRow(src + r * cols, cols, dst + r * ld_dst);
+}
+
+// rows x cols of src [rows][ld_src] (float32) times `scale` into dst (row-major, ld cols) as T.
+template <typename T>
+void StoreRows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float scale,
+               T* dst) {
+  for (int64_t r = 0; r < rows; ++r) StoreRow(src + r * ld_src, cols, scale, dst + r * cols);
 }
 
 // The transpose of rows x cols of src into dst [cols][ld_dst], float32, zero-padded.
@@ -349,65 +394,82 @@ void Logits(const Shape& sh, int64_t b, int64_t g, int64_t row0, int64_t rows, i
   }
 }
 
-// The dropped probabilities of one row: round(p) to T, then dropout (index: the row's first
-// element in the [B, G, Q, S] probabilities). Padded columns have p = 0 and stay 0.
-template <typename T>
-void DropRow(const float* p, float* dropped, int64_t sp, uint32_t index, const Dropout& drop) {
-  const float kept = Round<T>(drop.keep_scale);
-  int64_t j = 0;
+// The keep-mask word of 16 columns from flat index `index` on (bit i: column i).
+inline uint16_t KeepWord(uint32_t index, const Dropout& drop) {
 #if defined(__AVX512F__)
-  for (; j < sp; j += kLanes) {
+  return KeepV(index, drop.seed0, drop.seed1, drop.threshold);
+#else
+  uint16_t word = 0;
+  for (uint32_t i = 0; i < kLanes; ++i)
+    word |= static_cast<uint16_t>(Keep(index + i, drop.seed0, drop.seed1, drop.threshold)) << i;
+  return word;
+#endif
+}
+
+// The dropped probabilities of one row: round(p) to T, then dropout. The forward pass hashes
+// the keep-mask (index: the row's first element in the [B, G, Q, S] probabilities) and writes
+// its words to `words_out`; the backward pass reads them from `words`. Padded columns have p = 0 and
+// stay 0.
+template <typename T>
+void DropRow(const float* p, float* dropped, int64_t sp, uint32_t index, const Dropout& drop,
+             const uint16_t* words, uint16_t* words_out) {
+  const float kept = Round<T>(drop.keep_scale);
+  for (int64_t j = 0; j < sp; j += kLanes) {
+    uint16_t word = 0xffff;
+    if (drop.rate > 0.0f) {
+      word = words_out ? (words_out[j / kLanes] = KeepWord(index + static_cast<uint32_t>(j), drop))
+                       : words[j / kLanes];
+    }
+#if defined(__AVX512F__)
     __m512 d = RoundV<T>(_mm512_loadu_ps(p + j));
     if (drop.rate > 0.0f)
-      d = _mm512_maskz_mov_ps(KeepV(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1,
-                                    drop.threshold),
-                              RoundV<T>(_mm512_mul_ps(d, _mm512_set1_ps(kept))));
+      d = _mm512_maskz_mov_ps(word, RoundV<T>(_mm512_mul_ps(d, _mm512_set1_ps(kept))));
     _mm512_storeu_ps(dropped + j, d);
-  }
+#else
+    for (int64_t i = 0; i < kLanes; ++i) {
+      float d = Round<T>(p[j + i]);
+      if (drop.rate > 0.0f) d = (word >> i) & 1 ? Round<T>(d * kept) : 0.0f;
+      dropped[j + i] = d;
+    }
 #endif
-  for (; j < sp; ++j) {
-    float d = Round<T>(p[j]);
-    if (drop.rate > 0.0f)
-      d = Keep(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1, drop.threshold)
-              ? Round<T>(d * kept) : 0.0f;
-    dropped[j] = d;
   }
 }
 
-// d_logits of one row, rounded to T: p * (dropout'(d_probs) - row_sum).
+// d_logits of one row, rounded to T: p * (dropout'(d_probs) - row_sum), with the row's
+// keep-mask words.
 template <typename T>
 void DLogitsRow(const float* p, const float* d_probs, float* d_logits, int64_t sp,
-                uint32_t index, float row_sum, const Dropout& drop) {
-  int64_t j = 0;
+                float row_sum, const Dropout& drop, const uint16_t* words) {
+  for (int64_t j = 0; j < sp; j += kLanes) {
+    const uint16_t word = drop.rate > 0.0f ? words[j / kLanes] : 0xffff;
 #if defined(__AVX512F__)
-  for (; j < sp; j += kLanes) {
     __m512 d = _mm512_loadu_ps(d_probs + j);
     if (drop.rate > 0.0f)
-      d = _mm512_maskz_mov_ps(KeepV(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1,
-                                    drop.threshold),
-                              _mm512_mul_ps(d, _mm512_set1_ps(drop.keep_scale)));
+      d = _mm512_maskz_mov_ps(word, _mm512_mul_ps(d, _mm512_set1_ps(drop.keep_scale)));
     d = _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(d, _mm512_set1_ps(row_sum)));
     _mm512_storeu_ps(d_logits + j, RoundV<T>(d));
-  }
+#else
+    for (int64_t i = 0; i < kLanes; ++i) {
+      float d = d_probs[j + i];
+      if (drop.rate > 0.0f) d = (word >> i) & 1 ? d * drop.keep_scale : 0.0f;
+      d_logits[j + i] = Round<T>(p[j + i] * (d - row_sum));
+    }
 #endif
-  for (; j < sp; ++j) {
-    float d = d_probs[j];
-    if (drop.rate > 0.0f)
-      d = Keep(index + static_cast<uint32_t>(j), drop.seed0, drop.seed1, drop.threshold)
-              ? d * drop.keep_scale : 0.0f;
-    d_logits[j] = Round<T>(p[j] * (d - row_sum));
   }
 }
 
 // probs (float32, in s.logits) and the dropped probabilities in the value dtype (s.probs) of
 // rows already holding logits; padded rows and columns of s.probs are 0. The forward pass
 // passes `maximum_out` and `normaliser_out` to have each row's maximum and normaliser computed
-// and written there; the backward pass reads them from `maximum` and `normaliser` instead.
+// and written there, and the keep-mask words to `words` ([rows][Sp / 16]); the backward pass
+// reads all three instead.
 template <typename T>
 void Probabilities(const Shape& sh, int64_t n, int64_t row0, int64_t rows, int64_t rows_pad,
                    int64_t sp, const float* maximum, const float* normaliser,
-                   float* maximum_out, float* normaliser_out, const Dropout& drop, Scratch& s) {
+                   float* maximum_out, float* normaliser_out, const Dropout& drop,
+                   const uint16_t* words, uint16_t* words_out, Scratch& s) {
   const bool fill = maximum_out != nullptr;
+  const int64_t row_words = sp / kLanes;
   std::fill(s.probs.begin(), s.probs.begin() + rows_pad * sp, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* logit = s.logits.data() + r * sp;
@@ -417,14 +479,15 @@ void Probabilities(const Shape& sh, int64_t n, int64_t row0, int64_t rows, int64
     const float l = fill ? (normaliser_out[r] = total) : normaliser[r];
     for (int64_t j = 0; j < sp; ++j) logit[j] /= l;
     DropRow<T>(logit, dropped, sp, static_cast<uint32_t>((n * sh.queries + row0 + r) * sh.keys),
-               drop);
+               drop, fill ? nullptr : words + r * row_words,
+               fill ? words_out + r * row_words : nullptr);
   }
 }
 
 template <typename T>
 void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
                  const float* bias, float scale, const Dropout& drop, T* out, float* maximum,
-                 float* normaliser) {
+                 float* normaliser, uint16_t* keep) {
   Scratch& s = Scratch::Get();
   const int64_t kp = RoundUp(sh.head_dim, kLanes), sp = RoundUp(sh.keys, kLanes);
   const int64_t block = std::min(kRowBlock, RoundUp(sh.queries, kRowTile));
@@ -441,23 +504,21 @@ void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
   for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
     const int64_t rows = std::min(block, sh.queries - row0);
     const int64_t rows_pad = RoundUp(rows, kRowTile);
-    const int64_t q_offset = (n * sh.queries + row0) * sh.head_dim;
-    LoadRows(q + q_offset, rows, sh.head_dim, rows_pad, s.q.data(), kp);
+    const int64_t first = n * sh.queries + row0;  // The block's first row of all B * G * Q.
+    LoadRows(q + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.q.data(), kp);
     Logits(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, s);
-    Probabilities<T>(sh, n, row0, rows, rows_pad, sp, nullptr, nullptr,
-                     maximum + n * sh.queries + row0, normaliser + n * sh.queries + row0, drop,
-                     s);
+    Probabilities<T>(sh, n, row0, rows, rows_pad, sp, nullptr, nullptr, maximum + first,
+                     normaliser + first, drop, nullptr, keep + first * (sp / kLanes), s);
     Gemm(rows_pad, kp, sp, s.probs.data(), sp, 1, s.v.data(), kp, s.o.data(), kp, false);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < sh.head_dim; ++c)
-        Store(out, q_offset + r * sh.head_dim + c, s.o[r * kp + c]);
+    StoreRows(s.o.data(), kp, rows, sh.head_dim, 1.0f, out + first * sh.head_dim);
   }
 }
 
 template <typename T>
 void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
-                  const float* bias, const float* maximum, const float* normaliser, const T* out,
-                  const T* d_out, float scale, const Dropout& drop, T* d_q, T* d_k, T* d_v) {
+                  const float* bias, const float* maximum, const float* normaliser,
+                  const uint16_t* keep, const T* out, const T* d_out, float scale,
+                  const Dropout& drop, T* d_q, T* d_k, T* d_v) {
   Scratch& s = Scratch::Get();
   const int64_t kp = RoundUp(sh.head_dim, kLanes), sp = RoundUp(sh.keys, kLanes);
   const int64_t block = std::min(kRowBlock, RoundUp(sh.queries, kRowTile));
@@ -480,12 +541,14 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
   for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
     const int64_t rows = std::min(block, sh.queries - row0);
     const int64_t rows_pad = RoundUp(rows, kRowTile);
-    const int64_t q_offset = (n * sh.queries + row0) * sh.head_dim;
-    LoadRows(q + q_offset, rows, sh.head_dim, rows_pad, s.q.data(), kp);
-    LoadRows(d_out + q_offset, rows, sh.head_dim, rows_pad, s.g.data(), kp);
+    const int64_t first = n * sh.queries + row0;
+    const uint16_t* words = keep + first * (sp / kLanes);
+    LoadRows(q + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.q.data(), kp);
+    LoadRows(d_out + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.g.data(), kp);
+    LoadRows(out + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.o.data(), kp);
     Logits(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, s);
-    Probabilities<T>(sh, n, row0, rows, rows_pad, sp, maximum + n * sh.queries + row0,
-                     normaliser + n * sh.queries + row0, nullptr, nullptr, drop, s);
+    Probabilities<T>(sh, n, row0, rows, rows_pad, sp, maximum + first, normaliser + first,
+                     nullptr, nullptr, drop, words, nullptr, s);
     // d_v += dropped^T g (before s.probs is reused for d_logits).
     Gemm(sp, kp, rows_pad, s.probs.data(), 1, sp, s.g.data(), kp, s.d_v.data(), kp, true);
     Gemm(rows_pad, sp, kp, s.g.data(), kp, 1, s.v_t.data(), sp, s.d_probs.data(), sp, false);
@@ -493,26 +556,17 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
     for (int64_t r = 0; r < rows; ++r) {
       // sum_s probs * d_probs of the row, as sum_k g * out (the reference's form).
       float row_sum = 0.0f;
-      for (int64_t c = 0; c < sh.head_dim; ++c)
-        row_sum += s.g[r * kp + c] * Load(out, q_offset + r * sh.head_dim + c);
-      const float* p = s.logits.data() + r * sp;
-      float* dp = s.d_probs.data() + r * sp;
-      float* ds = s.probs.data() + r * sp;
-      DLogitsRow<T>(p, dp, ds, sp, static_cast<uint32_t>((n * sh.queries + row0 + r) * sh.keys),
-                    row_sum, drop);
+      for (int64_t c = 0; c < kp; ++c) row_sum += s.g[r * kp + c] * s.o[r * kp + c];
+      DLogitsRow<T>(s.logits.data() + r * sp, s.d_probs.data() + r * sp, s.probs.data() + r * sp,
+                    sp, row_sum, drop, words + r * (sp / kLanes));
     }
     // d_q = d_logits k * scale; d_k += d_logits^T q.
     Gemm(rows_pad, kp, sp, s.probs.data(), sp, 1, s.k.data(), kp, s.o.data(), kp, false);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < sh.head_dim; ++c)
-        Store(d_q, q_offset + r * sh.head_dim + c, s.o[r * kp + c] * scale);
+    StoreRows(s.o.data(), kp, rows, sh.head_dim, scale, d_q + first * sh.head_dim);
     Gemm(sp, kp, rows_pad, s.probs.data(), 1, sp, s.q.data(), kp, s.d_k.data(), kp, true);
   }
-  for (int64_t j = 0; j < sh.keys; ++j)
-    for (int64_t c = 0; c < sh.head_dim; ++c) {
-      Store(d_k, kv_offset + j * sh.head_dim + c, s.d_k[j * kp + c] * scale);
-      Store(d_v, kv_offset + j * sh.head_dim + c, s.d_v[j * kp + c]);
-    }
+  StoreRows(s.d_k.data(), kp, sh.keys, sh.head_dim, scale, d_k + kv_offset);
+  StoreRows(s.d_v.data(), kp, sh.keys, sh.head_dim, 1.0f, d_v + kv_offset);
 }
 
 Dropout MakeDropout(float rate, float keep_scale, const ffi::Buffer<ffi::U32>& seeds,
@@ -521,71 +575,69 @@ Dropout MakeDropout(float rate, float keep_scale, const ffi::Buffer<ffi::U32>& s
   return {rate, keep_scale, sd[0], sd[1], static_cast<uint32_t>(threshold)};
 }
 
+// Typed views of the buffers: T is float, or uint16_t holding bfloat16 bits.
+template <typename T> const T* In(const ffi::AnyBuffer& x) {
+  return reinterpret_cast<const T*>(x.untyped_data());
+}
+template <typename T> T* Out(ffi::Result<ffi::AnyBuffer>& x) {
+  return reinterpret_cast<T*>(x->untyped_data());
+}
+
+ffi::Error CheckKeep(const Shape& sh, float rate, size_t words) {
+  const int64_t rows = sh.batch * sh.groups * sh.queries;
+  const size_t want = rate > 0.0f ? rows * (RoundUp(sh.keys, kLanes) / kLanes) : 1;
+  return words == want ? ffi::Error::Success()
+                       : ffi::Error::InvalidArgument("keep-mask words have the wrong size");
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds, float scale,
                    float rate, float keep_scale, int64_t threshold,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> maximum,
-                   ffi::Result<ffi::Buffer<ffi::F32>> normaliser) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> normaliser,
+                   ffi::Result<ffi::Buffer<ffi::U16>> keep) {
   Shape sh;
   if (ffi::Error e = ReadShape(q, k, v, bias, &sh); e.failure()) return e;
   if (seeds.element_count() != 2) return ffi::Error::InvalidArgument("seeds must be uint32[2]");
+  if (ffi::Error e = CheckKeep(sh, rate, keep->element_count()); e.failure()) return e;
   const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
-  const float* bias_data = bias.typed_data();
-  float* m = maximum->typed_data();
-  float* l = normaliser->typed_data();
-  if (q.element_type() == ffi::F32) {
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
     ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
-      ForwardTask<float>(sh, n, q.typed_data<float>(), k.typed_data<float>(),
-                         v.typed_data<float>(), bias_data, scale, drop,
-                         out->typed_data<float>(), m, l);
+      ForwardTask<T>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(), scale, drop,
+                     Out<T>(out), maximum->typed_data(), normaliser->typed_data(),
+                     keep->typed_data());
     });
-  } else {
-    auto* qd = reinterpret_cast<const uint16_t*>(q.untyped_data());
-    auto* kd = reinterpret_cast<const uint16_t*>(k.untyped_data());
-    auto* vd = reinterpret_cast<const uint16_t*>(v.untyped_data());
-    auto* od = reinterpret_cast<uint16_t*>(out->untyped_data());
-    ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
-      ForwardTask<uint16_t>(sh, n, qd, kd, vd, bias_data, scale, drop, od, m, l);
-    });
-  }
+  };
+  q.element_type() == ffi::F32 ? run(0.0f) : run(uint16_t{0});
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds,
                     ffi::Buffer<ffi::F32> maximum, ffi::Buffer<ffi::F32> normaliser,
-                    ffi::AnyBuffer out, ffi::AnyBuffer d_out, float scale, float rate,
-                    float keep_scale, int64_t threshold, ffi::Result<ffi::AnyBuffer> d_q,
-                    ffi::Result<ffi::AnyBuffer> d_k, ffi::Result<ffi::AnyBuffer> d_v) {
+                    ffi::Buffer<ffi::U16> keep, ffi::AnyBuffer out, ffi::AnyBuffer d_out,
+                    float scale, float rate, float keep_scale, int64_t threshold,
+                    ffi::Result<ffi::AnyBuffer> d_q, ffi::Result<ffi::AnyBuffer> d_k,
+                    ffi::Result<ffi::AnyBuffer> d_v) {
   Shape sh;
   if (ffi::Error e = ReadShape(q, k, v, bias, &sh); e.failure()) return e;
   if (out.element_type() != q.element_type() || d_out.element_type() != q.element_type())
     return ffi::Error::InvalidArgument("out and its cotangent must have q's dtype");
   if (seeds.element_count() != 2) return ffi::Error::InvalidArgument("seeds must be uint32[2]");
+  if (ffi::Error e = CheckKeep(sh, rate, keep.element_count()); e.failure()) return e;
   const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
-  const float* bias_data = bias.typed_data();
-  const float* m = maximum.typed_data();
-  const float* l = normaliser.typed_data();
-  if (q.element_type() == ffi::F32) {
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
     ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
-      BackwardTask<float>(sh, n, q.typed_data<float>(), k.typed_data<float>(),
-                          v.typed_data<float>(), bias_data, m, l, out.typed_data<float>(),
-                          d_out.typed_data<float>(), scale, drop, d_q->typed_data<float>(),
-                          d_k->typed_data<float>(), d_v->typed_data<float>());
+      BackwardTask<T>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(),
+                      maximum.typed_data(), normaliser.typed_data(), keep.typed_data(),
+                      In<T>(out), In<T>(d_out), scale, drop, Out<T>(d_q), Out<T>(d_k),
+                      Out<T>(d_v));
     });
-  } else {
-    auto as = [](const ffi::AnyBuffer& x) { return reinterpret_cast<const uint16_t*>(x.untyped_data()); };
-    auto as_out = [](ffi::Result<ffi::AnyBuffer>& x) {
-      return reinterpret_cast<uint16_t*>(x->untyped_data());
-    };
-    const uint16_t *qd = as(q), *kd = as(k), *vd = as(v), *od = as(out), *gd = as(d_out);
-    uint16_t *dq = as_out(d_q), *dk = as_out(d_k), *dv = as_out(d_v);
-    ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
-      BackwardTask<uint16_t>(sh, n, qd, kd, vd, bias_data, m, l, od, gd, scale, drop, dq, dk,
-                             dv);
-    });
-  }
+  };
+  q.element_type() == ffi::F32 ? run(0.0f) : run(uint16_t{0});
   return ffi::Error::Success();
 }
 
@@ -605,7 +657,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionForward, Forward,
                                   .Attr<int64_t>("threshold")
                                   .Ret<ffi::AnyBuffer>()          // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // row maximum
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // row normaliser
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // row normaliser
+                                  .Ret<ffi::Buffer<ffi::U16>>()); // keep-mask words
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -617,6 +670,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::U32>>()   // dropout seeds
                                   .Arg<ffi::Buffer<ffi::F32>>()   // row maximum
                                   .Arg<ffi::Buffer<ffi::F32>>()   // row normaliser
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // keep-mask words
                                   .Arg<ffi::AnyBuffer>()          // out
                                   .Arg<ffi::AnyBuffer>()          // d_out
                                   .Attr<float>("scale")

@@ -668,10 +668,11 @@ def _fused_attention_fwd(q, k, v, bias, seeds, scale, rate, dtype):
   del dtype
   q, k, v, seeds = (x.value for x in (q, k, v, seeds))
   bias_perturbed, bias = bias.perturbed, bias.value
-  out, maximum, normaliser = kernels.attention_forward(q, k, v, bias, seeds, scale, rate)
-  residuals = (q, k, v, bias, seeds, maximum, normaliser, out)
-  # The residuals' pytree structure tells the backward pass which one to run.
-  return out, ({'xla': residuals} if bias_perturbed else {'fused': residuals})
+  out, maximum, normaliser, keep = kernels.attention_forward(q, k, v, bias, seeds, scale, rate)
+  if bias_perturbed:
+    # The residuals' pytree structure tells the backward pass which one to run.
+    return out, {'xla': (q, k, v, bias, seeds, maximum, normaliser, out)}
+  return out, {'fused': (q, k, v, bias, seeds, maximum, normaliser, keep, out)}
 
 
 def _fused_attention_bwd(scale, rate, dtype, residuals, g):
@@ -685,9 +686,9 @@ def _fused_attention_bwd(scale, rate, dtype, residuals, g):
         scale, rate, dtype, (q, k, v, tiled, seeds, maximum, normaliser, out), g)
     d_bias = d_tiled.reshape(*bias.shape[:2], repeats, bias.shape[2], bias.shape[3]).sum(2)
     return d_q, d_k, d_v, d_bias, None
-  q, k, v, bias, seeds, maximum, normaliser, out = residuals['fused']
-  d_q, d_k, d_v = kernels.attention_backward(q, k, v, bias, seeds, maximum, normaliser, out,
-                                             g.astype(q.dtype), scale, rate)
+  q, k, v, bias, seeds, maximum, normaliser, keep, out = residuals['fused']
+  d_q, d_k, d_v = kernels.attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep,
+                                             out, g.astype(q.dtype), scale, rate)
   return d_q, d_k, d_v, None, None
 
 
