@@ -508,7 +508,8 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
   H query heads share G key/value heads (H % G == 0): query head h reads kv head h // (H / G),
   as `transformers`' repeat_kv lays them out. Logits and softmax are float32; `bias_Bx1xLxS`
   (float32, added to the logits) may broadcast over B, L or S (e.g. a [B, 1, 1, S] padding mask).
-  `dropout` drops attention probabilities, as BERT-style models do.
+  `dropout` drops attention probabilities, as BERT-style models do. On a single CPU device the
+  core runs on ftjax's fused kernel (`ftjax.kernels`; `FTJAX_ATTENTION=xla` keeps it on XLA).
   """
   batch, length, heads, head_dim = q_BxLxHxK.shape
   groups = k_BxSxGxK.shape[2]
