@@ -353,6 +353,22 @@ inline void StoreRow(const float* src, int64_t cols, float scale, T* dst) {
   for (; c < cols; ++c) Store(dst, c, src[c] * scale);
 }
 
+// One (batch, kv head) pair's padded sizes and offsets; sizes the thread's scratch for either
+// pass (the backward pass's accumulators zeroed).
+struct Task {
+  int64_t kp, sp, block, b, g, kv_offset;
+  Task(const Shape& sh, int64_t n, Scratch& s)
+      : kp(RoundUp(sh.head_dim, kLanes)), sp(RoundUp(sh.keys, kLanes)),
+        block(std::min(kRowBlock, RoundUp(sh.queries, kRowTile))), b(n / sh.groups),
+        g(n % sh.groups), kv_offset(n * sh.keys * sh.head_dim) {
+    for (auto* kv : {&s.k_t, &s.v, &s.k, &s.v_t}) kv->resize(kp * sp);
+    for (auto* rows : {&s.q, &s.g, &s.o}) rows->resize(block * kp);
+    for (auto* scores : {&s.logits, &s.probs, &s.d_probs}) scores->resize(block * sp);
+    s.d_k.assign(sp * kp, 0.0f);
+    s.d_v.assign(sp * kp, 0.0f);
+  }
+};
+
 // rows x cols of src (row-major, ld cols) into dst [rows_pad][ld_dst], float32, zero-padded.
 template <typename T>
 void LoadRows(const T* src, int64_t rows, int64_t cols, int64_t rows_pad, float* dst,
@@ -489,16 +505,8 @@ void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
                  const float* bias, float scale, const Dropout& drop, T* out, float* maximum,
                  float* normaliser, uint16_t* keep) {
   Scratch& s = Scratch::Get();
-  const int64_t kp = RoundUp(sh.head_dim, kLanes), sp = RoundUp(sh.keys, kLanes);
-  const int64_t block = std::min(kRowBlock, RoundUp(sh.queries, kRowTile));
-  const int64_t b = n / sh.groups, g = n % sh.groups;
-  const int64_t kv_offset = n * sh.keys * sh.head_dim;
-  s.k_t.resize(kp * sp);
-  s.v.resize(sp * kp);
-  s.q.resize(block * kp);
-  s.o.resize(block * kp);
-  s.logits.resize(block * sp);
-  s.probs.resize(block * sp);
+  const Task t(sh, n, s);
+  const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g, kv_offset = t.kv_offset;
   LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
   LoadRows(v + kv_offset, sh.keys, sh.head_dim, sp, s.v.data(), kp);
   for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
@@ -520,21 +528,8 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
                   const uint16_t* keep, const T* out, const T* d_out, float scale,
                   const Dropout& drop, T* d_q, T* d_k, T* d_v) {
   Scratch& s = Scratch::Get();
-  const int64_t kp = RoundUp(sh.head_dim, kLanes), sp = RoundUp(sh.keys, kLanes);
-  const int64_t block = std::min(kRowBlock, RoundUp(sh.queries, kRowTile));
-  const int64_t b = n / sh.groups, g = n % sh.groups;
-  const int64_t kv_offset = n * sh.keys * sh.head_dim;
-  s.k_t.resize(kp * sp);
-  s.k.resize(sp * kp);
-  s.v_t.resize(kp * sp);
-  s.q.resize(block * kp);
-  s.g.resize(block * kp);
-  s.o.resize(block * kp);
-  s.logits.resize(block * sp);
-  s.probs.resize(block * sp);
-  s.d_probs.resize(block * sp);
-  s.d_k.assign(sp * kp, 0.0f);
-  s.d_v.assign(sp * kp, 0.0f);
+  const Task t(sh, n, s);
+  const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g, kv_offset = t.kv_offset;
   LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
   LoadRows(k + kv_offset, sh.keys, sh.head_dim, sp, s.k.data(), kp);
   LoadTransposed(v + kv_offset, sh.keys, sh.head_dim, sp, s.v_t.data());
