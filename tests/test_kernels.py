@@ -175,3 +175,19 @@ def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch, c
   monkeypatch.setenv('FTJAX_ATTENTION', 'fused')
   with pytest.raises(kernels.KernelUnavailable, match='FTJAX_ATTENTION=fused, but'):
     kernels.fused_attention_applies(q, k, v, jnp.float32)
+
+
+def test_rematerialised_attention_gives_the_same_gradients(monkeypatch):
+  """Under `jax.checkpoint` (what `model.remat` wraps each block in) the kernel's forward runs
+  again in the backward pass, with the same dropout mask."""
+  monkeypatch.setenv('FTJAX_ATTENTION', 'fused')
+  q, k, v, bias = _operands(2, 16, 16, 4, 2, 16, jnp.float32, 'causal')
+
+  def loss(q, k, v):
+    out = layers.attend(q, k, v, bias, dtype=jnp.float32, dropout=layers.Dropout(0.2),
+                        deterministic=False, rngs=jax.random.key(5))
+    return jnp.sum(out * jnp.cos(out))
+
+  plain = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+  _close(remat, plain, 1e-6)
