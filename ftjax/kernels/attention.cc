@@ -18,6 +18,9 @@
 // [B, G, Q, 1]; bias float32 [Bb, Gb, Qb, Sb] with Bb in {1, B}, Gb in {1, G}, Sb in {1, S} and
 // Q % Qb == 0 (query row r reads bias row r % Qb: grouped-query heads stacked along the query
 // axis share their bias rows without tiling it). q, k, v share one dtype, float32 or bfloat16.
+// The forward pass also returns the dropout keep-mask as uint16 words [B, G, Q, ceil(S / 16)]
+// (bit i of word w: key 16 w + i; a single unused word without dropout), which the backward
+// pass reads instead of hashing again.
 
 #include <algorithm>
 #include <atomic>
