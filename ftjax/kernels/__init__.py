@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import launch
 from ftjax.errors import FtjaxError
 
 _SOURCE = pathlib.Path(__file__).with_name('attention.cc')
@@ -63,21 +64,12 @@ def _compiler() -> str:
   raise KernelUnavailable('no C++ compiler found (set CXX, or install g++)')
 
 
-def _cpu_flags() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith(('flags', 'Features')):
-        return line
-  except OSError:
-    pass
-  return ''
-
-
 def library_path(compiler: str) -> pathlib.Path:
   """Where the build for this source, compiler, flags, jaxlib and CPU lives."""
   key = hashlib.sha256()
   for part in (_SOURCE.read_bytes(), compiler.encode(), ' '.join(_FLAGS).encode(),
-               jax.__version__.encode(), jax.ffi.include_dir().encode(), _cpu_flags().encode()):
+               jax.__version__.encode(), jax.ffi.include_dir().encode(),
+               (launch.cpuinfo('flags') or launch.cpuinfo('Features')).encode()):
     key.update(part)
     key.update(b'\0')
   return cache_dir() / f'attention-{key.hexdigest()[:16]}.so'

@@ -536,12 +536,16 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
     out_BxGxRLxK = _fused_attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate,
                                     dtype)
   else:
-    # The bias of query row r * L + l is the bias of query l: tiled R times when it varies over L.
-    if repeats > 1 and bias.shape[2] > 1:
-      bias = jnp.tile(bias, (1, 1, repeats, 1))
-    out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate, dtype)
+    out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK,
+                              _tiled_bias(bias, repeats * length), seeds, scale, rate, dtype)
   return out_BxGxRLxK.reshape(batch, groups, repeats, length, head_dim).transpose(
       0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
+
+
+def _tiled_bias(bias: jax.Array, rows: int) -> jax.Array:
+  """The bias for R * L query rows: row r * L + l is query l's, so a bias that varies over the
+  L queries is tiled R times (one that broadcasts over them is left as it is)."""
+  return bias if bias.shape[2] in (1, rows) else jnp.tile(bias, (1, 1, rows // bias.shape[2], 1))
 
 
 def _scores(q, k, bias, scale):
@@ -681,11 +685,11 @@ def _fused_attention_bwd(scale, rate, dtype, residuals, g):
     return None, None, None, None, None
   if 'xla' in residuals:
     q, k, v, bias, seeds, maximum, normaliser, out = residuals['xla']
-    repeats = q.shape[2] // bias.shape[2] if bias.shape[2] > 1 else 1
-    tiled = jnp.tile(bias, (1, 1, repeats, 1))
     d_q, d_k, d_v, d_tiled, _ = _attention_bwd(
-        scale, rate, dtype, (q, k, v, tiled, seeds, maximum, normaliser, out), g)
-    d_bias = d_tiled.reshape(*bias.shape[:2], repeats, bias.shape[2], bias.shape[3]).sum(2)
+        scale, rate, dtype, (q, k, v, _tiled_bias(bias, q.shape[2]), seeds, maximum, normaliser,
+                             out), g)
+    # Tiled rows r * L + l back onto bias row l.
+    d_bias = d_tiled.reshape(*bias.shape[:2], -1, *bias.shape[2:]).sum(2)
     return d_q, d_k, d_v, d_bias, None
   q, k, v, bias, seeds, maximum, normaliser, keep, out = residuals['fused']
   d_q, d_k, d_v = kernels.attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep,
