@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.FLAGS.mark_as_parsed()
     from ftjax.train import train_and_evaluate  # After parsing: a typo fails before jax starts.
     from ftjax import kernels  # pylint: disable=g-import-not-at-top
-    kernels.choice()  # A bad FTJAX_ATTENTION fails now, not at the first step's trace.
+    kernels.check_choices()  # A bad FTJAX_ATTENTION or FTJAX_MATMUL fails now, not in a trace.
     train_and_evaluate(config, workdir)
   except FtjaxError as e:
     print(f'ftjax: error: {e}', file=sys.stderr)

@@ -141,3 +141,11 @@ def test_bad_attention_choice(trained, monkeypatch, capsys):
   monkeypatch.setenv('FTJAX_ATTENTION', 'flash')
   _fails(argv, "FTJAX_ATTENTION='flash': expected one of auto, xla, fused", capsys)
   assert _snapshot(root / 'run') == before
+
+
+def test_bad_matmul_choice(trained, monkeypatch, capsys):
+  root, argv = trained
+  before = _snapshot(root / 'run')
+  monkeypatch.setenv('FTJAX_MATMUL', 'mkl')
+  _fails(argv, "FTJAX_MATMUL='mkl': expected one of auto, xla, kernel", capsys)
+  assert _snapshot(root / 'run') == before

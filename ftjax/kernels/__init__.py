@@ -18,12 +18,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,24 +34,43 @@ import numpy as np
 from ftjax import launch
 from ftjax.errors import FtjaxError
 
-_SOURCE = pathlib.Path(__file__).with_name('attention.cc')
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / 'attention.cc', _HERE / 'matmul.cc')
+_HEADERS = (_HERE / 'common.h',)
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
-            'ftjax_attention_backward': 'FtjaxAttentionBackward'}
+            'ftjax_attention_backward': 'FtjaxAttentionBackward',
+            'ftjax_matmul': 'FtjaxMatmul'}
 CHOICES = ('auto', 'xla', 'fused')
+MATMUL_CHOICES = ('auto', 'xla', 'kernel')
 
 
 class KernelUnavailable(FtjaxError):
   """The native kernel cannot be built or loaded on this machine."""
 
 
-def choice() -> str:
-  """`FTJAX_ATTENTION`, checked: one of CHOICES."""
-  value = os.environ.get('FTJAX_ATTENTION', 'auto').strip().lower() or 'auto'
-  if value not in CHOICES:
-    raise FtjaxError(f'FTJAX_ATTENTION={value!r}: expected one of {", ".join(CHOICES)} '
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+  value = os.environ.get(name, 'auto').strip().lower() or 'auto'
+  if value not in choices:
+    raise FtjaxError(f'{name}={value!r}: expected one of {", ".join(choices)} '
                      '(or unset, for auto)')
   return value
+
+
+def choice() -> str:
+  """`FTJAX_ATTENTION`, checked: one of CHOICES."""
+  return _env_choice('FTJAX_ATTENTION', CHOICES)
+
+
+def matmul_choice() -> str:
+  """`FTJAX_MATMUL`, checked: one of MATMUL_CHOICES."""
+  return _env_choice('FTJAX_MATMUL', MATMUL_CHOICES)
+
+
+def check_choices() -> None:
+  """Raises FtjaxError now for a bad FTJAX_ATTENTION or FTJAX_MATMUL (not at a first trace)."""
+  choice()
+  matmul_choice()
 
 
 def cache_dir() -> pathlib.Path:
@@ -67,16 +88,16 @@ def _compiler() -> str:
 def library_path(compiler: str) -> pathlib.Path:
   """Where the build for this source, compiler, flags, jaxlib and CPU lives."""
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), compiler.encode(), ' '.join(_FLAGS).encode(),
+  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), compiler.encode(), ' '.join(_FLAGS).encode(),
                jax.__version__.encode(), jax.ffi.include_dir().encode(),
                (launch.cpuinfo('flags') or launch.cpuinfo('Features')).encode()):
     key.update(part)
     key.update(b'\0')
-  return cache_dir() / f'attention-{key.hexdigest()[:16]}.so'
+  return cache_dir() / f'kernels-{key.hexdigest()[:16]}.so'
 
 
 def build() -> pathlib.Path:
-  """Compiles attention.cc unless this machine already has the build; returns the library."""
+  """Compiles the kernels unless this machine already has the build; returns the library."""
   compiler = _compiler()
   path = library_path(compiler)
   if path.exists():
@@ -85,7 +106,7 @@ def build() -> pathlib.Path:
   # Built under a temporary name and renamed: concurrent builds never load a half-written file.
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = pathlib.Path(tmp) / path.name
-    cmd = [compiler, *_FLAGS, '-I', jax.ffi.include_dir(), str(_SOURCE), '-o', str(out)]
+    cmd = [compiler, *_FLAGS, '-I', jax.ffi.include_dir(), *map(str, _SOURCES), '-o', str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
       lines = (done.stderr or done.stdout).strip().splitlines()
@@ -169,3 +190,97 @@ def attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_o
                           vmap_method='sequential')
   return call(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_out,
               **_attrs(scale, rate))
+
+
+def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
+           out_dtype=None) -> jax.Array:
+  """op(a) @ op(b) on the matmul kernel (float32 accumulation, one rounding to `out_dtype`).
+
+  a: [M, K] (or [K, M] with transpose_a), b: [K, N] (or [N, K] with transpose_b), one dtype,
+  float32 or bfloat16; `out_dtype` defaults to a's.
+  """
+  if reason := _load():
+    raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
+  m = a.shape[1] if transpose_a else a.shape[0]
+  n = b.shape[0] if transpose_b else b.shape[1]
+  out = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or a.dtype))
+  call = jax.ffi.ffi_call('ftjax_matmul', out, vmap_method='sequential')
+  return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+
+
+# The smallest contracted and output widths the matmul kernel takes: its register tile is
+# 12 x 32, and narrower products (LoRA's rank-r factors, a classifier head) stay on XLA.
+_MIN_MATMUL_WIDTH = 64
+
+
+def bf16_matmul_on_kernel(m: int, k: int, n: int) -> bool:
+  """Whether a bfloat16 [m, k] x [k, n] product (float32 accumulation) runs on the kernel.
+
+  `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where it measured faster
+  than XLA's bfloat16 dot on this machine (`_kernel_beats_xla`); `kernel` wherever it applies;
+  `xla` never. float32 products always stay on XLA, which is as fast as the kernel there.
+  """
+  mode = matmul_choice()
+  if (mode == 'xla' or jax.default_backend() != 'cpu' or jax.device_count() != 1
+      or min(k, n) < _MIN_MATMUL_WIDTH or m < 1):
+    return False
+  reason = _load()
+  if reason:
+    if mode == 'kernel':
+      raise KernelUnavailable(f'FTJAX_MATMUL=kernel, but the matmul kernel is unavailable: '
+                              f'{reason}')
+    _warn_once(reason)
+    return False
+  return mode == 'kernel' or _kernel_beats_xla()
+
+
+def _calibration_path() -> pathlib.Path:
+  return library_path(_compiler()).with_suffix('.matmul.json')
+
+
+@functools.cache
+def _kernel_beats_xla() -> bool:
+  """Whether the kernel runs a MiniLM-sized bfloat16 product faster than XLA's dot here.
+
+  Measured once per machine and build (a few hundred milliseconds), and kept beside the library.
+  Which is faster depends on the CPU: where bfloat16 dot-product instructions run at the float32
+  FMA rate or better (AMD Zen 4 and 5), XLA's YNNPACK kernels are ~2x the kernel; where they run
+  at a quarter of it (the Intel Xeons without AMX measured here), the kernel is 1.3-1.9x XLA.
+  """
+  path = _calibration_path()
+  try:
+    return bool(json.loads(path.read_text())['use_kernel'])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  with jax.ensure_compile_time_eval():
+    times = measure_bf16_matmul()
+  result = {'use_kernel': times['kernel'] < 0.9 * times['xla'],
+            'kernel_s': times['kernel'], 'xla_s': times['xla']}
+  with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
+    json.dump(result, f)
+  os.replace(f.name, path)
+  logging.info('ftjax: bfloat16 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
+               'kernel' if result['use_kernel'] else 'XLA dot', times['kernel'] * 1e3,
+               times['xla'] * 1e3, path)
+  return result['use_kernel']
+
+
+def measure_bf16_matmul(m: int = 1024, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
+  """Best seconds of the kernel and of XLA's bf16 x bf16 -> f32 dot for one [m, k] x [k, n]
+  bfloat16 product rounded to bfloat16, alternating the two."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+  runs = {'kernel': jax.jit(matmul),
+          'xla': jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+                         .astype(jnp.bfloat16))}
+  best = {}
+  for name, run in runs.items():
+    run(a, b).block_until_ready()
+    best[name] = float('inf')
+  for _ in range(rounds):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run(a, b).block_until_ready()
+      best[name] = min(best[name], time.perf_counter() - start)
+  return best

@@ -146,15 +146,26 @@ def _transposed_copy(x_MxK: jax.Array) -> jax.Array:
 def _bf16_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
   """x @ w for bfloat16 operands, accumulated in float32 and rounded to bfloat16 once.
 
-  XLA:CPU runs a dot on YNNPACK's bfloat16 kernels only when it is bf16 x bf16 -> f32 (and its
-  lhs contracts its last dimension); a bf16 x bf16 -> bf16 dot, which is what `nnx.Linear` and
-  autodiff of it emit, is upcast to a float32 dot instead, at half the speed on a CPU with
-  bfloat16 instructions (AMD EPYC Zen 4 with avx512_bf16: ~400 against ~190 GFLOP/s at MiniLM's
-  FFN shapes). The forward product, the input gradient g @ w^T and the weight gradient x^T @ g
-  (on a transposed copy of x, `_transposed_copy`) all keep that form here. The values are those
-  of the plain dot (float32 accumulation, one rounding).
+  Two implementations of the same values (float32 accumulation, one rounding), chosen per
+  machine by `kernels.bf16_matmul_on_kernel`:
+  - ftjax's matmul kernel (`kernels/matmul.cc`): converts the operands to float32 as it packs
+    them and multiplies with float32 FMAs, taking the transposed operands of the backward pass
+    without copies. On CPUs whose bfloat16 dot instruction is slow (an Intel Xeon without AMX:
+    a quarter of the FMA rate) it runs at 1.2-1.9x XLA's bfloat16 dots.
+  - XLA's dot, as bf16 x bf16 -> f32: XLA:CPU runs a dot on YNNPACK's bfloat16 kernels only in
+    that form (and with the lhs contracting its last dimension); a bf16 x bf16 -> bf16 dot,
+    which is what `nnx.Linear` and autodiff of it emit, is upcast to a float32 dot instead, at
+    half the speed on a CPU with fast bfloat16 instructions (AMD EPYC Zen 4: ~400 against ~190
+    GFLOP/s at MiniLM's FFN shapes). The forward product, the input gradient g @ w^T and the
+    weight gradient x^T @ g (on a transposed copy of x, `_transposed_copy`) all keep that form.
   """
+  if _bf16_on_kernel(x_MxK, w_KxN):
+    return kernels.matmul(x_MxK, w_KxN)
   return _dot_f32(x_MxK, w_KxN, (1, 0)).astype(x_MxK.dtype)
+
+
+def _bf16_on_kernel(x_MxK: jax.Array, w_KxN: jax.Array) -> bool:
+  return kernels.bf16_matmul_on_kernel(x_MxK.shape[0], *w_KxN.shape)
 
 
 def _bf16_matmul_fwd(x_MxK, w_KxN):
@@ -164,6 +175,9 @@ def _bf16_matmul_fwd(x_MxK, w_KxN):
 def _bf16_matmul_bwd(residuals, g_MxN):
   x_MxK, w_KxN = residuals
   g_MxN = g_MxN.astype(x_MxK.dtype)
+  if _bf16_on_kernel(x_MxK, w_KxN):
+    return (kernels.matmul(g_MxN, w_KxN, transpose_b=True),
+            kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=w_KxN.dtype))
   return (_dot_f32(g_MxN, w_KxN, (1, 1)).astype(x_MxK.dtype),
           _dot_f32(_transposed_copy(x_MxK), g_MxN, (1, 0)).astype(w_KxN.dtype))
 

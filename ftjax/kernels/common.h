@@ -1,0 +1,89 @@
+// Pieces shared by ftjax's XLA FFI kernels (attention.cc, matmul.cc): bfloat16 conversion,
+// a parallel loop over XLA's intra-op thread pool, and typed views of FFI buffers. Each kernel
+// source includes it inside its own anonymous namespace.
+#ifndef FTJAX_KERNELS_COMMON_H_
+#define FTJAX_KERNELS_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ftjax {
+
+namespace ffi = xla::ffi;
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// bfloat16 <-> float32, round to nearest even (as XLA converts).
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float RoundBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
+
+// Runs body(i) for i in [0, count) on the caller and up to `helpers` tasks of XLA's intra-op
+// thread pool, and returns when all are done. The caller works too, and a helper that starts
+// after the work is gone returns at once, so a busy pool only delays the call, never
+// deadlocks it.
+inline void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> active{0};
+    std::atomic<bool> closed{false};
+    std::mutex mu;
+    std::condition_variable done;
+    const std::function<void(int64_t)>* body = nullptr;
+    int64_t count = 0;
+  };
+  auto state = std::make_shared<State>();
+  state->body = &body;
+  state->count = count;
+  auto drain = [](State& s) {
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.count;) (*s.body)(i);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, count - 1);
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([state, drain]() {
+      state->active.fetch_add(1);
+      if (!state->closed.load()) drain(*state);
+      if (state->active.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->done.notify_all();
+      }
+    });
+  }
+  drain(*state);
+  state->closed.store(true);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->done.wait(lock, [&] { return state->active.load() == 0; });
+}
+
+// Typed views of the buffers: T is float, or uint16_t holding bfloat16 bits.
+template <typename T> const T* In(const ffi::AnyBuffer& x) {
+  return reinterpret_cast<const T*>(x.untyped_data());
+}
+template <typename T> T* Out(ffi::Result<ffi::AnyBuffer>& x) {
+  return reinterpret_cast<T*>(x->untyped_data());
+}
+
+}  // namespace ftjax
+
+#endif  // FTJAX_KERNELS_COMMON_H_

@@ -1,0 +1,217 @@
+"""The CPU matmul kernel (ftjax/kernels/matmul.cc) against float64 products, and its use by the
+bfloat16 dense layers (`layers._bf16_matmul`) against XLA's dots."""
+
+import json
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import kernels
+from ftjax.errors import FtjaxError
+from ftjax.models import layers
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU kernel')
+
+
+def _operands(m, k, n, transpose_a, transpose_b, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  a = jnp.asarray(rng.standard_normal((k, m) if transpose_a else (m, k)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, k) if transpose_b else (k, n)), dtype)
+  return a, b
+
+
+def _reference(a, b, transpose_a, transpose_b):
+  """op(a) @ op(b) in float64 from the operands' own (possibly bfloat16-rounded) values."""
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return (a64.T if transpose_a else a64) @ (b64.T if transpose_b else b64)
+
+
+# (m, k, n): tails of every blocking unit (the 12 x 32 register tile, the 16-wide transposing
+# copies, K steps of at most 192, blocks of 96 rows); K over several steps; more rows than
+# columns (tasks split rows) and fewer (tasks split columns, more than one 2048-column task); a
+# single row, column or contraction.
+SHAPES = [(1, 1, 1), (5, 7, 9), (13, 17, 33), (37, 200, 70), (97, 385, 64), (300, 130, 1000),
+          (8, 40, 2100), (250, 1, 3)]
+
+
+@pytest.mark.parametrize('out_dtype', ['float32', 'same'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('transpose_b', [False, True])
+@pytest.mark.parametrize('transpose_a', [False, True])
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dtype, out_dtype):
+  m, k, n = shape
+  a, b = _operands(m, k, n, transpose_a, transpose_b, dtype)
+  out_dtype = jnp.float32 if out_dtype == 'float32' else dtype
+  got = jax.jit(lambda a, b: kernels.matmul(a, b, transpose_a=transpose_a,
+                                            transpose_b=transpose_b, out_dtype=out_dtype))(a, b)
+  assert got.shape == (m, n) and got.dtype == out_dtype
+  want = _reference(a, b, transpose_a, transpose_b)
+  # float32 accumulation: an error of a few float32 ulps of the sum of |products|; a bfloat16
+  # result is that, rounded once (half a bfloat16 ulp, 2^-9 relative).
+  scale = _reference(jnp.abs(a), jnp.abs(b), transpose_a, transpose_b)
+  tolerance = 4 * np.finfo(np.float32).eps * np.sqrt(k) * scale
+  if out_dtype == jnp.bfloat16:
+    tolerance = tolerance + np.abs(want) * 2.0**-8
+  error = np.abs(np.asarray(got, np.float64) - want)
+  assert (error <= tolerance).all(), float((error / np.maximum(tolerance, 1e-30)).max())
+
+
+def test_matmul_under_vmap_and_a_zero_contraction():
+  a, b = _operands(3, 64, 40, False, False, jnp.bfloat16)
+  stacked = jnp.stack([a, 2 * a])
+  got = jax.vmap(lambda x: kernels.matmul(x, b, out_dtype=jnp.float32))(stacked)
+  np.testing.assert_allclose(got[1], 2 * got[0], rtol=1e-6)
+  empty = kernels.matmul(jnp.ones((4, 0)), jnp.ones((0, 5)))
+  np.testing.assert_array_equal(empty, np.zeros((4, 5), np.float32))
+
+
+def _dense_step(monkeypatch, mode, x, w):
+  """A bfloat16 dense layer's output and gradients (input, kernel) through layers.dot_general,
+  and whether the compiled step calls the kernel."""
+  monkeypatch.setenv('FTJAX_MATMUL', mode)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+
+  def loss(x, w):
+    y = layers.dot_general(x, w, dims)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (_, y), grads = step(x, w)
+  return y, grads, 'ftjax_matmul' in step.lower(x, w).as_text()
+
+
+def test_the_bf16_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
+  """The same values both ways (float32 accumulation, one rounding to bfloat16): within one
+  bfloat16 rounding of each other (the two sum in different orders)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 70, 96)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((96, 130)) * 0.1, jnp.bfloat16)
+  y_kernel, grads_kernel, on_kernel = _dense_step(monkeypatch, 'kernel', x, w)
+  y_xla, grads_xla, on_xla = _dense_step(monkeypatch, 'xla', x, w)
+  assert on_kernel and not on_xla
+  for ours, theirs in zip([y_kernel, *grads_kernel], [y_xla, *grads_xla]):
+    assert ours.dtype == theirs.dtype == jnp.bfloat16 and ours.shape == theirs.shape
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    np.testing.assert_allclose(ours, theirs, rtol=2.0**-7, atol=2.0**-7 * np.abs(theirs).max())
+
+
+def test_the_kernel_serves_only_wide_bfloat16_products(monkeypatch):
+  monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
+  assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+  # LoRA's rank-8 factors and a 3-way head stay on XLA.
+  assert not kernels.bf16_matmul_on_kernel(4096, 384, 8)
+  assert not kernels.bf16_matmul_on_kernel(4096, 8, 384)
+  assert not kernels.bf16_matmul_on_kernel(32, 384, 3)
+  # float32 layers never reach it: they are XLA's plain dot.
+  x = jnp.ones((8, 96), jnp.float32)
+  w = jnp.ones((96, 128), jnp.float32)
+  hlo = jax.jit(lambda x, w: layers.dot_general(x, w, (((1,), (0,)), ((), ())))).lower(
+      x, w).as_text()
+  assert 'ftjax_matmul' not in hlo and re.search(r'stablehlo\.dot_general', hlo)
+  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
+  assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+
+
+def test_ftjax_matmul_is_checked(monkeypatch):
+  monkeypatch.setenv('FTJAX_MATMUL', 'onednn')
+  with pytest.raises(FtjaxError, match="FTJAX_MATMUL='onednn': expected one of auto, xla, kernel"):
+    kernels.bf16_matmul_on_kernel(64, 64, 64)
+
+
+def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_path, caplog):
+  """`auto` times the kernel against XLA's dot once, writes the verdict beside the library and
+  reads it back in later processes (here: after clearing the in-process cache)."""
+  monkeypatch.setenv('FTJAX_MATMUL', 'auto')
+  monkeypatch.setattr(kernels, '_calibration_path', lambda: tmp_path / 'kernels-x.matmul.json')
+  measured = []
+
+  def measure():
+    measured.append(1)
+    return {'kernel': 0.004, 'xla': 0.008}
+
+  monkeypatch.setattr(kernels, 'measure_bf16_matmul', measure)
+  kernels._kernel_beats_xla.cache_clear()
+  try:
+    with caplog.at_level(logging.INFO):
+      assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+    assert 'bfloat16 matmuls on the kernel (kernel 4.00 ms, XLA 8.00 ms' in caplog.text
+    saved = json.loads((tmp_path / 'kernels-x.matmul.json').read_text())
+    assert saved == {'use_kernel': True, 'kernel_s': 0.004, 'xla_s': 0.008}
+    kernels._kernel_beats_xla.cache_clear()
+    (tmp_path / 'kernels-x.matmul.json').write_text(json.dumps({**saved, 'use_kernel': False}))
+    assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+    assert measured == [1]
+    # Within 10% of XLA is not worth a custom call: XLA keeps the product.
+    kernels._kernel_beats_xla.cache_clear()
+    (tmp_path / 'kernels-x.matmul.json').unlink()
+    monkeypatch.setattr(kernels, 'measure_bf16_matmul', lambda: {'kernel': 0.95, 'xla': 1.0})
+    assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+  finally:
+    kernels._kernel_beats_xla.cache_clear()
+
+
+def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):
+  """`auto` decides while a model is being traced: the timing must run, not be staged into the
+  trace."""
+  monkeypatch.setenv('FTJAX_MATMUL', 'auto')
+  path = tmp_path / 'kernels-x.matmul.json'
+  monkeypatch.setattr(kernels, '_calibration_path', lambda: path)
+  kernels._kernel_beats_xla.cache_clear()
+  try:
+    jax.jit(lambda x: x + kernels.bf16_matmul_on_kernel(4096, 384, 1536))(1.0)
+  finally:
+    kernels._kernel_beats_xla.cache_clear()
+  saved = json.loads(path.read_text())
+  assert saved['kernel_s'] > 0 and saved['xla_s'] > 0
+  assert saved['use_kernel'] == (saved['kernel_s'] < 0.9 * saved['xla_s'])
+
+
+def test_an_unavailable_kernel(monkeypatch, caplog):
+  monkeypatch.setattr(kernels, '_load', lambda: 'no C++ compiler found')
+  kernels._warn_once.cache_clear()
+  monkeypatch.setenv('FTJAX_MATMUL', 'auto')
+  with caplog.at_level(logging.WARNING):
+    assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+  assert 'no C++ compiler found' in caplog.text
+  monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
+  with pytest.raises(kernels.KernelUnavailable, match='FTJAX_MATMUL=kernel, but'):
+    kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+  with pytest.raises(kernels.KernelUnavailable, match='matmul kernel is unavailable'):
+    kernels.matmul(jnp.ones((2, 2)), jnp.ones((2, 2)))
+
+
+def test_a_bf16_training_run_on_the_kernel(monkeypatch):
+  """Two bfloat16 dense layers (float32 master weights) trained a few steps with the kernel and
+  with XLA's dots: the same losses within bfloat16 rounding, and falling."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, 30, 96)), jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+
+  def loss(w1, w2):
+    h = jax.nn.gelu(layers.dot_general(x, w1.astype(jnp.bfloat16), dims))
+    y = layers.dot_general(h, w2.astype(jnp.bfloat16), dims)
+    return jnp.mean(jnp.square(y.astype(jnp.float32) - 1.0))
+
+  def losses(mode):
+    monkeypatch.setenv('FTJAX_MATMUL', mode)
+    w1 = jnp.asarray(rng.standard_normal((96, 256)) * 0.1, jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((256, 96)) * 0.1, jnp.float32)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    out = []
+    for _ in range(5):
+      value, (g1, g2) = step(w1, w2)
+      out.append(float(value))
+      w1, w2 = w1 - 0.5 * g1, w2 - 0.5 * g2
+    return np.array(out)
+
+  state = rng.bit_generator.state
+  kernel = losses('kernel')
+  rng.bit_generator.state = state
+  xla = losses('xla')
+  assert kernel[-1] < 0.9 * kernel[0]
+  np.testing.assert_allclose(kernel, xla, rtol=2e-2)
