@@ -6,6 +6,7 @@ must hold at any size: both frameworks train the same parameters from the same w
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -61,9 +62,11 @@ def test_lora_vs_full_runs_both_steps_alternately_in_one_process(tmp_path):
   assert (tmp_path / 'speed_lora_vs_full.md').read_text().count('| float32 |') == 2
 
 
-def test_matmuls_times_both_frameworks_at_the_ffn_shapes(tmp_path):
+def test_matmuls_times_both_frameworks_at_the_ffn_shapes(tmp_path, monkeypatch):
   pytest.importorskip('torch')
-  _run('speed.py', '--quick', '--matmuls', '--dtypes=float32', f'--out={tmp_path / "speed.json"}')
+  monkeypatch.setenv('FTJAX_MATMUL', 'kernel')  # ftjax's bfloat16 layers on its kernel.
+  _run('speed.py', '--quick', '--matmuls', '--dtypes=float32,bfloat16',
+       f'--out={tmp_path / "speed.json"}')
   result = json.loads((tmp_path / 'speed_matmuls.json').read_text())
   for kind in ('peak-jax', 'peak-torch'):
     (run,) = result['runs'][kind]
@@ -71,7 +74,15 @@ def test_matmuls_times_both_frameworks_at_the_ffn_shapes(tmp_path):
     assert sorted(run['shaped']['float32']) == ['4 x 16 tokens|dy w^T', '4 x 16 tokens|x w',
                                                 '4 x 16 tokens|x^T dy']
     assert all(g > 0 for g in run['shaped']['float32'].values())
-  assert (tmp_path / 'speed_matmuls.md').read_text().count('| float32 | 4 x 16 tokens |') == 3
+  (run,) = result['runs']['peak-jax']
+  assert run['kernel']['bfloat16']['gflops'] > 0 and 'float32' not in run['kernel']
+  assert sorted(run['kernel_shaped']['bfloat16']) == sorted(run['shaped']['bfloat16'])
+  table = (tmp_path / 'speed_matmuls.md').read_text()
+  assert table.count('| float32 | 4 x 16 tokens |') == 3
+  # float32 rows have no kernel column figure; bfloat16 rows do.
+  assert re.findall(r'\| float32 \| 4 x 16 tokens \| [^|]+ \| [\d,]+ \| - \|', table)
+  assert len(re.findall(r'\| bfloat16 \| 4 x 16 tokens \| [^|]+ \| [\d,]+ \| [\d,]+ \|',
+                        table)) == 3
 
 
 def test_ab_times_the_layers_of_a_revision_against_the_current_ones(tmp_path):

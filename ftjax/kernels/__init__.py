@@ -1,16 +1,20 @@
 """Native CPU kernels, built from source on first use with the machine's C++ compiler.
 
-`attention.cc` is a fused scaled dot-product attention (forward and backward) for XLA:CPU,
-registered with jax as two XLA FFI custom calls. It is compiled once per machine, source and
-jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
-`$FTJAX_KERNEL_CACHE` (default `~/.cache/ftjax/kernels`); `make setup` builds it ahead of
-the first run. Where no compiler is found or the build fails, `available()` says False once,
-with the reason in the log, and ftjax's attention stays on the XLA path, which is the
-reference the kernel is tested against.
+- `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU.
+- `matmul.cc`: a dense matrix product that packs bfloat16 operands into float32 panels and
+  multiplies with float32 FMAs, for CPUs whose bfloat16 dot instructions are slow.
 
-`FTJAX_ATTENTION` chooses: `auto` (the default: the kernel on a single CPU device where it
-builds), `xla` (never the kernel) or `fused` (the kernel wherever it applies; an error if it
-cannot be built).
+Both are registered with jax as XLA FFI custom calls, from one library compiled once per
+machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
+`$FTJAX_KERNEL_CACHE` (default `~/.cache/ftjax/kernels`); `make setup` builds it ahead of the
+first run. Where no compiler is found or the build fails, `available()` says False once, with
+the reason in the log, and ftjax stays on XLA's own ops, which are the reference the kernels are
+tested against.
+
+`FTJAX_ATTENTION` chooses: `auto` (the default: the attention kernel on a single CPU device
+where it builds), `xla` (never the kernel) or `fused` (the kernel wherever it applies; an error
+if it cannot be built). `FTJAX_MATMUL` likewise: `auto` (bfloat16 dense layers on the matmul
+kernel where it measured faster than XLA's bfloat16 dot on this machine), `xla` or `kernel`.
 """
 
 from __future__ import annotations
@@ -86,10 +90,10 @@ def _compiler() -> str:
 
 
 def library_path(compiler: str) -> pathlib.Path:
-  """Where the build for this source, compiler, flags, jaxlib and CPU lives."""
+  """Where the build for these sources, compiler, flags, jaxlib and CPU lives."""
   key = hashlib.sha256()
-  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), compiler.encode(), ' '.join(_FLAGS).encode(),
-               jax.__version__.encode(), jax.ffi.include_dir().encode(),
+  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), compiler.encode(),
+               ' '.join(_FLAGS).encode(), jax.__version__.encode(), jax.ffi.include_dir().encode(),
                (launch.cpuinfo('flags') or launch.cpuinfo('Features')).encode()):
     key.update(part)
     key.update(b'\0')

@@ -43,7 +43,8 @@ inline float RoundBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
 // thread pool, and returns when all are done. The caller works too, and a helper that starts
 // after the work is gone returns at once, so a busy pool only delays the call, never
 // deadlocks it.
-inline void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(int64_t)>& body) {
+inline void ParallelFor(ffi::ThreadPool& pool, int64_t count,
+                        const std::function<void(int64_t)>& body) {
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> active{0};

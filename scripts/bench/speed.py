@@ -502,11 +502,34 @@ def peak_jax(spec: dict) -> dict:
   for dtype in ('float32', 'bfloat16'):
     by_size = {n: 2 * n**3 / time_product(dtype, (n, n), (n, n)) / 1e9 for n in sizes}
     out[dtype] = {'gflops': max(by_size.values()), 'by_size': by_size}
-  return {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
-          'device_count': jax.device_count(), 'sizes': sizes, 'matmul': out,
-          'shaped': _shaped_gflops(spec, {'float32': jnp.float32, 'bfloat16': jnp.bfloat16},
-                                   time_product),
-          'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
+  result = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
+            'device_count': jax.device_count(), 'sizes': sizes, 'matmul': out,
+            'shaped': _shaped_gflops(spec, {'float32': jnp.float32, 'bfloat16': jnp.bfloat16},
+                                     time_product),
+            'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
+  from ftjax import kernels  # pylint: disable=g-import-not-at-top
+  if kernels.bf16_matmul_on_kernel(sizes[0], sizes[0], sizes[0]):
+    # ftjax's bfloat16 dense layers run on its matmul kernel on this machine: its speed is the
+    # bfloat16 peak ftjax can reach (the MFU denominator takes the faster of the two).
+    kernel = jax.jit(kernels.matmul)
+
+    def time_kernel(dtype, lhs_shape, rhs_shape):
+      a, b = (jax.random.normal(jax.random.key(i), s, dtype)
+              for i, s in enumerate((lhs_shape, rhs_shape)))
+      return _median_time(lambda: kernel(a, b).block_until_ready(), spec['min_s'],
+                          spec['min_reps'])
+
+    by_size = {n: 2 * n**3 / time_kernel(jnp.bfloat16, (n, n), (n, n)) / 1e9 for n in sizes}
+    result['kernel'] = {'bfloat16': {'gflops': max(by_size.values()), 'by_size': by_size}}
+    result['kernel_shaped'] = _shaped_gflops(spec, {'bfloat16': jnp.bfloat16}, time_kernel)
+  return result
+
+
+def matmul_peak(peaks_jax: dict, dtype: str) -> float:
+  """The MFU denominator: the faster of XLA's dot and ftjax's matmul kernel (where ftjax's
+  dense layers use it) for the dtype."""
+  kernel = peaks_jax.get('kernel', {}).get(dtype, {}).get('gflops', 0.0)
+  return max(peaks_jax['matmul'][dtype]['gflops'], kernel)
 
 
 def peak_torch(spec: dict) -> dict:
@@ -683,15 +706,20 @@ def _markdown(result: dict) -> str:
       + f'; jax {v["jax"]}, jaxlib {v["jaxlib"]}, flax {v["flax"]}, torch {v["torch"]}, '
       f'transformers {v["transformers"]}, peft {v["peft"]}. Matmul peak through XLA ({sizes}'
       f'-square, bfloat16 with float32 accumulation): float32 {xla["float32"]["gflops"]:,.0f} '
-      f'GFLOP/s, bfloat16 {xla["bfloat16"]["gflops"]:,.0f} GFLOP/s (torch.matmul: float32 '
+      f'GFLOP/s, bfloat16 {xla["bfloat16"]["gflops"]:,.0f} GFLOP/s'
+      + (f'; ftjax\'s matmul kernel, which its bfloat16 dense layers use on this machine: '
+         f'bfloat16 {peaks["jax"]["kernel"]["bfloat16"]["gflops"]:,.0f} GFLOP/s'
+         if peaks['jax'].get('kernel') else '')
+      + f' (torch.matmul: float32 '
       f'{torch_mm["float32"]["gflops"]:,.0f}, bfloat16 {torch_mm["bfloat16"]["gflops"]:,.0f}).',
       '',
       f'**Method**: median seconds per step over {s["steps_per_round"] * s["rounds"]} steps, '
       f'pooled over {s["rounds"]} round(s) of fresh processes that alternate which framework '
       f'goes first, each after {WARMUP} warm-up steps; first step = loading + compilation + one '
       'step (imports excluded), median over the rounds; peak = resident memory (VmHWM), max '
-      'over the rounds; MFU = analytic matmul FLOPs per step / step time / the XLA matmul peak '
-      'of the dtype. torch: eager, fused AdamW, bfloat16 by autocast. Environment: '
+      'over the rounds; MFU = analytic matmul FLOPs per step / step time / the matmul peak '
+      'of the dtype (the faster of XLA and ftjax\'s kernel). torch: eager, fused AdamW, '
+      'bfloat16 by autocast. Environment: '
       + _env_text(result['env'])
       + (' A --quick smoke run: sizes too small for the numbers to mean anything.'
          if s['quick'] else ''),
@@ -754,15 +782,20 @@ def matmul_shapes(shapes: dict, small: bool) -> list[dict]:
 
 
 def _matmul_table(jax_runs: list[dict], torch_runs: list[dict], dtypes: list[str]) -> list[str]:
-  """Markdown rows: XLA's and torch's GFLOP/s per shape and product (median over the runs)."""
+  """Markdown rows: XLA's, ftjax's kernel's (where its bfloat16 layers use it) and torch's
+  GFLOP/s per shape and product (median over the runs)."""
   lines = ['| dtype | MiniLM FFN layer [m, 384] x [384, 1536] | product | XLA GFLOP/s | '
-           'torch GFLOP/s | torch / XLA |', '|:---|:---|:---|---:|---:|---:|']
+           'ftjax kernel GFLOP/s | torch GFLOP/s | torch / XLA |',
+           '|:---|:---|:---|---:|---:|---:|---:|']
   for dtype in dtypes:
     for key in jax_runs[0]['shaped'][dtype]:
       xla = statistics.median(r['shaped'][dtype][key] for r in jax_runs)
       torch_ = statistics.median(r['shaped'][dtype][key] for r in torch_runs)
+      kernel = [r['kernel_shaped'][dtype][key] for r in jax_runs
+                if dtype in r.get('kernel_shaped', {})]
+      kernel = f'{statistics.median(kernel):,.0f}' if kernel else '-'
       shape, form = key.split('|')
-      lines.append(f'| {dtype} | {shape} | {form} | {xla:,.0f} | {torch_:,.0f} | '
+      lines.append(f'| {dtype} | {shape} | {form} | {xla:,.0f} | {kernel} | {torch_:,.0f} | '
                    f'{torch_ / xla:.2f} |')
   return lines
 
@@ -1056,7 +1089,7 @@ def main() -> None:
     flops = step_flops(model_dims(workload, llama_shape), strategy, model['batch'],
                        model['length'])
     for dtype in dtypes:
-      peak = result['peaks']['jax']['matmul'][dtype]['gflops']
+      peak = matmul_peak(result['peaks']['jax'], dtype)
       row = {'workload': workload, 'dtype': dtype, 'batch': model['batch'],
              'length': model['length'], 'flops': flops}
       for framework in FRAMEWORKS:
