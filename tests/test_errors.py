@@ -135,17 +135,11 @@ def test_misconfigured_policy_or_peft_fails_before_training(trained, tmp_path, c
   assert not (tmp_path / 'w').exists()
 
 
-def test_bad_attention_choice(trained, monkeypatch, capsys):
+@pytest.mark.parametrize('name, value, choices', [('FTJAX_ATTENTION', 'flash', 'auto, xla, fused'),
+                                                  ('FTJAX_MATMUL', 'mkl', 'auto, xla, kernel')])
+def test_bad_kernel_choice(name, value, choices, trained, monkeypatch, capsys):
   root, argv = trained
   before = _snapshot(root / 'run')
-  monkeypatch.setenv('FTJAX_ATTENTION', 'flash')
-  _fails(argv, "FTJAX_ATTENTION='flash': expected one of auto, xla, fused", capsys)
-  assert _snapshot(root / 'run') == before
-
-
-def test_bad_matmul_choice(trained, monkeypatch, capsys):
-  root, argv = trained
-  before = _snapshot(root / 'run')
-  monkeypatch.setenv('FTJAX_MATMUL', 'mkl')
-  _fails(argv, "FTJAX_MATMUL='mkl': expected one of auto, xla, kernel", capsys)
+  monkeypatch.setenv(name, value)
+  _fails(argv, f"{name}='{value}': expected one of {choices}", capsys)
   assert _snapshot(root / 'run') == before

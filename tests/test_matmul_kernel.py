@@ -215,3 +215,17 @@ def test_a_bf16_training_run_on_the_kernel(monkeypatch):
   xla = losses('xla')
   assert kernel[-1] < 0.9 * kernel[0]
   np.testing.assert_allclose(kernel, xla, rtol=2e-2)
+
+
+def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv('FTJAX_MATMUL', 'auto')
+  path = tmp_path / 'missing' / 'kernels-x.matmul.json'
+  monkeypatch.setattr(kernels, '_calibration_path', lambda: path)
+  monkeypatch.setattr(kernels, 'measure_bf16_matmul', lambda: {'kernel': 1.0, 'xla': 2.0})
+  kernels._kernel_beats_xla.cache_clear()
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+  finally:
+    kernels._kernel_beats_xla.cache_clear()
+  assert 'cannot keep the matmul measurement' in caplog.text and not path.exists()

@@ -260,9 +260,12 @@ def _kernel_beats_xla() -> bool:
     times = measure_bf16_matmul()
   result = {'use_kernel': times['kernel'] < 0.9 * times['xla'],
             'kernel_s': times['kernel'], 'xla_s': times['xla']}
-  with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
-    json.dump(result, f)
-  os.replace(f.name, path)
+  try:  # Written whole and renamed: a concurrent reader never sees half a file.
+    with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
+      json.dump(result, f)
+    os.replace(f.name, path)
+  except OSError as e:  # A read-only cache: measured again by the next process.
+    logging.warning('ftjax: cannot keep the matmul measurement in %s (%s)', path, e)
   logging.info('ftjax: bfloat16 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
                'kernel' if result['use_kernel'] else 'XLA dot', times['kernel'] * 1e3,
                times['xla'] * 1e3, path)
