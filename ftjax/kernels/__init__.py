@@ -135,13 +135,24 @@ def _load() -> str:
 
 def available() -> bool:
   """Whether the fused attention kernel is built and registered (building it if needed)."""
+  return _loaded('FTJAX_ATTENTION', choice(), 'fused', 'attention kernel')
+
+
+def _loaded(setting: str, mode: str, forced: str, what: str) -> bool:
+  """Whether the kernels' library is built and registered; an error if `setting` is `forced`
+  (the user asked for the kernel), else one warning and False when it cannot be."""
   reason = _load()
   if reason:
-    if choice() == 'fused':
-      raise KernelUnavailable(f'FTJAX_ATTENTION=fused, but the attention kernel is unavailable: '
-                              f'{reason}')
+    if mode == forced:
+      raise KernelUnavailable(f'{setting}={forced}, but the {what} is unavailable: {reason}')
     _warn_once(reason)
   return not reason
+
+
+def _on_one_cpu(mode: str) -> bool:
+  """The kernels run only on a single CPU device: their custom calls have no partitioning rule,
+  so under a multi-device mesh XLA would gather their operands onto every device."""
+  return mode != 'xla' and jax.default_backend() == 'cpu' and jax.device_count() == 1
 
 
 @functools.cache
@@ -152,12 +163,10 @@ def _warn_once(reason: str) -> None:
 def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> bool:
   """Whether attention on these heads-major operands should run on the fused kernel.
 
-  Only on a single CPU device: the custom call has no partitioning rule, so under a multi-device
-  mesh XLA would gather its operands onto every device. The kernel takes float32 or bfloat16
-  operands of one dtype.
+  Only on a single CPU device (`_on_one_cpu`). The kernel takes float32 or bfloat16 operands of
+  one dtype.
   """
-  mode = choice()
-  if mode == 'xla' or jax.default_backend() != 'cpu' or jax.device_count() != 1:
+  if not _on_one_cpu(choice()):
     return False
   dtypes = {jnp.dtype(q.dtype), jnp.dtype(k.dtype), jnp.dtype(v.dtype), jnp.dtype(dtype)}
   if len(dtypes) != 1 or dtypes.pop() not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -225,15 +234,9 @@ def bf16_matmul_on_kernel(m: int, k: int, n: int) -> bool:
   `xla` never. float32 products always stay on XLA, which is as fast as the kernel there.
   """
   mode = matmul_choice()
-  if (mode == 'xla' or jax.default_backend() != 'cpu' or jax.device_count() != 1
-      or min(k, n) < _MIN_MATMUL_WIDTH or m < 1):
+  if not _on_one_cpu(mode) or min(k, n) < _MIN_MATMUL_WIDTH or m < 1:
     return False
-  reason = _load()
-  if reason:
-    if mode == 'kernel':
-      raise KernelUnavailable(f'FTJAX_MATMUL=kernel, but the matmul kernel is unavailable: '
-                              f'{reason}')
-    _warn_once(reason)
+  if not _loaded('FTJAX_MATMUL', mode, 'kernel', 'matmul kernel'):
     return False
   return mode == 'kernel' or _kernel_beats_xla()
 
@@ -249,7 +252,7 @@ def _kernel_beats_xla() -> bool:
   Measured once per machine and build (a few hundred milliseconds), and kept beside the library.
   Which is faster depends on the CPU: where bfloat16 dot-product instructions run at the float32
   FMA rate or better (AMD Zen 4 and 5), XLA's YNNPACK kernels are ~2x the kernel; where they run
-  at a quarter of it (the Intel Xeons without AMX measured here), the kernel is 1.3-1.9x XLA.
+  at half of it (the Intel Xeons without AMX measured here), the kernel is 1.2-1.9x XLA.
   """
   path = _calibration_path()
   try:

@@ -2,8 +2,8 @@
 // whose bfloat16 dot instructions are slower than their float32 FMAs.
 //
 // Why: XLA:CPU runs a bf16 x bf16 -> f32 dot on YNNPACK's bfloat16 kernels, which use the
-// CPU's bfloat16 dot-product instruction (vdpbf16ps). On some CPUs that instruction retires at
-// a quarter of the float32 FMA rate (measured on an Intel Xeon of family 6 model 207: 81 against
+// CPU's bfloat16 dot-product instruction (vdpbf16ps). On some CPUs that instruction delivers
+// half the FLOP rate of float32 FMAs (measured on an Intel Xeon of family 6 model 207: 81 against
 // 173 GFLOP/s per core), so those dots run at ~150 GFLOP/s where float32 ones reach ~280. Here
 // the operands are converted to float32 while they are packed into cache-sized panels (which a
 // fast product copies anyway) and multiplied with float32 FMAs; the result is rounded once to

@@ -151,7 +151,7 @@ def _bf16_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
   - ftjax's matmul kernel (`kernels/matmul.cc`): converts the operands to float32 as it packs
     them and multiplies with float32 FMAs, taking the transposed operands of the backward pass
     without copies. On CPUs whose bfloat16 dot instruction is slow (an Intel Xeon without AMX:
-    a quarter of the FMA rate) it runs at 1.2-1.9x XLA's bfloat16 dots.
+    half the FLOP rate of float32 FMAs) it runs at 1.2-1.9x XLA's bfloat16 dots.
   - XLA's dot, as bf16 x bf16 -> f32: XLA:CPU runs a dot on YNNPACK's bfloat16 kernels only in
     that form (and with the lhs contracting its last dimension); a bf16 x bf16 -> bf16 dot,
     which is what `nnx.Linear` and autodiff of it emit, is upcast to a float32 dot instead, at

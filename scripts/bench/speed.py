@@ -493,10 +493,15 @@ def peak_jax(spec: dict) -> dict:
   sizes = spec['sizes'] or ([2048] if jax.default_backend() == 'cpu' else [4096, 8192])
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
 
-  def time_product(dtype, lhs_shape, rhs_shape):
-    a, b = (jax.random.normal(jax.random.key(i), s, dtype)
-            for i, s in enumerate((lhs_shape, rhs_shape)))
-    return _median_time(lambda: dot(a, b).block_until_ready(), spec['min_s'], spec['min_reps'])
+  def timer(product):
+    def time_product(dtype, lhs_shape, rhs_shape):
+      a, b = (jax.random.normal(jax.random.key(i), s, dtype)
+              for i, s in enumerate((lhs_shape, rhs_shape)))
+      return _median_time(lambda: product(a, b).block_until_ready(), spec['min_s'],
+                          spec['min_reps'])
+    return time_product
+
+  time_product = timer(dot)
 
   out = {}
   for dtype in ('float32', 'bfloat16'):
@@ -511,14 +516,7 @@ def peak_jax(spec: dict) -> dict:
   if kernels.bf16_matmul_on_kernel(sizes[0], sizes[0], sizes[0]):
     # ftjax's bfloat16 dense layers run on its matmul kernel on this machine: its speed is the
     # bfloat16 peak ftjax can reach (the MFU denominator takes the faster of the two).
-    kernel = jax.jit(kernels.matmul)
-
-    def time_kernel(dtype, lhs_shape, rhs_shape):
-      a, b = (jax.random.normal(jax.random.key(i), s, dtype)
-              for i, s in enumerate((lhs_shape, rhs_shape)))
-      return _median_time(lambda: kernel(a, b).block_until_ready(), spec['min_s'],
-                          spec['min_reps'])
-
+    time_kernel = timer(jax.jit(kernels.matmul))
     by_size = {n: 2 * n**3 / time_kernel(jnp.bfloat16, (n, n), (n, n)) / 1e9 for n in sizes}
     result['kernel'] = {'bfloat16': {'gflops': max(by_size.values()), 'by_size': by_size}}
     result['kernel_shaped'] = _shaped_gflops(spec, {'bfloat16': jnp.bfloat16}, time_kernel)
