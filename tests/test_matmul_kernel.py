@@ -31,24 +31,29 @@ def _reference(a, b, transpose_a, transpose_b):
 
 
 # (m, k, n): tails of every blocking unit (the 12 x 32 register tile, the 16-wide transposing
-# copies, K steps of at most 192, blocks of 96 rows); K over several steps; more rows than
-# columns (tasks split rows) and fewer (tasks split columns, more than one 2048-column task); a
-# single row, column or contraction.
+# copies, an odd K for the bfloat16 pairs, K steps of at most 192 words, blocks of 96 rows); K
+# over several steps, and over several packed parts of B (at most 2048 words each); more rows
+# than columns (tasks split rows) and fewer (tasks split columns, more than one 2048-column
+# task); a single row, column or contraction.
 SHAPES = [(1, 1, 1), (5, 7, 9), (13, 17, 33), (37, 200, 70), (97, 385, 64), (300, 130, 1000),
-          (8, 40, 2100), (250, 1, 3)]
+          (8, 40, 2100), (250, 1, 3), (30, 4501, 70)]
 
 
 @pytest.mark.parametrize('out_dtype', ['float32', 'same'])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('dtype,variant', [(jnp.float32, 'fma'), (jnp.bfloat16, 'fma'),
+                                           (jnp.bfloat16, 'dot')], ids=['f32', 'bf16-fma',
+                                                                        'bf16-dot'])
 @pytest.mark.parametrize('transpose_b', [False, True])
 @pytest.mark.parametrize('transpose_a', [False, True])
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
-def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dtype, out_dtype):
+def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dtype, variant,
+                                            out_dtype):
   m, k, n = shape
   a, b = _operands(m, k, n, transpose_a, transpose_b, dtype)
   out_dtype = jnp.float32 if out_dtype == 'float32' else dtype
   got = jax.jit(lambda a, b: kernels.matmul(a, b, transpose_a=transpose_a,
-                                            transpose_b=transpose_b, out_dtype=out_dtype))(a, b)
+                                            transpose_b=transpose_b, out_dtype=out_dtype,
+                                            variant=variant))(a, b)
   assert got.shape == (m, n) and got.dtype == out_dtype
   want = _reference(a, b, transpose_a, transpose_b)
   # float32 accumulation: an error of a few float32 ulps of the sum of |products|; a bfloat16
@@ -59,6 +64,22 @@ def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dty
     tolerance = tolerance + np.abs(want) * 2.0**-8
   error = np.abs(np.asarray(got, np.float64) - want)
   assert (error <= tolerance).all(), float((error / np.maximum(tolerance, 1e-30)).max())
+
+
+def test_bfloat16_products_take_the_measured_variant(monkeypatch):
+  """Without `variant`, a bfloat16 product runs on the variant this machine measured faster
+  (the custom call's `dot` attribute); float32 ones always on fma."""
+  a, b = _operands(16, 64, 64, False, False, jnp.bfloat16)
+  for variant in kernels.VARIANTS:
+    monkeypatch.setattr(kernels, 'bf16_matmul_plan', lambda v=variant: {'use_kernel': True,
+                                                                        'variant': v})
+    # A fresh function each time: jax keeps traces per function.
+    hlo = jax.jit(lambda a, b: kernels.matmul(a, b)).lower(a, b).as_text()
+    assert f'dot = {str(variant == "dot").lower()}' in hlo
+    f32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    assert 'dot = false' in jax.jit(lambda a, b: kernels.matmul(a, b)).lower(*f32).as_text()
+  with pytest.raises(ValueError, match="variant='amx'"):
+    kernels.matmul(a, b, variant='amx')
 
 
 def test_matmul_under_vmap_and_a_zero_contraction():
@@ -124,35 +145,45 @@ def test_ftjax_matmul_is_checked(monkeypatch):
 
 
 def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_path, caplog):
-  """`auto` times the kernel against XLA's dot once, writes the verdict beside the library and
-  reads it back in later processes (here: after clearing the in-process cache)."""
+  """`auto` times the kernel's variants against XLA's dot once, writes the verdict beside the
+  library and reads it back in later processes (here: after clearing the in-process cache)."""
   monkeypatch.setenv('FTJAX_MATMUL', 'auto')
   monkeypatch.setattr(kernels, '_calibration_path', lambda: tmp_path / 'kernels-x.matmul.json')
   measured = []
 
   def measure():
     measured.append(1)
-    return {'kernel': 0.004, 'xla': 0.008}
+    return {'fma': 0.006, 'dot': 0.004, 'xla': 0.008}
 
   monkeypatch.setattr(kernels, 'measure_bf16_matmul', measure)
-  kernels._kernel_beats_xla.cache_clear()
+  kernels.bf16_matmul_plan.cache_clear()
   try:
     with caplog.at_level(logging.INFO):
       assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
-    assert 'bfloat16 matmuls on the kernel (kernel 4.00 ms, XLA 8.00 ms' in caplog.text
+    assert ('bfloat16 matmuls on the kernel (dot) (kernel fma 6.00 ms, dot 4.00 ms, XLA 8.00 ms'
+            in caplog.text)
     saved = json.loads((tmp_path / 'kernels-x.matmul.json').read_text())
-    assert saved == {'use_kernel': True, 'kernel_s': 0.004, 'xla_s': 0.008}
-    kernels._kernel_beats_xla.cache_clear()
+    assert saved == {'use_kernel': True, 'variant': 'dot', 'fma_s': 0.006, 'dot_s': 0.004,
+                     'xla_s': 0.008}
+    assert kernels.bf16_matmul_plan()['variant'] == 'dot'
+    kernels.bf16_matmul_plan.cache_clear()
     (tmp_path / 'kernels-x.matmul.json').write_text(json.dumps({**saved, 'use_kernel': False}))
     assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
     assert measured == [1]
+    # A file from an older build (no variant) is measured again.
+    kernels.bf16_matmul_plan.cache_clear()
+    (tmp_path / 'kernels-x.matmul.json').write_text(json.dumps(
+        {'use_kernel': True, 'kernel_s': 1.0, 'xla_s': 2.0}))
+    assert kernels.bf16_matmul_plan()['variant'] == 'dot' and measured == [1, 1]
     # Within 10% of XLA is not worth a custom call: XLA keeps the product.
-    kernels._kernel_beats_xla.cache_clear()
+    kernels.bf16_matmul_plan.cache_clear()
     (tmp_path / 'kernels-x.matmul.json').unlink()
-    monkeypatch.setattr(kernels, 'measure_bf16_matmul', lambda: {'kernel': 0.95, 'xla': 1.0})
+    monkeypatch.setattr(kernels, 'measure_bf16_matmul',
+                        lambda: {'fma': 0.95, 'dot': 1.2, 'xla': 1.0})
     assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+    assert kernels.bf16_matmul_plan()['variant'] == 'fma'
   finally:
-    kernels._kernel_beats_xla.cache_clear()
+    kernels.bf16_matmul_plan.cache_clear()
 
 
 def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):
@@ -161,14 +192,16 @@ def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):
   monkeypatch.setenv('FTJAX_MATMUL', 'auto')
   path = tmp_path / 'kernels-x.matmul.json'
   monkeypatch.setattr(kernels, '_calibration_path', lambda: path)
-  kernels._kernel_beats_xla.cache_clear()
+  kernels.bf16_matmul_plan.cache_clear()
   try:
     jax.jit(lambda x: x + kernels.bf16_matmul_on_kernel(4096, 384, 1536))(1.0)
   finally:
-    kernels._kernel_beats_xla.cache_clear()
+    kernels.bf16_matmul_plan.cache_clear()
   saved = json.loads(path.read_text())
-  assert saved['kernel_s'] > 0 and saved['xla_s'] > 0
-  assert saved['use_kernel'] == (saved['kernel_s'] < 0.9 * saved['xla_s'])
+  times = {v: saved[f'{v}_s'] for v in (*kernels.VARIANTS, 'xla')}
+  assert all(t > 0 for t in times.values())
+  assert saved['variant'] == min(kernels.VARIANTS, key=times.__getitem__)
+  assert saved['use_kernel'] == (times[saved['variant']] < 0.9 * times['xla'])
 
 
 def test_an_unavailable_kernel(monkeypatch, caplog):
@@ -221,11 +254,11 @@ def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path, 
   monkeypatch.setenv('FTJAX_MATMUL', 'auto')
   path = tmp_path / 'missing' / 'kernels-x.matmul.json'
   monkeypatch.setattr(kernels, '_calibration_path', lambda: path)
-  monkeypatch.setattr(kernels, 'measure_bf16_matmul', lambda: {'kernel': 1.0, 'xla': 2.0})
-  kernels._kernel_beats_xla.cache_clear()
+  monkeypatch.setattr(kernels, 'measure_bf16_matmul', lambda: {'fma': 1.0, 'dot': 1.5, 'xla': 2.0})
+  kernels.bf16_matmul_plan.cache_clear()
   try:
     with caplog.at_level(logging.WARNING):
       assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
   finally:
-    kernels._kernel_beats_xla.cache_clear()
+    kernels.bf16_matmul_plan.cache_clear()
   assert 'cannot keep the matmul measurement' in caplog.text and not path.exists()

@@ -1,8 +1,10 @@
 """Native CPU kernels, built from source on first use with the machine's C++ compiler.
 
 - `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU.
-- `matmul.cc`: a dense matrix product that packs bfloat16 operands into float32 panels and
-  multiplies with float32 FMAs, for CPUs whose bfloat16 dot instructions are slow.
+- `matmul.cc`: a dense matrix product for bfloat16 dense layers, in two variants: `fma` packs
+  the operands into float32 panels and multiplies with float32 FMAs (for CPUs whose bfloat16
+  dot instruction is slow), `dot` packs pairs of bfloat16 and multiplies with that instruction
+  (for CPUs where it is fast and XLA's dot leaves part of it unused).
 
 Both are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -157,7 +159,9 @@ def _on_one_cpu(mode: str) -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-  logging.warning('ftjax: fused CPU attention unavailable (%s); using the XLA path', reason)
+  # One library holds both kernels: whichever asks first, neither is there.
+  logging.warning('ftjax: CPU kernels (attention, matmul) unavailable (%s); using XLA for both',
+                  reason)
 
 
 def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> bool:
@@ -206,39 +210,48 @@ def attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_o
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
-           out_dtype=None) -> jax.Array:
+           out_dtype=None, variant: str | None = None) -> jax.Array:
   """op(a) @ op(b) on the matmul kernel (float32 accumulation, one rounding to `out_dtype`).
 
   a: [M, K] (or [K, M] with transpose_a), b: [K, N] (or [N, K] with transpose_b), one dtype,
-  float32 or bfloat16; `out_dtype` defaults to a's.
+  float32 or bfloat16; `out_dtype` defaults to a's. `variant` ('fma' or 'dot', see matmul.cc)
+  applies to bfloat16 operands; None takes the faster one as measured on this machine
+  (`bf16_matmul_plan`). float32 operands always run on 'fma'.
   """
   if reason := _load():
     raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
+  if variant not in (None, *VARIANTS):
+    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
   m = a.shape[1] if transpose_a else a.shape[0]
   n = b.shape[0] if transpose_b else b.shape[1]
+  dot = a.dtype == jnp.bfloat16 and (variant or bf16_matmul_plan()['variant']) == 'dot'
   out = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or a.dtype))
   call = jax.ffi.ffi_call('ftjax_matmul', out, vmap_method='sequential')
-  return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+  return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), dot=dot)
 
 
+VARIANTS = ('fma', 'dot')
 # The smallest contracted and output widths the matmul kernel takes: its register tile is
 # 12 x 32, and narrower products (LoRA's rank-r factors, a classifier head) stay on XLA.
 _MIN_MATMUL_WIDTH = 64
+# The kernel replaces XLA's dot only where it measured at most this fraction of XLA's time.
+_KERNEL_MARGIN = 0.9
 
 
 def bf16_matmul_on_kernel(m: int, k: int, n: int) -> bool:
   """Whether a bfloat16 [m, k] x [k, n] product (float32 accumulation) runs on the kernel.
 
-  `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where it measured faster
-  than XLA's bfloat16 dot on this machine (`_kernel_beats_xla`); `kernel` wherever it applies;
-  `xla` never. float32 products always stay on XLA, which is as fast as the kernel there.
+  `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where its faster variant
+  measured faster than XLA's bfloat16 dot on this machine (`bf16_matmul_plan`); `kernel`
+  wherever it applies; `xla` never. float32 products always stay on XLA, which is as fast as
+  the kernel there.
   """
   mode = matmul_choice()
   if not _on_one_cpu(mode) or min(k, n) < _MIN_MATMUL_WIDTH or m < 1:
     return False
   if not _loaded('FTJAX_MATMUL', mode, 'kernel', 'matmul kernel'):
     return False
-  return mode == 'kernel' or _kernel_beats_xla()
+  return mode == 'kernel' or bf16_matmul_plan()['use_kernel']
 
 
 def _calibration_path() -> pathlib.Path:
@@ -246,42 +259,47 @@ def _calibration_path() -> pathlib.Path:
 
 
 @functools.cache
-def _kernel_beats_xla() -> bool:
-  """Whether the kernel runs a MiniLM-sized bfloat16 product faster than XLA's dot here.
+def bf16_matmul_plan() -> dict:
+  """How bfloat16 products run on this machine: {'use_kernel': bool (the kernel rather than
+  XLA's dot), 'variant': 'fma' or 'dot' (the kernel's faster one), and the measured seconds
+  'fma_s', 'dot_s', 'xla_s'}.
 
-  Measured once per machine and build (a few hundred milliseconds), and kept beside the library.
-  Which is faster depends on the CPU: where bfloat16 dot-product instructions run at the float32
-  FMA rate or better (AMD Zen 4 and 5), XLA's YNNPACK kernels are ~2x the kernel; where they run
-  at half of it (the Intel Xeons without AMX measured here), the kernel is 1.2-1.9x XLA.
+  Measured once per machine and build (`measure_bf16_matmul`, under a second) and kept beside
+  the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction runs at
+  half the float32 FMA FLOP rate (the Intel Xeons without AMX measured here), `fma` is 1.2-1.9x
+  XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is.
   """
   path = _calibration_path()
   try:
-    return bool(json.loads(path.read_text())['use_kernel'])
+    plan = json.loads(path.read_text())
+    if isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS:
+      return plan
   except (OSError, ValueError, KeyError, TypeError):
     pass
   with jax.ensure_compile_time_eval():
     times = measure_bf16_matmul()
-  result = {'use_kernel': times['kernel'] < 0.9 * times['xla'],
-            'kernel_s': times['kernel'], 'xla_s': times['xla']}
+  variant = min(VARIANTS, key=times.__getitem__)
+  plan = {'use_kernel': times[variant] < _KERNEL_MARGIN * times['xla'], 'variant': variant,
+          **{f'{name}_s': t for name, t in times.items()}}
   try:  # Written whole and renamed: a concurrent reader never sees half a file.
     with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
-      json.dump(result, f)
+      json.dump(plan, f)
     os.replace(f.name, path)
   except OSError as e:  # A read-only cache: measured again by the next process.
     logging.warning('ftjax: cannot keep the matmul measurement in %s (%s)', path, e)
-  logging.info('ftjax: bfloat16 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
-               'kernel' if result['use_kernel'] else 'XLA dot', times['kernel'] * 1e3,
-               times['xla'] * 1e3, path)
-  return result['use_kernel']
+  logging.info('ftjax: bfloat16 matmuls on the %s (kernel fma %.2f ms, dot %.2f ms, XLA %.2f '
+               'ms; %s)', f'kernel ({variant})' if plan['use_kernel'] else 'XLA dot',
+               times['fma'] * 1e3, times['dot'] * 1e3, times['xla'] * 1e3, path)
+  return plan
 
 
 def measure_bf16_matmul(m: int = 1024, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
-  """Best seconds of the kernel and of XLA's bf16 x bf16 -> f32 dot for one [m, k] x [k, n]
-  bfloat16 product rounded to bfloat16, alternating the two."""
+  """Best seconds of the kernel's variants ('fma', 'dot') and of XLA's bf16 x bf16 -> f32 dot
+  ('xla') for one [m, k] x [k, n] bfloat16 product rounded to bfloat16, taking turns."""
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   b = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
-  runs = {'kernel': jax.jit(matmul),
+  runs = {**{v: jax.jit(functools.partial(matmul, variant=v)) for v in VARIANTS},
           'xla': jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
                          .astype(jnp.bfloat16))}
   best = {}

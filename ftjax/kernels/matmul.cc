@@ -1,23 +1,29 @@
 // A dense matrix product for XLA:CPU as an XLA FFI custom call, for bfloat16 operands on CPUs
-// whose bfloat16 dot instructions are slower than their float32 FMAs.
+// where XLA's bfloat16 dot leaves speed on the table.
 //
 // Why: XLA:CPU runs a bf16 x bf16 -> f32 dot on YNNPACK's bfloat16 kernels, which use the
-// CPU's bfloat16 dot-product instruction (vdpbf16ps). On some CPUs that instruction delivers
-// half the FLOP rate of float32 FMAs (measured on an Intel Xeon of family 6 model 207: 81 against
-// 173 GFLOP/s per core), so those dots run at ~150 GFLOP/s where float32 ones reach ~280. Here
-// the operands are converted to float32 while they are packed into cache-sized panels (which a
-// fast product copies anyway) and multiplied with float32 FMAs; the result is rounded once to
-// the output dtype. The values are those of a dot with float32 accumulation.
+// CPU's bfloat16 dot-product instruction (vdpbf16ps). How fast that is depends on the CPU:
+// - On some CPUs the instruction delivers half the FLOP rate of float32 FMAs (measured on an
+//   Intel Xeon of family 6 model 207: 81 against 173 GFLOP/s per core), so those dots run at
+//   ~150 GFLOP/s where float32 ones reach ~280. The `fma` variant converts the operands to
+//   float32 while they are packed into cache-sized panels (which a fast product copies anyway)
+//   and multiplies with float32 FMAs.
+// - On others it runs at twice the FMA FLOP rate (AMD Zen 4: ~210 against ~105 GFLOP/s per
+//   core), where YNNPACK reaches about two thirds of it. The `dot` variant packs the operands as
+//   pairs of bfloat16 along the contracted dimension and multiplies with vdpbf16ps.
+// Either way the accumulation is in float32 and the result is rounded once to the output dtype.
+// Which variant (or XLA's own dot) is fastest is measured per machine by the Python side.
 //
 // C[M, N] = op(A) op(B): A is [M, K] row-major, or [K, M] with transpose_a; B is [K, N], or
 // [N, K] with transpose_b. A and B share one dtype (float32 or bfloat16); C is float32 or
 // bfloat16. The three products of a dense layer's training step take these forms without
 // copies: x w, dy w^T (transpose_b) and x^T dy (transpose_a).
 //
-// The structure is that of the GotoBLAS/BLIS family: B packed into panels of kCols columns, A
-// into panels of kRows rows per block of kBlockRows rows and at most kDepth of the contracted
-// dimension, and a kRows x kCols register tile of float32 accumulators that reads one packed A
-// panel and one packed B panel.
+// The structure is that of the GotoBLAS/BLIS family: B packed into panels of kCols columns for
+// at most kPackDepth of the contracted dimension, A into panels of kRows rows per block of
+// kBlockRows rows and at most kDepth words of the contracted dimension, and a kRows x kCols
+// register tile of float32 accumulators that reads one packed A panel and one packed B panel.
+// A packed word is one float32 value (`fma`) or a pair of bfloat16 values (`dot`).
 
 #include <algorithm>
 #include <cstdint>
@@ -36,11 +42,19 @@ namespace {
 
 using namespace ftjax;  // NOLINT: the shared helpers of common.h
 
-constexpr int64_t kRows = 12;         // register tile: rows of C (broadcast from A)
-constexpr int64_t kCols = 32;         // register tile: columns of C (two AVX-512 vectors)
-constexpr int64_t kDepth = 192;       // at most this much of K per packed A block
-constexpr int64_t kBlockRows = 96;    // rows of A packed together (a multiple of kRows)
-constexpr int64_t kTaskCols = 2048;   // at most this many columns of C per task
+constexpr int64_t kRows = 12;          // register tile: rows of C (broadcast from A)
+constexpr int64_t kCols = 32;          // register tile: columns of C (two AVX-512 vectors)
+constexpr int64_t kDepth = 192;        // at most this many words of K per packed A block
+constexpr int64_t kBlockRows = 96;     // rows of A packed together (a multiple of kRows)
+constexpr int64_t kTaskCols = 2048;    // at most this many columns of C per task
+constexpr int64_t kPackDepth = 2048;   // at most this many words of K per packed B (bounds
+                                       // the scratch: a 32000-wide K would take ~100 MB)
+
+#if defined(__AVX512BF16__)
+constexpr bool kHaveDot = true;
+#else
+constexpr bool kHaveDot = false;  // the `dot` variant then runs as `fma`
+#endif
 
 // One operand: element (r, c) of the logical matrix is p[r * ld + c], or p[c * ld + r] when
 // transposed; bf16 says the elements are bfloat16 bits.
@@ -74,7 +88,24 @@ inline __m512 Load16(const Operand& x, int64_t i, __mmask16 lanes) {
   return _mm512_maskz_loadu_ps(lanes, x.F32(i));
 }
 
-// In-register transpose of 16 x 16 floats: r[i] lane j -> r[j] lane i.
+// Up to 32 consecutive stored bfloat16 elements from flat index i as 16 pairs, one per 32-bit
+// lane (the first element in the low half); elements past `count` are zero.
+inline __m512 LoadPairs(const Operand& x, int64_t i, int64_t count) {
+  const __mmask32 lanes = count >= 32 ? ~__mmask32{0}
+                          : count <= 0 ? 0 : static_cast<__mmask32>((1u << count) - 1);
+  return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(lanes, x.Bf16(i)));
+}
+
+// 16 pairs from two stored runs of bfloat16: lane j = (x[i0 + j], x[i1 + j]), the second
+// element zero when there is no second run.
+inline __m512 PairRuns(const Operand& x, int64_t i0, int64_t i1, bool second, __mmask16 lanes) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, x.Bf16(i0)));
+  if (!second) return _mm512_castsi512_ps(lo);
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, x.Bf16(i1)));
+  return _mm512_castsi512_ps(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+}
+
+// In-register transpose of 16 x 16 32-bit words: r[i] lane j -> r[j] lane i.
 inline void Transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
@@ -98,65 +129,103 @@ inline void Transpose16(__m512 r[16]) {
   }
 }
 
-// dst[t * width + j] = line j's element t (t < depth, j < lines <= 16), where line j is the
-// stored run x[start + j * stride + t]: a transposing copy, 16 x 16 at a time. Lanes j >= lines
-// are written as zeros; `mask` selects which of the 16 lanes of each row are stored.
-inline void PackTransposed(const Operand& x, int64_t start, int64_t stride, int64_t lines,
-                           int64_t depth, float* dst, int64_t width, __mmask16 mask) {
+// dst[t * width + j] = word t of line j (t < words, j < lines <= 16), where load(j, t0) gives
+// words t0 .. t0 + 15 of line j (zero past its end): a transposing copy, 16 x 16 at a time.
+// Lanes j >= lines are written as zeros; `mask` selects which of the 16 lanes of each row are
+// stored.
+template <typename Load>
+inline void PackTransposed(Load load, int64_t lines, int64_t words, float* dst, int64_t width,
+                           __mmask16 mask) {
   __m512 r[16];
-  for (int64_t t0 = 0; t0 < depth; t0 += 16) {
-    const __mmask16 tail = FirstLanes(depth - t0);
-    for (int64_t j = 0; j < 16; ++j)
-      r[j] = j < lines ? Load16(x, start + j * stride + t0, tail) : _mm512_setzero_ps();
+  for (int64_t t0 = 0; t0 < words; t0 += 16) {
+    for (int64_t j = 0; j < 16; ++j) r[j] = j < lines ? load(j, t0) : _mm512_setzero_ps();
     Transpose16(r);
-    const int64_t rows = std::min<int64_t>(16, depth - t0);
+    const int64_t rows = std::min<int64_t>(16, words - t0);
     for (int64_t t = 0; t < rows; ++t) _mm512_mask_storeu_ps(dst + (t0 + t) * width, mask, r[t]);
   }
 }
 #endif
 
-// B(k, n) for k < K and n in [n0, n0 + width) into panels of kCols columns, zero-padded:
-// dst[q * K * kCols + k * kCols + j] = B(k, n0 + q * kCols + j).
-void PackB(const Operand& b, int64_t K, int64_t n0, int64_t width, float* dst) {
+// Words per packed element run: the `fma` variant packs float32 values, `dot` pairs of bfloat16.
+template <bool kDot> constexpr int64_t kUnit = kDot ? 2 : 1;
+
+// B(k, n) for k in [k0, k0 + depth), n in [n0, n0 + width) into panels of kCols columns,
+// zero-padded; `words` = depth / kUnit rounded up:
+// fma: dst[q * depth * kCols + t * kCols + j] = B(k0 + t, n0 + q * kCols + j);
+// dot: dst[q * words * kCols + t * kCols + j] = the pair B(k0 + 2t, .), B(k0 + 2t + 1, .).
+template <bool kDot>
+void PackB(const Operand& b, int64_t k0, int64_t depth, int64_t n0, int64_t width, float* dst) {
+  const int64_t words = (depth + kUnit<kDot> - 1) / kUnit<kDot>;
   for (int64_t q = 0; q * kCols < width; ++q) {
-    float* panel = dst + q * K * kCols;
+    float* panel = dst + q * words * kCols;
     const int64_t n = n0 + q * kCols, cols = std::min(kCols, width - q * kCols);
 #if defined(__AVX512F__)
+    const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
     if (!b.transposed) {
-      const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
-      for (int64_t k = 0; k < K; ++k) {
-        _mm512_store_ps(panel + k * kCols, Load16(b, k * b.ld + n, lo));
-        _mm512_store_ps(panel + k * kCols + 16, Load16(b, k * b.ld + n + 16, hi));
+      for (int64_t t = 0; t < words; ++t) {
+        float* row = panel + t * kCols;
+        if constexpr (kDot) {
+          const int64_t k = k0 + 2 * t;
+          const bool second = 2 * t + 1 < depth;
+          _mm512_store_ps(row, PairRuns(b, k * b.ld + n, (k + 1) * b.ld + n, second, lo));
+          _mm512_store_ps(row + 16, PairRuns(b, k * b.ld + n + 16, (k + 1) * b.ld + n + 16,
+                                             second, hi));
+        } else {
+          _mm512_store_ps(row, Load16(b, (k0 + t) * b.ld + n, lo));
+          _mm512_store_ps(row + 16, Load16(b, (k0 + t) * b.ld + n + 16, hi));
+        }
       }
     } else {
       // B(k, n) = b[n * ld + k]: the panel's columns are stored rows of b.
-      for (int64_t half = 0; half < 2; ++half)
-        PackTransposed(b, (n + 16 * half) * b.ld, b.ld, std::min<int64_t>(16, cols - 16 * half),
-                       K, panel + 16 * half, kCols, 0xffff);
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t start = (n + 16 * half) * b.ld + k0;
+        auto load = [&](int64_t j, int64_t t0) {
+          if constexpr (kDot) return LoadPairs(b, start + j * b.ld + 2 * t0, depth - 2 * t0);
+          return Load16(b, start + j * b.ld + t0, FirstLanes(depth - t0));
+        };
+        PackTransposed(load, std::min<int64_t>(16, cols - 16 * half), words, panel + 16 * half,
+                       kCols, 0xffff);
+      }
     }
 #else
-    for (int64_t k = 0; k < K; ++k)
+    static_assert(!kDot, "the dot variant needs AVX-512");
+    for (int64_t t = 0; t < depth; ++t)
       for (int64_t j = 0; j < kCols; ++j)
-        panel[k * kCols + j] = j < cols ? b.At(k, n + j) : 0.0f;
+        panel[t * kCols + j] = j < cols ? b.At(k0 + t, n + j) : 0.0f;
 #endif
   }
 }
 
 // A(m, k) for m in [m0, m0 + rows), k in [k0, k0 + depth) into panels of kRows rows,
-// zero-padded: dst[p * depth * kRows + t * kRows + i] = A(m0 + p * kRows + i, k0 + t).
+// zero-padded, with words as in PackB: dst[p * words * kRows + t * kRows + i] = word t of row
+// m0 + p * kRows + i.
+template <bool kDot>
 void PackA(const Operand& a, int64_t m0, int64_t rows, int64_t k0, int64_t depth, float* dst) {
+  const int64_t words = (depth + kUnit<kDot> - 1) / kUnit<kDot>;
   for (int64_t p = 0; p * kRows < rows; ++p) {
-    float* panel = dst + p * depth * kRows;
+    float* panel = dst + p * words * kRows;
     const int64_t m = m0 + p * kRows, height = std::min(kRows, rows - p * kRows);
 #if defined(__AVX512F__)
     if (a.transposed) {
       // A(m, k) = a[k * ld + m]: the panel's rows are contiguous for each k.
       const __mmask16 lanes = FirstLanes(height);
-      for (int64_t t = 0; t < depth; ++t)
-        _mm512_mask_storeu_ps(panel + t * kRows, FirstLanes(kRows),
-                              Load16(a, (k0 + t) * a.ld + m, lanes));
+      for (int64_t t = 0; t < words; ++t) {
+        __m512 v;
+        if constexpr (kDot) {
+          const int64_t k = k0 + 2 * t;
+          v = PairRuns(a, k * a.ld + m, (k + 1) * a.ld + m, 2 * t + 1 < depth, lanes);
+        } else {
+          v = Load16(a, (k0 + t) * a.ld + m, lanes);
+        }
+        _mm512_mask_storeu_ps(panel + t * kRows, FirstLanes(kRows), v);
+      }
     } else {
-      PackTransposed(a, m * a.ld + k0, a.ld, height, depth, panel, kRows, FirstLanes(kRows));
+      const int64_t start = m * a.ld + k0;
+      auto load = [&](int64_t i, int64_t t0) {
+        if constexpr (kDot) return LoadPairs(a, start + i * a.ld + 2 * t0, depth - 2 * t0);
+        return Load16(a, start + i * a.ld + t0, FirstLanes(depth - t0));
+      };
+      PackTransposed(load, height, words, panel, kRows, FirstLanes(kRows));
     }
 #else
     for (int64_t t = 0; t < depth; ++t)
@@ -166,8 +235,10 @@ void PackA(const Operand& a, int64_t m0, int64_t rows, int64_t k0, int64_t depth
   }
 }
 
-// c[i * ldc + j] (+)= sum_t a[t * kRows + i] b[t * kCols + j] for i < rows, j < cols.
-void Tile(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
+// c[i * ldc + j] (+)= sum_t a[t * kRows + i] b[t * kCols + j] for i < rows, j < cols, over
+// `words` packed words: float32 products (fma), or the dot products of bfloat16 pairs (dot).
+template <bool kDot>
+void Tile(int64_t words, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
           int64_t cols, bool accumulate) {
 #if defined(__AVX512F__)
   __m512 acc[kRows][2];
@@ -177,12 +248,19 @@ void Tile(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, 
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
   }
-  for (int64_t t = 0; t < depth; ++t) {
+  for (int64_t t = 0; t < words; ++t) {
     const __m512 b0 = _mm512_load_ps(b + t * kCols), b1 = _mm512_load_ps(b + t * kCols + 16);
     const float* at = a + t * kRows;
 #pragma GCC unroll 12
     for (int i = 0; i < kRows; ++i) {
-      const __m512 x = _mm512_set1_ps(at[i]);
+      const __m512 x = _mm512_set1_ps(at[i]);  // a float32 value, or a pair's 32 bits
+#if defined(__AVX512BF16__)
+      if constexpr (kDot) {
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)x, (__m512bh)b0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)x, (__m512bh)b1);
+        continue;
+      }
+#endif
       acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
     }
@@ -203,7 +281,7 @@ void Tile(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, 
   }
 #else
   float acc[kRows][kCols] = {};
-  for (int64_t t = 0; t < depth; ++t)
+  for (int64_t t = 0; t < words; ++t)
     for (int64_t i = 0; i < kRows; ++i)
       for (int64_t j = 0; j < kCols; ++j) acc[i][j] += a[t * kRows + i] * b[t * kCols + j];
   for (int64_t i = 0; i < rows; ++i)
@@ -243,62 +321,86 @@ struct Problem {
   bool c_bf16;
 };
 
-// C[m0:m1, n0:n1]: B's columns packed once for all of K, then blocks of kBlockRows rows of A,
-// each over K in steps of at most kDepth, accumulated in C (or in float32 scratch when C is
-// bfloat16 and K takes more than one step).
+// C[m0:m1, n0:n1], over K in parts of at most kPackDepth words: each part's columns of B are
+// packed once, then blocks of kBlockRows rows of A, each over the part in steps of at most
+// kDepth words, accumulated in C (or in float32 scratch when C is bfloat16 and K takes more
+// than one step).
+template <bool kDot>
 void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int64_t unit = kUnit<kDot>;
   const int64_t K = pr.k, width = n1 - n0, panels = (width + kCols - 1) / kCols;
-  const int64_t steps = (K + kDepth - 1) / kDepth, depth = (K + steps - 1) / steps;
+  // Parts and steps of equal size (a multiple of the unit, so pairs never straddle them).
+  const int64_t parts = (K + kPackDepth * unit - 1) / (kPackDepth * unit);
+  const int64_t part = RoundUp((K + parts - 1) / parts, unit);
+  const int64_t steps = (part + kDepth * unit - 1) / (kDepth * unit);
+  const int64_t depth = RoundUp((part + steps - 1) / steps, unit);
   Scratch b_scratch, a_scratch, c_scratch;
-  float* bp = b_scratch.Get(panels * kCols * K);
-  PackB(pr.b, K, n0, width, bp);
-  float* ap = a_scratch.Get(RoundUp(kBlockRows, kRows) * depth);
+  float* bp = b_scratch.Get(panels * kCols * (part / unit));
+  float* ap = a_scratch.Get(RoundUp(kBlockRows, kRows) * (depth / unit));
+  // bfloat16 C: with one part, a block of rows at a time; with more, all of the task's rows.
   const bool direct = !pr.c_bf16;
-  float* cs = direct ? nullptr : c_scratch.Get(kBlockRows * width);
-  for (int64_t i0 = m0; i0 < m1; i0 += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, m1 - i0);
-    float* c = direct ? static_cast<float*>(pr.c) + i0 * pr.n + n0 : cs;
-    const int64_t ldc = direct ? pr.n : width;
-    for (int64_t k0 = 0; k0 < K; k0 += depth) {
-      const int64_t d = std::min(depth, K - k0);
-      PackA(pr.a, i0, rows, k0, d, ap);
-      for (int64_t q = 0; q < panels; ++q) {
-        const int64_t cols = std::min(kCols, width - q * kCols);
-        const float* bq = bp + q * K * kCols + k0 * kCols;
-        for (int64_t p = 0; p * kRows < rows; ++p)
-          Tile(d, ap + p * d * kRows, bq, c + p * kRows * ldc + q * kCols, ldc,
-               std::min(kRows, rows - p * kRows), cols, k0 > 0);
+  const int64_t scratch_rows = parts == 1 ? kBlockRows : m1 - m0;
+  float* cs = direct ? nullptr : c_scratch.Get(scratch_rows * width);
+  for (int64_t p0 = 0; p0 < K; p0 += part) {
+    const int64_t part_depth = std::min(part, K - p0);
+    PackB<kDot>(pr.b, p0, part_depth, n0, width, bp);
+    const int64_t part_words = (part_depth + unit - 1) / unit;
+    for (int64_t i0 = m0; i0 < m1; i0 += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, m1 - i0);
+      float* c = direct ? static_cast<float*>(pr.c) + i0 * pr.n + n0
+                        : cs + (parts == 1 ? 0 : (i0 - m0) * width);
+      const int64_t ldc = direct ? pr.n : width;
+      for (int64_t k0 = p0; k0 < p0 + part_depth; k0 += depth) {
+        const int64_t d = std::min(depth, p0 + part_depth - k0), words = (d + unit - 1) / unit;
+        PackA<kDot>(pr.a, i0, rows, k0, d, ap);
+        for (int64_t q = 0; q < panels; ++q) {
+          const int64_t cols = std::min(kCols, width - q * kCols);
+          const float* bq = bp + q * part_words * kCols + (k0 - p0) / unit * kCols;
+          for (int64_t p = 0; p * kRows < rows; ++p)
+            Tile<kDot>(words, ap + p * words * kRows, bq, c + p * kRows * ldc + q * kCols, ldc,
+                       std::min(kRows, rows - p * kRows), cols, k0 > 0);
+        }
       }
+      if (!direct && p0 + part >= K)  // the last part: C's rows are complete
+        for (int64_t i = 0; i < rows; ++i)
+          RoundRow(c + i * width, width, static_cast<uint16_t*>(pr.c) + (i0 + i) * pr.n + n0);
     }
-    if (!direct)
-      for (int64_t i = 0; i < rows; ++i)
-        RoundRow(cs + i * width, width, static_cast<uint16_t*>(pr.c) + (i0 + i) * pr.n + n0);
   }
 }
 
 // Splits C into tasks: across the larger of its two dimensions, one part per thread (each task
-// packs its own share of B and all of its rows of A), with at most kTaskCols columns each.
-void Run(ffi::ThreadPool& pool, const Problem& pr) {
+// packs its own share of B and all of its rows of A), with at most kTaskCols columns each, and
+// a multiple of the threads in all where there is work enough (3 equal tasks on 2 threads
+// take as long as 4).
+void Run(ffi::ThreadPool& pool, const Problem& pr, bool dot) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t row_parts = 1, col_parts = (pr.n + kTaskCols - 1) / kTaskCols;
+  const int64_t max_cols = (pr.n + kCols - 1) / kCols;
   if (pr.m > pr.n)
     row_parts = std::max<int64_t>(1, std::min(threads, (pr.m + kRows - 1) / kRows));
   else
-    col_parts = std::max(col_parts, std::min(threads, (pr.n + kCols - 1) / kCols));
+    col_parts = std::min(max_cols, RoundUp(col_parts, threads));
   const int64_t row_step = RoundUp((pr.m + row_parts - 1) / row_parts, kRows);
   const int64_t col_step = RoundUp((pr.n + col_parts - 1) / col_parts, kCols);
   row_parts = (pr.m + row_step - 1) / row_step;
   col_parts = (pr.n + col_step - 1) / col_step;
   ParallelFor(pool, row_parts * col_parts, [&](int64_t task) {
     const int64_t m0 = (task / col_parts) * row_step, n0 = (task % col_parts) * col_step;
-    Block(pr, m0, std::min(pr.m, m0 + row_step), n0, std::min(pr.n, n0 + col_step));
+    const int64_t m1 = std::min(pr.m, m0 + row_step), n1 = std::min(pr.n, n0 + col_step);
+    if constexpr (kHaveDot) {
+      if (dot) return Block<true>(pr, m0, m1, n0, n1);
+    }
+    Block<false>(pr, m0, m1, n0, n1);
   });
 }
 
 bool Supported(ffi::DataType t) { return t == ffi::F32 || t == ffi::BF16; }
 
+// `dot` asks for the vdpbf16ps variant; it applies to bfloat16 operands on CPUs that have the
+// instruction (elsewhere the product runs on the fma variant, with the same values up to
+// float32 rounding).
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool transpose_a,
-                  bool transpose_b, ffi::Result<ffi::AnyBuffer> c) {
+                  bool transpose_b, bool dot, ffi::Result<ffi::AnyBuffer> c) {
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("matmul operands and result must be matrices");
@@ -319,7 +421,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool
     std::memset(pr.c, 0, m * n * (pr.c_bf16 ? 2 : 4));
     return ffi::Error::Success();
   }
-  Run(pool, pr);
+  Run(pool, pr, dot && bf16);
   return ffi::Error::Success();
 }
 
@@ -332,4 +434,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()  // b
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Attr<bool>("dot")
                                   .Ret<ffi::AnyBuffer>());  // c
