@@ -264,7 +264,7 @@ def bf16_matmul_plan() -> dict:
   XLA's dot), 'variant': 'fma' or 'dot' (the kernel's faster one), and the measured seconds
   'fma_s', 'dot_s', 'xla_s'}.
 
-  Measured once per machine and build (`measure_bf16_matmul`, under a second) and kept beside
+  Measured once per machine and build (`measure_bf16_matmul`, about a second) and kept beside
   the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction runs at
   half the float32 FMA FLOP rate (the Intel Xeons without AMX measured here), `fma` is 1.2-1.9x
   XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is.
@@ -294,21 +294,40 @@ def bf16_matmul_plan() -> dict:
 
 
 def measure_bf16_matmul(m: int = 1024, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
-  """Best seconds of the kernel's variants ('fma', 'dot') and of XLA's bf16 x bf16 -> f32 dot
-  ('xla') for one [m, k] x [k, n] bfloat16 product rounded to bfloat16, taking turns."""
+  """Best seconds of the kernel's variants ('fma', 'dot') and of XLA's bf16 x bf16 -> f32 dots
+  ('xla'), taking turns, for the three products of a bfloat16 dense layer's training step with
+  x [m, k], w [k, n]: y = x w and dx = g w^T rounded to bfloat16, dw = x^T g in float32.
+
+  XLA's are written as `layers._bf16_matmul` writes them: its dots keep their fast path only
+  with the lhs contracting its last dimension, so dw reads a transposed copy of x.
+  """
   rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-  b = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
-  runs = {**{v: jax.jit(functools.partial(matmul, variant=v)) for v in VARIANTS},
-          'xla': jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-                         .astype(jnp.bfloat16))}
+  x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((m, k), (k, n), (m, n)))
+
+  def on_kernel(variant):
+    def products(x, w, g):
+      return (matmul(x, w, variant=variant), matmul(g, w, transpose_b=True, variant=variant),
+              matmul(x, g, transpose_a=True, out_dtype=jnp.float32, variant=variant))
+    return jax.jit(products)
+
+  def dot(a, b, contract):
+    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+  @jax.jit
+  def on_xla(x, w, g):
+    x_t = jnp.concatenate([x[:m // 2].T, x[m // 2:].T], axis=1)
+    return (dot(x, w, (1, 0)).astype(x.dtype), dot(g, w, (1, 1)).astype(x.dtype),
+            dot(x_t, g, (1, 0)))
+
+  runs = {**{v: on_kernel(v) for v in VARIANTS}, 'xla': on_xla}
   best = {}
   for name, run in runs.items():
-    run(a, b).block_until_ready()
+    jax.block_until_ready(run(x, w, g))
     best[name] = float('inf')
   for _ in range(rounds):
     for name, run in runs.items():
       start = time.perf_counter()
-      run(a, b).block_until_ready()
+      jax.block_until_ready(run(x, w, g))
       best[name] = min(best[name], time.perf_counter() - start)
   return best
