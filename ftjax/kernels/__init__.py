@@ -264,8 +264,8 @@ def bf16_matmul_plan() -> dict:
   XLA's dot), 'variant': 'fma' or 'dot' (the kernel's faster one), and the measured seconds
   'fma_s', 'dot_s', 'xla_s'}.
 
-  Measured once per machine and build (`measure_bf16_matmul`, about a second) and kept beside
-  the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction runs at
+  Measured once per machine and build (`measure_bf16_matmul`, about 2 s on 2 cores) and kept
+  beside the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction runs at
   half the float32 FMA FLOP rate (the Intel Xeons without AMX measured here), `fma` is 1.2-1.9x
   XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is.
   """
@@ -293,13 +293,18 @@ def bf16_matmul_plan() -> dict:
   return plan
 
 
-def measure_bf16_matmul(m: int = 1024, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
+def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
   """Best seconds of the kernel's variants ('fma', 'dot') and of XLA's bf16 x bf16 -> f32 dots
   ('xla'), taking turns, for the three products of a bfloat16 dense layer's training step with
   x [m, k], w [k, n]: y = x w and dx = g w^T rounded to bfloat16, dw = x^T g in float32.
 
   XLA's are written as `layers._bf16_matmul` writes them: its dots keep their fast path only
   with the lhs contracting its last dimension, so dw reads a transposed copy of x.
+
+  4096 tokens (a batch of 32 x 128): where the kernel is faster, the difference grows with the
+  token count, and a smaller product decides by noise. On an AMD Zen 4 VM the `dot` variant took
+  0.92-0.99 of XLA's time at 1024 tokens, 0.82-0.90 at 2048 and 0.67-0.70 at 4096, and made
+  MiniLM's bfloat16 training step (4096 tokens) 0.87-0.92x as long (`speed.py --ab`).
   """
   rng = np.random.default_rng(0)
   x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((m, k), (k, n), (m, n)))

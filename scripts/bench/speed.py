@@ -518,7 +518,8 @@ def peak_jax(spec: dict) -> dict:
     # bfloat16 peak ftjax can reach (the MFU denominator takes the faster of the two).
     time_kernel = timer(jax.jit(kernels.matmul))
     by_size = {n: 2 * n**3 / time_kernel(jnp.bfloat16, (n, n), (n, n)) / 1e9 for n in sizes}
-    result['kernel'] = {'bfloat16': {'gflops': max(by_size.values()), 'by_size': by_size}}
+    result['kernel'] = {'bfloat16': {'gflops': max(by_size.values()), 'by_size': by_size,
+                                     'variant': kernels.bf16_matmul_plan()['variant']}}
     result['kernel_shaped'] = _shaped_gflops(spec, {'bfloat16': jnp.bfloat16}, time_kernel)
   return result
 
@@ -705,8 +706,9 @@ def _markdown(result: dict) -> str:
       f'transformers {v["transformers"]}, peft {v["peft"]}. Matmul peak through XLA ({sizes}'
       f'-square, bfloat16 with float32 accumulation): float32 {xla["float32"]["gflops"]:,.0f} '
       f'GFLOP/s, bfloat16 {xla["bfloat16"]["gflops"]:,.0f} GFLOP/s'
-      + (f'; ftjax\'s matmul kernel, which its bfloat16 dense layers use on this machine: '
-         f'bfloat16 {peaks["jax"]["kernel"]["bfloat16"]["gflops"]:,.0f} GFLOP/s'
+      + (f'; ftjax\'s matmul kernel ({peaks["jax"]["kernel"]["bfloat16"].get("variant", "?")} '
+         'variant), which its bfloat16 dense layers use on this machine: bfloat16 '
+         f'{peaks["jax"]["kernel"]["bfloat16"]["gflops"]:,.0f} GFLOP/s'
          if peaks['jax'].get('kernel') else '')
       + f' (torch.matmul: float32 '
       f'{torch_mm["float32"]["gflops"]:,.0f}, bfloat16 {torch_mm["bfloat16"]["gflops"]:,.0f}).',
