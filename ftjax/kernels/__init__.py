@@ -265,9 +265,9 @@ def bf16_matmul_plan() -> dict:
   'fma_s', 'dot_s', 'xla_s'}.
 
   Measured once per machine and build (`measure_bf16_matmul`, about 2 s on 2 cores) and kept
-  beside the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction runs at
-  half the float32 FMA FLOP rate (the Intel Xeons without AMX measured here), `fma` is 1.2-1.9x
-  XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is.
+  beside the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction
+  runs at half the float32 FMA FLOP rate (the Intel Xeons without AMX measured here), `fma` is
+  1.2-1.9x XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is 1.4x it.
   """
   path = _calibration_path()
   try:
