@@ -262,3 +262,39 @@ def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path, 
   finally:
     kernels.bf16_matmul_plan.cache_clear()
   assert 'cannot keep the matmul measurement' in caplog.text and not path.exists()
+
+
+def _cpu_flags() -> set[str]:
+  from ftjax import launch  # pylint: disable=g-import-not-at-top
+  return set(launch.cpuinfo('flags').split())
+
+
+# The builds this machine's `-march=native` never makes: without AVX-512 (the portable loops)
+# and with AVX-512 but no bfloat16 instructions (the `dot` variant runs as `fma`).
+@pytest.mark.parametrize('march,needs', [('x86-64-v3', {'avx2', 'fma'}),
+                                         ('x86-64-v4', {'avx512f', 'avx512bw'})])
+def test_builds_for_other_cpus_compute_the_same_products(march, needs, tmp_path):
+  if not needs <= _cpu_flags():
+    pytest.skip(f'this CPU cannot run a -march={march} build')
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  library = tmp_path / f'matmul-{march}.so'
+  flags = [f if f != '-march=native' else f'-march={march}' for f in kernels._FLAGS]
+  subprocess.run([kernels._compiler(), *flags, '-I', jax.ffi.include_dir(),
+                  str(kernels._HERE / 'matmul.cc'), '-o', str(library)], check=True,
+                 capture_output=True)
+  target = f'ftjax_matmul_{march.replace("-", "_")}'
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(
+      str(library)).FtjaxMatmul), platform='cpu')
+  for (m, k, n), transpose_a, transpose_b, dtype, dot in [
+      ((13, 17, 33), False, True, jnp.float32, False), ((37, 4501, 70), True, False,
+                                                         jnp.bfloat16, True),
+      ((97, 385, 64), False, False, jnp.bfloat16, False), ((5, 7, 9), True, True,
+                                                           jnp.bfloat16, True)]:
+    a, b = _operands(m, k, n, transpose_a, transpose_b, dtype)
+    got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        a, b, transpose_a=transpose_a, transpose_b=transpose_b, dot=dot)
+    want = _reference(a, b, transpose_a, transpose_b)
+    scale = _reference(jnp.abs(a), jnp.abs(b), transpose_a, transpose_b)
+    error = np.abs(np.asarray(got, np.float64) - want)
+    assert (error <= 4 * np.finfo(np.float32).eps * np.sqrt(k) * scale).all(), (m, k, n)

@@ -50,11 +50,6 @@ constexpr int64_t kTaskCols = 2048;    // at most this many columns of C per tas
 constexpr int64_t kPackDepth = 2048;   // at most this many words of K per packed B (bounds
                                        // the scratch: a 32000-wide K would take ~100 MB)
 
-#if defined(__AVX512BF16__)
-constexpr bool kHaveDot = true;
-#else
-constexpr bool kHaveDot = false;  // the `dot` variant then runs as `fma`
-#endif
 
 // One operand: element (r, c) of the logical matrix is p[r * ld + c], or p[c * ld + r] when
 // transposed; bf16 says the elements are bfloat16 bits.
@@ -387,9 +382,9 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, bool dot) {
   ParallelFor(pool, row_parts * col_parts, [&](int64_t task) {
     const int64_t m0 = (task / col_parts) * row_step, n0 = (task % col_parts) * col_step;
     const int64_t m1 = std::min(pr.m, m0 + row_step), n1 = std::min(pr.n, n0 + col_step);
-    if constexpr (kHaveDot) {
-      if (dot) return Block<true>(pr, m0, m1, n0, n1);
-    }
+#if defined(__AVX512BF16__)  // elsewhere the `dot` variant runs as `fma`
+    if (dot) return Block<true>(pr, m0, m1, n0, n1);
+#endif
     Block<false>(pr, m0, m1, n0, n1);
   });
 }
