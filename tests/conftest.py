@@ -5,8 +5,10 @@ the shipped instruction data, with <pad>/<s>/</s>/<unk> and a BOS-adding post-pr
 Llama tokenizer has.
 """
 
+import ctypes
 import json
 import pathlib
+import subprocess
 
 import pytest
 
@@ -113,3 +115,36 @@ def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
   config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=64)
   return _save(transformers.BertModel(config).eval(), directory)
+
+
+@pytest.fixture(scope='session')
+def kernels_built_for(tmp_path_factory):
+  """build(march) -> the kernels' library compiled for `-march=march` instead of native (once
+  per march), for the code paths of CPUs that this one is not: the portable loops without
+  AVX-512 (x86-64-v3), AVX-512 without the bfloat16 instructions (x86-64-v4)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftjax import kernels  # pylint: disable=g-import-not-at-top
+  built = {}
+
+  def build(march: str):
+    if march not in built:
+      library = tmp_path_factory.mktemp('kernels') / f'kernels-{march}.so'
+      flags = [f if f != '-march=native' else f'-march={march}'
+               for f in kernels._FLAGS]  # pylint: disable=protected-access
+      subprocess.run([kernels._compiler(), *flags, '-I', jax.ffi.include_dir(),  # pylint: disable=protected-access
+                      *map(str, kernels._SOURCES), '-o', str(library)],  # pylint: disable=protected-access
+                     check=True, capture_output=True)
+      built[march] = ctypes.cdll.LoadLibrary(str(library))
+    return built[march]
+
+  return build
+
+
+def cpu_flags() -> set[str]:
+  from ftjax import launch  # pylint: disable=g-import-not-at-top
+  return set(launch.cpuinfo('flags').split())
+
+
+# The builds this machine's `-march=native` never makes (see `kernels_built_for`), and the CPU
+# flags that running each needs.
+OTHER_CPUS = [('x86-64-v3', {'avx2', 'fma'}), ('x86-64-v4', {'avx512f', 'avx512bw'})]

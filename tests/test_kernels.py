@@ -1,8 +1,10 @@
 """The fused CPU attention kernel (ftjax/kernels/attention.cc) against the XLA path and autodiff."""
 
+import ctypes
 import functools
 import logging
 import pathlib
+import re
 
 from flax import nnx
 import jax
@@ -13,6 +15,7 @@ import pytest
 from ftjax import kernels
 from ftjax.errors import FtjaxError
 from ftjax.models import layers
+from conftest import OTHER_CPUS, cpu_flags
 
 def _operands(batch, length, keys, heads, groups, head_dim, dtype, bias_kind, seed=0):
   rng = np.random.default_rng(seed)
@@ -62,11 +65,21 @@ SHAPES = [(2, 20, 20, 4, 4, 32, 'padding'), (2, 24, 24, 4, 2, 16, 'causal'),
           (2, 128, 128, 4, 4, 64, 'padding')]
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def _use_variant(monkeypatch, variant):
+  """bfloat16 attention (and matmuls) on `variant` of the kernels, as if measured faster here."""
+  monkeypatch.setattr(kernels, 'bf16_matmul_plan',
+                      lambda: {'use_kernel': False, 'variant': variant})
+
+
+@pytest.mark.parametrize('dtype,variant', [(jnp.float32, 'fma'), (jnp.bfloat16, 'fma'),
+                                           (jnp.bfloat16, 'dot')],
+                         ids=['f32', 'bf16-fma', 'bf16-dot'])
 @pytest.mark.parametrize('rate', [0.0, 0.2])
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s[:6])) + s[6])
-def test_fused_attention_matches_the_xla_path(shape, rate, dtype, monkeypatch):
-  """Same outputs and q/k/v gradients as the XLA path, dropout masks included."""
+def test_fused_attention_matches_the_xla_path(shape, rate, dtype, variant, monkeypatch):
+  """Same outputs and q/k/v gradients as the XLA path, dropout masks included, for bfloat16 on
+  either variant (float32 FMAs, or the bfloat16 dot instruction where the CPU has it)."""
+  _use_variant(monkeypatch, variant)
   *dims, bias_kind = shape
   operands = _operands(*dims, dtype, bias_kind)
   out, grads = _value_and_grads('fused', monkeypatch, dtype, rate, operands)
@@ -97,6 +110,68 @@ def test_fused_attention_matches_autodiff_of_plain_attention(rate, monkeypatch):
   cotangent = jax.random.normal(jax.random.key(1), out.shape, jnp.float32)
   _close(out, ref_out, 1e-5)
   _close(grads, pullback(cotangent), 1e-5)
+
+
+def test_bfloat16_attention_takes_the_measured_variant(monkeypatch):
+  """The kernel's products take the variant that the matmul measurement found faster (the
+  bfloat16 dot instruction's speed against FMAs decides both); float32 always runs on FMAs."""
+  for dtype, variant, dot in [(jnp.bfloat16, 'dot', True), (jnp.bfloat16, 'fma', False),
+                              (jnp.float32, 'dot', False)]:
+    _use_variant(monkeypatch, variant)
+    operands = _operands(2, 8, 8, 2, 2, 16, dtype, 'padding')
+    monkeypatch.setenv('FTJAX_ATTENTION', 'fused')
+    loss = lambda q, k, v: jnp.sum(layers.attend(q, k, v, operands[3], dtype=dtype))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*operands[:3]).as_text()
+    attrs = re.findall(r'ftjax_attention_\w+.*?dot = (true|false)', hlo)
+    assert attrs == [str(dot).lower()] * 2, (dtype, variant, attrs)
+  with pytest.raises(ValueError, match="variant='amx'"):
+    kernels.attention_forward(*operands[:4], jnp.zeros(2, jnp.uint32), 1.0, 0.0, variant='amx')
+
+
+def _attention_on(library, name: str, dtype, dot: bool, rate: float, operands):
+  """Output and q/k/v gradients of attention on another build's kernels (registered as
+  `name`_forward / _backward), called as `kernels.attention_forward` calls them."""
+  q, k, v, bias = operands  # Heads-major, as `layers.attend` passes them: q [B, G, R * L, K].
+  (batch, length, heads, head_dim), groups = q.shape, k.shape[2]
+  q = q.reshape(batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, groups, -1, head_dim)
+  k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))
+  for suffix, symbol in [('forward', 'FtjaxAttentionForward'),
+                         ('backward', 'FtjaxAttentionBackward')]:
+    jax.ffi.register_ffi_target(f'{name}_{suffix}', jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  attrs = kernels._attrs(0.3, rate, jnp.float32, 'fma') | {'dot': dot}  # pylint: disable=protected-access
+  seeds = jnp.array([3, 4], jnp.uint32)
+  rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
+  words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
+  out, *stats = jax.ffi.ffi_call(f'{name}_forward', (
+      jax.ShapeDtypeStruct(q.shape, dtype), rows, rows,
+      jax.ShapeDtypeStruct(words, jnp.uint16)))(q, k, v, bias, seeds, **attrs)
+  d_out = jax.random.normal(jax.random.key(1), out.shape, jnp.float32).astype(dtype)
+  grads = jax.ffi.ffi_call(f'{name}_backward', tuple(
+      jax.ShapeDtypeStruct(t.shape, dtype) for t in (q, k, v)))(
+          q, k, v, bias, seeds, *stats, out, d_out, **attrs)
+  return [out, *grads]
+
+
+@pytest.mark.parametrize('march,needs', OTHER_CPUS)
+def test_builds_for_other_cpus_attend_the_same(march, needs, kernels_built_for):
+  """The portable loops (no AVX-512) and AVX-512 without the bfloat16 instructions (where the
+  `dot` variant runs as `fma`) give what this machine's build gives."""
+  if not needs <= cpu_flags():
+    pytest.skip(f'this CPU cannot run a -march={march} build')
+  kernels.available()
+  native = ctypes.cdll.LoadLibrary(str(kernels.build()))
+  other = kernels_built_for(march)
+  for dtype, dot, rate, shape in [(jnp.float32, False, 0.2, (3, 33, 50, 6, 2, 24, 'dense')),
+                                  (jnp.bfloat16, True, 0.2, (2, 24, 24, 4, 2, 16, 'causal')),
+                                  (jnp.bfloat16, False, 0.0, (2, 20, 20, 4, 4, 32, 'padding'))]:
+    *dims, bias_kind = shape
+    operands = _operands(*dims, dtype, bias_kind)
+    theirs = _attention_on(other, f'ftjax_attention_{march.replace("-", "_")}', dtype, dot, rate,
+                           operands)
+    ours = _attention_on(native, 'ftjax_attention_native', dtype, dot, rate, operands)
+    _close(theirs, ours, 1e-5 if dtype == jnp.float32 else 2e-2)
 
 
 def test_a_differentiated_bias_gets_its_gradient(monkeypatch):

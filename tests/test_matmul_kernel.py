@@ -13,6 +13,7 @@ import pytest
 from ftjax import kernels
 from ftjax.errors import FtjaxError
 from ftjax.models import layers
+from conftest import OTHER_CPUS, cpu_flags
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU kernel')
 
@@ -264,28 +265,13 @@ def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path, 
   assert 'cannot keep the matmul measurement' in caplog.text and not path.exists()
 
 
-def _cpu_flags() -> set[str]:
-  from ftjax import launch  # pylint: disable=g-import-not-at-top
-  return set(launch.cpuinfo('flags').split())
-
-
-# The builds this machine's `-march=native` never makes: without AVX-512 (the portable loops)
-# and with AVX-512 but no bfloat16 instructions (the `dot` variant runs as `fma`).
-@pytest.mark.parametrize('march,needs', [('x86-64-v3', {'avx2', 'fma'}),
-                                         ('x86-64-v4', {'avx512f', 'avx512bw'})])
-def test_builds_for_other_cpus_compute_the_same_products(march, needs, tmp_path):
-  if not needs <= _cpu_flags():
+@pytest.mark.parametrize('march,needs', OTHER_CPUS)
+def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_built_for):
+  if not needs <= cpu_flags():
     pytest.skip(f'this CPU cannot run a -march={march} build')
-  import ctypes  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  library = tmp_path / f'matmul-{march}.so'
-  flags = [f if f != '-march=native' else f'-march={march}' for f in kernels._FLAGS]
-  subprocess.run([kernels._compiler(), *flags, '-I', jax.ffi.include_dir(),
-                  str(kernels._HERE / 'matmul.cc'), '-o', str(library)], check=True,
-                 capture_output=True)
   target = f'ftjax_matmul_{march.replace("-", "_")}'
-  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(
-      str(library)).FtjaxMatmul), platform='cpu')
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(kernels_built_for(march).FtjaxMatmul),
+                              platform='cpu')
   for (m, k, n), transpose_a, transpose_b, dtype, dot in [
       ((13, 17, 33), False, True, jnp.float32, False), ((37, 4501, 70), True, False,
                                                          jnp.bfloat16, True),

@@ -178,17 +178,30 @@ def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> 
   return available()
 
 
-def _attrs(scale: float, rate: float) -> dict:
+def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
   return {'scale': np.float32(scale), 'rate': np.float32(rate),
-          'keep_scale': np.float32(1.0 / (1.0 - rate)), 'threshold': np.int64(threshold)}
+          'keep_scale': np.float32(1.0 / (1.0 - rate)), 'threshold': np.int64(threshold),
+          'dot': _on_dot(dtype, variant)}
 
 
-def attention_forward(q, k, v, bias, seeds, scale: float, rate: float):
+def _on_dot(dtype, variant: str | None) -> bool:
+  """Whether products of `dtype` operands take the kernels' `dot` variant: bfloat16 only, and
+  `variant` (None: the faster one as measured on this machine, `bf16_matmul_plan`)."""
+  if variant not in (None, *VARIANTS):
+    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
+  return jnp.dtype(dtype) == jnp.bfloat16 and (variant or bf16_matmul_plan()['variant']) == 'dot'
+
+
+def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
+                      variant: str | None = None):
   """(out, maximum, normaliser, keep) of the fused kernel: see attention.cc for the layouts.
 
   `keep` holds the dropout keep-mask as uint16 words ([B, G, Q, ceil(S / 16)]; one word when
-  `rate` is 0), hashed once here and read back by the backward pass.
+  `rate` is 0), hashed once here and read back by the backward pass. `variant`, for bfloat16
+  operands, as in `matmul`: its products on float32 FMAs ('fma') or on the CPU's bfloat16 dot
+  instruction ('dot'); None takes the one that the matmul measurement found faster here (the
+  instruction's speed against FMAs decides both).
   """
   rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
   words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
@@ -196,17 +209,17 @@ def attention_forward(q, k, v, bias, seeds, scale: float, rate: float):
                           (jax.ShapeDtypeStruct(q.shape, q.dtype), rows, rows,
                            jax.ShapeDtypeStruct(words, jnp.uint16)),
                           vmap_method='sequential')
-  return call(q, k, v, bias, seeds, **_attrs(scale, rate))
+  return call(q, k, v, bias, seeds, **_attrs(scale, rate, q.dtype, variant))
 
 
 def attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_out,
-                       scale: float, rate: float):
-  """(d_q, d_k, d_v) of the fused kernel, d_out in q's dtype."""
+                       scale: float, rate: float, variant: str | None = None):
+  """(d_q, d_k, d_v) of the fused kernel, d_out in q's dtype; `variant` as in the forward."""
   call = jax.ffi.ffi_call('ftjax_attention_backward',
                           tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
                           vmap_method='sequential')
   return call(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_out,
-              **_attrs(scale, rate))
+              **_attrs(scale, rate, q.dtype, variant))
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
@@ -220,11 +233,9 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
   """
   if reason := _load():
     raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
-  if variant not in (None, *VARIANTS):
-    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
   m = a.shape[1] if transpose_a else a.shape[0]
   n = b.shape[0] if transpose_b else b.shape[1]
-  dot = a.dtype == jnp.bfloat16 and (variant or bf16_matmul_plan()['variant']) == 'dot'
+  dot = _on_dot(a.dtype, variant)
   out = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or a.dtype))
   call = jax.ffi.ffi_call('ftjax_matmul', out, vmap_method='sequential')
   return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), dot=dot)

@@ -32,6 +32,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -47,6 +48,17 @@ using namespace ftjax;  // NOLINT: the shared helpers of common.h
 constexpr int64_t kLanes = 16;     // float32 lanes of one AVX-512 register: padding unit.
 constexpr int64_t kRowTile = 8;    // rows padding unit: a multiple of every register tile's.
 constexpr int64_t kRowBlock = 64;  // query rows per block of logits kept in scratch.
+#if defined(__AVX512BF16__)
+constexpr bool kHasDot = true;     // the `dot` variant: bfloat16 products on vdpbf16ps
+#else
+constexpr bool kHasDot = false;    // elsewhere the `dot` variant runs as `fma`
+#endif
+
+inline uint32_t Bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return bits;
+}
 
 
 
@@ -105,9 +117,13 @@ inline __mmask16 KeepV(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t 
 }
 #endif
 
+// Words of the contracted dimension per element of a Gemm operand: float32 values (fma), or
+// pairs of bfloat16 values packed into one 32-bit word (dot; see ColumnPairs and RowPairs).
+template <bool kDot> constexpr int64_t kUnit = kDot ? 2 : 1;
+
 #if defined(__AVX512F__)
 // One MR x (NV * kLanes) register tile of Gemm below.
-template <int MR, int NV>
+template <int MR, int NV, bool kDot>
 inline void Tile(int64_t reduce, const float* a, int64_t a_row, int64_t a_red, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[MR][NV];
@@ -118,8 +134,17 @@ inline void Tile(int64_t reduce, const float* a, int64_t a_row, int64_t a_red, c
     __m512 bt[NV];
     for (int v = 0; v < NV; ++v) bt[v] = _mm512_loadu_ps(b + t * ldb + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const __m512 x = _mm512_set1_ps(a[i * a_row + t * a_red]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bt[v], acc[i][v]);
+      const __m512 x = _mm512_set1_ps(a[i * a_row + t * a_red]);  // a value, or a pair's bits
+      for (int v = 0; v < NV; ++v) {
+#if defined(__AVX512BF16__)
+        if constexpr (kDot) {
+          acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)x, (__m512bh)bt[v]);
+          continue;
+        }
+#endif
+        static_assert(!kDot || kHasDot, "the dot variant needs AVX512_BF16");
+        acc[i][v] = _mm512_fmadd_ps(x, bt[v], acc[i][v]);
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -128,32 +153,36 @@ inline void Tile(int64_t reduce, const float* a, int64_t a_row, int64_t a_red, c
 #endif
 
 // C[r][j] (+)= sum_t a[r * a_row + t * a_red] * b[t * ldb + j] for r < m (a multiple of
-// kRowTile), j < n (a multiple of kLanes), t < reduce. One kernel serves the three products of
+// kRowTile), j < n (a multiple of kLanes), t < reduce words. One kernel serves the products of
 // attention: q k^T (a = q rows, b = k^T), p v and ds k (a = a block of [rows, S], b = v or k),
 // and the transposed ds^T q and p^T g (a read down its columns). Register tiles of 4 x 64 where
-// n allows, else 8 x 32 or 8 x 16 (a head size of 32 or 16): about 16 accumulators each.
+// n allows, else 8 x 32 or 8 x 16 (a head size of 32 or 16): about 16 accumulators each. With
+// kDot, a and b hold bfloat16 pairs along the contracted dimension and each word is one
+// vdpbf16ps step (two products).
+template <bool kDot>
 void Gemm(int64_t m, int64_t n, int64_t reduce, const float* a, int64_t a_row, int64_t a_red,
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #if defined(__AVX512F__)
   for (int64_t j = 0; j < n;) {
     if (n - j >= 4 * kLanes) {
       for (int64_t r = 0; r < m; r += 4)
-        Tile<4, 4>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
-                   accumulate);
+        Tile<4, 4, kDot>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
+                         accumulate);
       j += 4 * kLanes;
     } else if (n - j >= 2 * kLanes) {
       for (int64_t r = 0; r < m; r += 8)
-        Tile<8, 2>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
-                   accumulate);
+        Tile<8, 2, kDot>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
+                         accumulate);
       j += 2 * kLanes;
     } else {
       for (int64_t r = 0; r < m; r += 8)
-        Tile<8, 1>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
-                   accumulate);
+        Tile<8, 1, kDot>(reduce, a + r * a_row, a_row, a_red, b + j, ldb, c + r * ldc + j, ldc,
+                         accumulate);
       j += kLanes;
     }
   }
 #else
+  static_assert(!kDot, "the dot variant needs AVX512_BF16");
   for (int64_t r = 0; r < m; ++r) {
     float* cr = c + r * ldc;
     if (!accumulate) std::fill(cr, cr + n, 0.0f);
@@ -164,6 +193,59 @@ void Gemm(int64_t m, int64_t n, int64_t reduce, const float* a, int64_t a_row, i
     }
   }
 #endif
+}
+
+// The operand x [rows][cols] (row-major, float32 values that bfloat16 holds exactly) of a
+// product that contracts its columns: x itself (fma), or (dot) its pairs of adjacent columns,
+// [rows][cols / 2] words, written to `pairs`. cols is a multiple of kLanes.
+template <bool kDot>
+const float* ColumnPairs(const float* x, int64_t rows, int64_t cols, std::vector<float>& pairs) {
+  if constexpr (!kDot) return x;
+  pairs.resize(rows * cols / 2);
+  uint32_t* out = reinterpret_cast<uint32_t*>(pairs.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * cols;
+    uint32_t* dst = out + r * cols / 2;
+    int64_t c = 0;
+#if defined(__AVX512BW__)
+    // The high halves (the bfloat16 bits) of 32 values, in order: 16 words.
+    static const __m512i kHigh = [] {
+      alignas(64) int16_t index[32];
+      for (int i = 0; i < 32; ++i) index[i] = static_cast<int16_t>(2 * i + 1);
+      return _mm512_load_si512(index);
+    }();
+    for (; c + 2 * kLanes <= cols; c += 2 * kLanes)
+      _mm512_storeu_si512(dst + c / 2, _mm512_permutex2var_epi16(
+          _mm512_castps_si512(_mm512_loadu_ps(row + c)), kHigh,
+          _mm512_castps_si512(_mm512_loadu_ps(row + c + kLanes))));
+#endif
+    for (; c < cols; c += 2) dst[c / 2] = (Bits(row[c]) >> 16) | (Bits(row[c + 1]) & 0xffff0000u);
+  }
+  return pairs.data();
+}
+
+// The operand x [rows][cols] of a product that contracts its rows: x itself (fma), or (dot) its
+// pairs of adjacent rows, [rows / 2][cols] words, written to `pairs`. rows is even; cols is a
+// multiple of kLanes.
+template <bool kDot>
+const float* RowPairs(const float* x, int64_t rows, int64_t cols, std::vector<float>& pairs) {
+  if constexpr (!kDot) return x;
+  pairs.resize(rows / 2 * cols);
+  uint32_t* out = reinterpret_cast<uint32_t*>(pairs.data());
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float *even = x + r * cols, *odd = even + cols;
+    uint32_t* dst = out + r / 2 * cols;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c < cols; c += kLanes)
+      _mm512_storeu_si512(dst + c, _mm512_or_si512(
+          _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(even + c)), 16),
+          _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(odd + c)),
+                           _mm512_set1_epi32(0xffff0000u))));
+#endif
+    for (; c < cols; ++c) dst[c] = (Bits(even[c]) >> 16) | (Bits(odd[c]) & 0xffff0000u);
+  }
+  return pairs.data();
 }
 
 // exp(x - shift) over a float32 row in place, returning the row's sum (the softmax normaliser).
@@ -257,6 +339,9 @@ struct Dropout {
 // Scratch of one task, reused across the tasks a thread runs.
 struct Scratch {
   std::vector<float> k_t, v, k, v_t, q, g, o, logits, probs, d_probs, d_k, d_v;
+  // The dot variant's bfloat16 pairs (ColumnPairs, RowPairs) of k_t, v, k, v_t and of a block's
+  // q, g and probabilities (or d_logits).
+  std::vector<float> k_t2, v2, k2, v_t2, q_cols, q_rows, g_cols, g_rows, p_cols, p_rows;
   static Scratch& Get() {
     thread_local Scratch s;
     return s;
@@ -342,10 +427,14 @@ void LoadTransposed(const T* src, int64_t rows, int64_t cols, int64_t ld_dst, fl
 }
 
 // The scaled, biased logits of `rows` query rows from `row0` on, into s.logits [rows][Sp];
-// padded key columns are -inf.
+// padded key columns are -inf. k_t: s.k_t, or its RowPairs (dot).
+template <bool kDot>
 void Logits(const Shape& sh, int64_t b, int64_t g, int64_t row0, int64_t rows, int64_t rows_pad,
-            int64_t kp, int64_t sp, float scale, const float* bias, Scratch& s) {
-  Gemm(rows_pad, sp, kp, s.q.data(), kp, 1, s.k_t.data(), sp, s.logits.data(), sp, false);
+            int64_t kp, int64_t sp, float scale, const float* bias, const float* k_t,
+            Scratch& s) {
+  constexpr int64_t u = kUnit<kDot>;
+  const float* q = ColumnPairs<kDot>(s.q.data(), rows_pad, kp, s.q_cols);
+  Gemm<kDot>(rows_pad, sp, kp / u, q, kp / u, 1, k_t, sp, s.logits.data(), sp, false);
   const float* bias_bg = bias + b * sh.bias_b + g * sh.bias_g;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s.logits.data() + r * sp;
@@ -449,39 +538,48 @@ void Probabilities(const Shape& sh, int64_t n, int64_t row0, int64_t rows, int64
   }
 }
 
-template <typename T>
+// kDot: the products on bfloat16 pairs (T is bfloat16); else on float32 FMAs.
+template <typename T, bool kDot>
 void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
                  const float* bias, float scale, const Dropout& drop, T* out, float* maximum,
                  float* normaliser, uint16_t* keep) {
+  constexpr int64_t u = kUnit<kDot>;
   Scratch& s = Scratch::Get();
   const Task t(sh, n, s);
   const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g, kv_offset = t.kv_offset;
   LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
   LoadRows(v + kv_offset, sh.keys, sh.head_dim, sp, s.v.data(), kp);
+  const float* k_t = RowPairs<kDot>(s.k_t.data(), kp, sp, s.k_t2);
+  const float* v_rows = RowPairs<kDot>(s.v.data(), sp, kp, s.v2);
   for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
     const int64_t rows = std::min(block, sh.queries - row0);
     const int64_t rows_pad = RoundUp(rows, kRowTile);
     const int64_t first = n * sh.queries + row0;  // The block's first row of all B * G * Q.
     LoadRows(q + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.q.data(), kp);
-    Logits(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, s);
+    Logits<kDot>(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, k_t, s);
     Probabilities<T>(sh, n, row0, rows, rows_pad, sp, nullptr, nullptr, maximum + first,
                      normaliser + first, drop, nullptr, keep + first * (sp / kLanes), s);
-    Gemm(rows_pad, kp, sp, s.probs.data(), sp, 1, s.v.data(), kp, s.o.data(), kp, false);
+    const float* p = ColumnPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_cols);
+    Gemm<kDot>(rows_pad, kp, sp / u, p, sp / u, 1, v_rows, kp, s.o.data(), kp, false);
     StoreRows(s.o.data(), kp, rows, sh.head_dim, 1.0f, out + first * sh.head_dim);
   }
 }
 
-template <typename T>
+template <typename T, bool kDot>
 void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
                   const float* bias, const float* maximum, const float* normaliser,
                   const uint16_t* keep, const T* out, const T* d_out, float scale,
                   const Dropout& drop, T* d_q, T* d_k, T* d_v) {
+  constexpr int64_t u = kUnit<kDot>;
   Scratch& s = Scratch::Get();
   const Task t(sh, n, s);
   const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g, kv_offset = t.kv_offset;
   LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
   LoadRows(k + kv_offset, sh.keys, sh.head_dim, sp, s.k.data(), kp);
   LoadTransposed(v + kv_offset, sh.keys, sh.head_dim, sp, s.v_t.data());
+  const float* k_t = RowPairs<kDot>(s.k_t.data(), kp, sp, s.k_t2);
+  const float* k_rows = RowPairs<kDot>(s.k.data(), sp, kp, s.k2);
+  const float* v_t = RowPairs<kDot>(s.v_t.data(), kp, sp, s.v_t2);
   for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
     const int64_t rows = std::min(block, sh.queries - row0);
     const int64_t rows_pad = RoundUp(rows, kRowTile);
@@ -490,12 +588,15 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
     LoadRows(q + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.q.data(), kp);
     LoadRows(d_out + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.g.data(), kp);
     LoadRows(out + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.o.data(), kp);
-    Logits(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, s);
+    Logits<kDot>(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, k_t, s);
     Probabilities<T>(sh, n, row0, rows, rows_pad, sp, maximum + first, normaliser + first,
                      nullptr, nullptr, drop, words, nullptr, s);
-    // d_v += dropped^T g (before s.probs is reused for d_logits).
-    Gemm(sp, kp, rows_pad, s.probs.data(), 1, sp, s.g.data(), kp, s.d_v.data(), kp, true);
-    Gemm(rows_pad, sp, kp, s.g.data(), kp, 1, s.v_t.data(), sp, s.d_probs.data(), sp, false);
+    // d_v += dropped^T g (before s.probs is reused for d_logits); d_probs = g v^T.
+    const float* p = RowPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_rows);
+    const float* g_rows = RowPairs<kDot>(s.g.data(), rows_pad, kp, s.g_rows);
+    Gemm<kDot>(sp, kp, rows_pad / u, p, 1, sp, g_rows, kp, s.d_v.data(), kp, true);
+    const float* g_cols = ColumnPairs<kDot>(s.g.data(), rows_pad, kp, s.g_cols);
+    Gemm<kDot>(rows_pad, sp, kp / u, g_cols, kp / u, 1, v_t, sp, s.d_probs.data(), sp, false);
     std::fill(s.probs.begin(), s.probs.begin() + rows_pad * sp, 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
       // sum_s probs * d_probs of the row, as sum_k g * out (the reference's form).
@@ -505,9 +606,12 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
                     sp, row_sum, drop, words + r * (sp / kLanes));
     }
     // d_q = d_logits k * scale; d_k += d_logits^T q.
-    Gemm(rows_pad, kp, sp, s.probs.data(), sp, 1, s.k.data(), kp, s.o.data(), kp, false);
+    const float* d_logits = ColumnPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_cols);
+    Gemm<kDot>(rows_pad, kp, sp / u, d_logits, sp / u, 1, k_rows, kp, s.o.data(), kp, false);
     StoreRows(s.o.data(), kp, rows, sh.head_dim, scale, d_q + first * sh.head_dim);
-    Gemm(sp, kp, rows_pad, s.probs.data(), 1, sp, s.q.data(), kp, s.d_k.data(), kp, true);
+    const float* d_logits_t = RowPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_rows);
+    const float* q_rows = RowPairs<kDot>(s.q.data(), rows_pad, kp, s.q_rows);
+    Gemm<kDot>(sp, kp, rows_pad / u, d_logits_t, 1, sp, q_rows, kp, s.d_k.data(), kp, true);
   }
   StoreRows(s.d_k.data(), kp, sh.keys, sh.head_dim, scale, d_k + kv_offset);
   StoreRows(s.d_v.data(), kp, sh.keys, sh.head_dim, 1.0f, d_v + kv_offset);
@@ -527,9 +631,20 @@ ffi::Error CheckKeep(const Shape& sh, float rate, size_t words) {
                        : ffi::Error::InvalidArgument("keep-mask words have the wrong size");
 }
 
+// Runs run(T{}, std::bool_constant<kDot>{}) for q's dtype: kDot for bfloat16 operands where
+// `dot` asks for the vdpbf16ps variant and the CPU has it (elsewhere it runs as fma).
+template <typename Run>
+void Dispatch(const ffi::AnyBuffer& q, bool dot, Run&& run) {
+  if (q.element_type() == ffi::F32) return run(0.0f, std::false_type{});
+#if defined(__AVX512BF16__)
+  if (dot) return run(uint16_t{0}, std::true_type{});
+#endif
+  run(uint16_t{0}, std::false_type{});
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds, float scale,
-                   float rate, float keep_scale, int64_t threshold,
+                   float rate, float keep_scale, int64_t threshold, bool dot,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> maximum,
                    ffi::Result<ffi::Buffer<ffi::F32>> normaliser,
@@ -539,15 +654,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (seeds.element_count() != 2) return ffi::Error::InvalidArgument("seeds must be uint32[2]");
   if (ffi::Error e = CheckKeep(sh, rate, keep->element_count()); e.failure()) return e;
   const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
-  auto run = [&](auto zero) {
+  auto run = [&](auto zero, auto on_dot) {
     using T = decltype(zero);
     ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
-      ForwardTask<T>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(), scale, drop,
+      ForwardTask<T, on_dot.value>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(), scale, drop,
                      Out<T>(out), maximum->typed_data(), normaliser->typed_data(),
                      keep->typed_data());
     });
   };
-  q.element_type() == ffi::F32 ? run(0.0f) : run(uint16_t{0});
+  Dispatch(q, dot, run);
   return ffi::Error::Success();
 }
 
@@ -555,7 +670,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds,
                     ffi::Buffer<ffi::F32> maximum, ffi::Buffer<ffi::F32> normaliser,
                     ffi::Buffer<ffi::U16> keep, ffi::AnyBuffer out, ffi::AnyBuffer d_out,
-                    float scale, float rate, float keep_scale, int64_t threshold,
+                    float scale, float rate, float keep_scale, int64_t threshold, bool dot,
                     ffi::Result<ffi::AnyBuffer> d_q, ffi::Result<ffi::AnyBuffer> d_k,
                     ffi::Result<ffi::AnyBuffer> d_v) {
   Shape sh;
@@ -565,16 +680,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   if (seeds.element_count() != 2) return ffi::Error::InvalidArgument("seeds must be uint32[2]");
   if (ffi::Error e = CheckKeep(sh, rate, keep.element_count()); e.failure()) return e;
   const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
-  auto run = [&](auto zero) {
+  auto run = [&](auto zero, auto on_dot) {
     using T = decltype(zero);
     ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
-      BackwardTask<T>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(),
+      BackwardTask<T, on_dot.value>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(),
                       maximum.typed_data(), normaliser.typed_data(), keep.typed_data(),
                       In<T>(out), In<T>(d_out), scale, drop, Out<T>(d_q), Out<T>(d_k),
                       Out<T>(d_v));
     });
   };
-  q.element_type() == ffi::F32 ? run(0.0f) : run(uint16_t{0});
+  Dispatch(q, dot, run);
   return ffi::Error::Success();
 }
 
@@ -592,6 +707,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionForward, Forward,
                                   .Attr<float>("rate")
                                   .Attr<float>("keep_scale")
                                   .Attr<int64_t>("threshold")
+                                  .Attr<bool>("dot")
                                   .Ret<ffi::AnyBuffer>()          // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // row maximum
                                   .Ret<ffi::Buffer<ffi::F32>>()   // row normaliser
@@ -614,6 +730,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionBackward, Backward,
                                   .Attr<float>("rate")
                                   .Attr<float>("keep_scale")
                                   .Attr<int64_t>("threshold")
+                                  .Attr<bool>("dot")
                                   .Ret<ffi::AnyBuffer>()          // d_q
                                   .Ret<ffi::AnyBuffer>()          // d_k
                                   .Ret<ffi::AnyBuffer>());        // d_v
