@@ -282,6 +282,30 @@ def test_bf16_linear_matches_the_float32_accumulated_product():
   assert d_params['kernel'][...].dtype == jnp.float32  # The master weights' gradient.
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering of reductions')
+def test_bf16_bias_gradient_is_one_float32_sum():
+  """The bias gradient of a bfloat16 layer is the float32 sum of its cotangent over the tokens,
+  rounded once, and compiles to one reduction; autodiff of nnx.Linear's bias add sums in
+  bfloat16, which XLA:CPU runs as reduce-windows (~3 ns per element)."""
+  x = jax.random.normal(jax.random.key(1), (16, 64, 32)).astype(jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(2), (16, 64, 48)).astype(jnp.bfloat16)
+
+  def bias_grad(linear):
+    graphdef, params = nnx.split(linear)
+    loss = lambda params, x, cotangent: jnp.sum(
+        (nnx.merge(graphdef, params)(x) * cotangent).astype(jnp.float32))
+    return jax.jit(jax.grad(loss)), params
+
+  grad_fn, params = bias_grad(_bf16_linear())
+  d_bias = grad_fn(params, x, cotangent)['bias'][...]
+  want = np.asarray(cotangent, np.float64).sum((0, 1))
+  # One rounding of the float32 sum to bfloat16 (then widened to the float32 master bias).
+  np.testing.assert_allclose(np.asarray(d_bias), want, rtol=2**-8)
+  assert 'reduce-window' not in grad_fn.lower(params, x, cotangent).compile().as_text()
+  plain_fn, plain_params = bias_grad(nnx.Linear(32, 48, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  assert 'reduce-window' in plain_fn.lower(plain_params, x, cotangent).compile().as_text()
+
+
 def test_float32_linear_is_the_plain_dot():
   linear = layers.linear(32, 48, ('embed', 'mlp'), std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (64, 32))

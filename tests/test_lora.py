@@ -8,7 +8,7 @@ import pytest
 
 from ftjax import hub
 from ftjax.errors import FtjaxError
-from ftjax.models import bert, heads
+from ftjax.models import bert, heads, layers
 from ftjax.peft import lora
 
 TINY = bert.BertConfig(
@@ -218,7 +218,7 @@ def test_merge_strip_export(tmp_path):
   adapted = model(ids, mask)
   lora.merge_lora(model)
   assert len(lora.strip_lora(model)) == 2 * TINY.num_hidden_layers
-  assert type(model.encoder.layers[0].attention.query) is nnx.Linear
+  assert type(model.encoder.layers[0].attention.query) is layers.Linear
   assert not nnx.state(model, lora.lora_filter)
   np.testing.assert_allclose(model(ids, mask), adapted, atol=1e-5)
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import FtjaxError
+from ftjax.models import layers
 from ftjax.peft import surgery
 
 # Module-path regexes per kind for BERT-like encoders (attention/out, then the FFN output).
@@ -67,7 +68,7 @@ class AdapterDense(nnx.Module):
     return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
 
 
-class AdapterLinear(nnx.Linear):
+class AdapterLinear(layers.Linear):
   """An `nnx.Linear` followed by a residual bottleneck adapter on its output.
 
   Built from an existing layer by `apply_adapters`, never from scratch: the base parameters are

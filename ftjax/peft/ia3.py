@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import FtjaxError
+from ftjax.models import layers
 from ftjax.peft import surgery
 
 # The default targets of BERT-like encoders: attention key/value and the feed-forward output.
@@ -40,7 +41,7 @@ class IA3Param(nnx.Param):
 ia3_filter = IA3Param
 
 
-class IA3Linear(nnx.Linear):
+class IA3Linear(layers.Linear):
   """An `nnx.Linear` whose output (or, for feed-forward layers, input) is scaled by `ia3_l`.
 
   Built from an existing layer by `apply_ia3`, never from scratch: the base parameters are taken

@@ -10,7 +10,8 @@ A module may hold several named adapters; exactly one (or none) is active model-
 and `.../lora_b_n`, so the common single-adapter checkpoint keeps short, stable names.
 
 `merge_lora` folds the active adapter into the base kernels and `unmerge_lora` takes it back out;
-`strip_lora` then turns the layers back into plain `nnx.Linear`s, e.g. for `hub.export_encoder`.
+`strip_lora` then turns the layers back into plain linear layers (`layers.Linear`), e.g. for
+`hub.export_encoder`.
 
 `nnx.LoRAParam` subclasses `nnx.Param`: `nnx.Param` selects the base weights *and* the adapters.
 Train the adapters with `lora_filter` (combined with the head, e.g.
@@ -67,7 +68,7 @@ def _factor_metadata(kernel: nnx.Variable, axes: tuple[str | None, ...] | None) 
   }
 
 
-class LoRALinear(nnx.Linear):
+class LoRALinear(layers.Linear):
   """An `nnx.Linear` whose output gains the active low-rank adapter's update.
 
   Built from an existing layer by `apply_lora`, never from scratch: the base parameters are
@@ -324,10 +325,10 @@ def unmerge_lora(model: nnx.Module) -> list[str]:
   return [surgery.path_str(path) for path, _ in todo]
 
 
-def _plain_linear(layer: LoRALinear) -> nnx.Linear:
+def _plain_linear(layer: LoRALinear) -> layers.Linear:
   # Built abstractly so that no throwaway kernel is materialised; the real Params go in after.
   in_features, out_features = layer.kernel.shape
-  linear = nnx.eval_shape(lambda: nnx.Linear(
+  linear = nnx.eval_shape(lambda: layers.Linear(
       in_features, out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
       param_dtype=layer.param_dtype, precision=layer.precision, dot_general=layer.dot_general,
       promote_dtype=layer.promote_dtype, preferred_element_type=layer.preferred_element_type,
@@ -339,7 +340,7 @@ def _plain_linear(layer: LoRALinear) -> nnx.Linear:
 
 
 def strip_lora(model: nnx.Module) -> list[str]:
-  """Turns every `LoRALinear` back into a plain `nnx.Linear`, dropping all adapters, in place.
+  """Turns every `LoRALinear` back into a plain `layers.Linear`, dropping all adapters, in place.
 
   Call it after `merge_lora` to keep the merged weights (e.g. before `hub.export_encoder`, which
   refuses parameters without a Hugging Face name), or on an unmerged model to drop the adapters.

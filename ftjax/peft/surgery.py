@@ -5,6 +5,7 @@ import re
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.models import layers
 
 
 def path_str(path: tuple) -> str:
@@ -44,8 +45,8 @@ def match_linears(model: nnx.Module, targets: str, method: str,
                   also: type | None = None) -> list[tuple[tuple, nnx.Module]]:
   """The modules whose path `targets` searches, checked to be plain linear layers.
 
-  Exactly `nnx.Linear`: a subclass is another method's wrapper, whose call a second wrapper
-  would bypass. `also` admits the method's own wrapper (LoRA adds adapters to its layers).
+  Exactly a plain linear layer (`layers.PLAIN_LINEARS`): a subclass is another method's
+  wrapper, whose call a second wrapper would bypass. `also` admits the method's own wrapper (LoRA adds adapters to its layers).
 
   Raises:
     FtjaxError: for an invalid regex, no match (naming where the linear layers are), or a match
@@ -62,7 +63,7 @@ def match_linears(model: nnx.Module, targets: str, method: str,
     raise FtjaxError(f'{method} targets {targets!r} match no module: linear layers are at '
                      f'{linear_examples(found)}')
   for path, node in matched:
-    if type(node) is nnx.Linear or (also is not None and isinstance(node, also)):
+    if type(node) in layers.PLAIN_LINEARS or (also is not None and isinstance(node, also)):
       continue
     what = 'adapted already' if isinstance(node, nnx.Linear) else 'not a linear layer'
     raise FtjaxError(f'{method} targets {targets!r} match {path_str(path)}, a '
