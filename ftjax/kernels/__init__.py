@@ -1,6 +1,7 @@
 """Native CPU kernels, built from source on first use with the machine's C++ compiler.
 
-- `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU.
+- `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU,
+  its bfloat16 products in the matmul kernel's faster variant (below) on the machine.
 - `matmul.cc`: a dense matrix product for bfloat16 dense layers, in two variants: `fma` packs
   the operands into float32 panels and multiplies with float32 FMAs (for CPUs whose bfloat16
   dot instruction is slow), `dot` packs pairs of bfloat16 and multiplies with that instruction

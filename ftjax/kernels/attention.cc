@@ -6,6 +6,9 @@
 // [B, G, Q, S] logits tensor per layer that travels through memory several times. Here each
 // (batch, kv head) pair is one task that keeps its keys, values and a block of logits in
 // cache-sized scratch, in float32, the way a fused CPU attention kernel (e.g. PyTorch's) does.
+// The products multiply with float32 FMAs (`fma`), or, for bfloat16 operands where the custom
+// call's `dot` attribute asks and the CPU has the instruction, with vdpbf16ps on pairs of
+// bfloat16 packed from that scratch (`dot`; the values there are bfloat16 values exactly).
 //
 // Semantics are those of ftjax.models.layers._attention (the XLA path, kept as the reference):
 //   logits = q k^T * scale + bias (float32), probs = exp(logits - max) / sum,

@@ -46,7 +46,8 @@ def match_linears(model: nnx.Module, targets: str, method: str,
   """The modules whose path `targets` searches, checked to be plain linear layers.
 
   Exactly a plain linear layer (`layers.PLAIN_LINEARS`): a subclass is another method's
-  wrapper, whose call a second wrapper would bypass. `also` admits the method's own wrapper (LoRA adds adapters to its layers).
+  wrapper, whose call a second wrapper would bypass. `also` admits the method's own wrapper
+  (LoRA adds adapters to its layers).
 
   Raises:
     FtjaxError: for an invalid regex, no match (naming where the linear layers are), or a match
