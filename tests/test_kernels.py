@@ -68,7 +68,8 @@ SHAPES = [(2, 20, 20, 4, 4, 32, 'padding'), (2, 24, 24, 4, 2, 16, 'causal'),
 def _use_variant(monkeypatch, variant):
   """bfloat16 attention (and matmuls) on `variant` of the kernels, as if measured faster here."""
   monkeypatch.setattr(kernels, 'bf16_matmul_plan',
-                      lambda: {'use_kernel': False, 'variant': variant})
+                      lambda: {'use_kernel': False, 'variant': variant,
+                               'attention_variant': variant})
 
 
 @pytest.mark.parametrize('dtype,variant', [(jnp.float32, 'fma'), (jnp.bfloat16, 'fma'),

@@ -32,8 +32,9 @@ def _reference(a, b, transpose_a, transpose_b):
 
 
 # (m, k, n): tails of every blocking unit (the 12 x 32 register tile, the 16-wide transposing
-# copies, an odd K for the bfloat16 pairs, K steps of at most 192 words, blocks of 96 rows); K
-# over several steps, and over several packed parts of B (at most 2048 words each); more rows
+# copies, an odd K for the bfloat16 pairs, K steps of at most 192 words, blocks of 96 rows; for
+# amx, 32 x 32 blocks of 16 x 16 tiles, 16-word tile rows and blocks of 64 rows); K over
+# several steps, and over several packed parts of B (at most 2048 words each); more rows
 # than columns (tasks split rows) and fewer (tasks split columns, more than one 2048-column
 # task); a single row, column or contraction.
 SHAPES = [(1, 1, 1), (5, 7, 9), (13, 17, 33), (37, 200, 70), (97, 385, 64), (300, 130, 1000),
@@ -42,8 +43,8 @@ SHAPES = [(1, 1, 1), (5, 7, 9), (13, 17, 33), (37, 200, 70), (97, 385, 64), (300
 
 @pytest.mark.parametrize('out_dtype', ['float32', 'same'])
 @pytest.mark.parametrize('dtype,variant', [(jnp.float32, 'fma'), (jnp.bfloat16, 'fma'),
-                                           (jnp.bfloat16, 'dot')], ids=['f32', 'bf16-fma',
-                                                                        'bf16-dot'])
+                                           (jnp.bfloat16, 'dot'), (jnp.bfloat16, 'amx')],
+                         ids=['f32', 'bf16-fma', 'bf16-dot', 'bf16-amx'])
 @pytest.mark.parametrize('transpose_b', [False, True])
 @pytest.mark.parametrize('transpose_a', [False, True])
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
@@ -68,19 +69,35 @@ def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dty
 
 
 def test_bfloat16_products_take_the_measured_variant(monkeypatch):
-  """Without `variant`, a bfloat16 product runs on the variant this machine measured faster
-  (the custom call's `dot` attribute); float32 ones always on fma."""
+  """Without `variant`, a bfloat16 product runs on the variant this machine measured fastest
+  (the custom call's `variant` attribute: fma 0, dot 1, amx 2); float32 ones always on fma."""
   a, b = _operands(16, 64, 64, False, False, jnp.bfloat16)
-  for variant in kernels.VARIANTS:
+  for index, variant in enumerate(kernels.VARIANTS):
     monkeypatch.setattr(kernels, 'bf16_matmul_plan', lambda v=variant: {'use_kernel': True,
                                                                         'variant': v})
     # A fresh function each time: jax keeps traces per function.
     hlo = jax.jit(lambda a, b: kernels.matmul(a, b)).lower(a, b).as_text()
-    assert f'dot = {str(variant == "dot").lower()}' in hlo
+    assert f'variant = {index} : i32' in hlo
     f32 = a.astype(jnp.float32), b.astype(jnp.float32)
-    assert 'dot = false' in jax.jit(lambda a, b: kernels.matmul(a, b)).lower(*f32).as_text()
-  with pytest.raises(ValueError, match="variant='amx'"):
-    kernels.matmul(a, b, variant='amx')
+    assert 'variant = 0 : i32' in jax.jit(lambda a, b: kernels.matmul(a, b)).lower(*f32).as_text()
+  with pytest.raises(ValueError, match="variant='avx'"):
+    kernels.matmul(a, b, variant='avx')
+
+
+def test_attention_takes_the_faster_of_fma_and_dot(monkeypatch):
+  """The attention kernel has no amx path: it takes whichever of its two variants the
+  measurement found faster, whatever the matmul kernel runs on."""
+  q = jnp.zeros((1, 1, 16, 32), jnp.bfloat16)
+  for attention_variant in kernels.ATTENTION_VARIANTS:
+    monkeypatch.setattr(kernels, 'bf16_matmul_plan', lambda v=attention_variant: {
+        'use_kernel': True, 'variant': 'amx', 'attention_variant': v})
+    assert kernels._attrs(0.1, 0.0, q.dtype, None)['dot'] == (attention_variant == 'dot')  # pylint: disable=protected-access
+
+
+def test_amx_runs_where_the_cpu_has_it():
+  """The amx variant is built and granted its tiles exactly on CPUs with AMX's bfloat16 tiles
+  (elsewhere it runs as dot, and the measurement leaves it out)."""
+  assert kernels.has_amx() == ({'amx_tile', 'amx_bf16'} <= cpu_flags())
 
 
 def test_matmul_under_vmap_and_a_zero_contraction():
@@ -154,18 +171,18 @@ def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_p
 
   def measure():
     measured.append(1)
-    return {'fma': 0.006, 'dot': 0.004, 'xla': 0.008}
+    return {'fma': 0.006, 'dot': 0.004, 'amx': 0.005, 'xla': 0.008}
 
   monkeypatch.setattr(kernels, 'measure_bf16_matmul', measure)
   kernels.bf16_matmul_plan.cache_clear()
   try:
     with caplog.at_level(logging.INFO):
       assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
-    assert ('bfloat16 matmuls on the kernel (dot) (kernel fma 6.00 ms, dot 4.00 ms, XLA 8.00 ms'
-            in caplog.text)
+    assert ('bfloat16 matmuls on the kernel (dot) (kernel fma 6.00 ms, kernel dot 4.00 ms, '
+            'kernel amx 5.00 ms, XLA 8.00 ms' in caplog.text)
     saved = json.loads((tmp_path / 'kernels-x.matmul.json').read_text())
-    assert saved == {'use_kernel': True, 'variant': 'dot', 'fma_s': 0.006, 'dot_s': 0.004,
-                     'xla_s': 0.008}
+    assert saved == {'use_kernel': True, 'variant': 'dot', 'attention_variant': 'dot',
+                     'fma_s': 0.006, 'dot_s': 0.004, 'amx_s': 0.005, 'xla_s': 0.008}
     assert kernels.bf16_matmul_plan()['variant'] == 'dot'
     kernels.bf16_matmul_plan.cache_clear()
     (tmp_path / 'kernels-x.matmul.json').write_text(json.dumps({**saved, 'use_kernel': False}))
@@ -183,6 +200,13 @@ def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_p
                         lambda: {'fma': 0.95, 'dot': 1.2, 'xla': 1.0})
     assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
     assert kernels.bf16_matmul_plan()['variant'] == 'fma'
+    # amx fastest: the matmul kernel takes it, attention the faster of the other two.
+    kernels.bf16_matmul_plan.cache_clear()
+    (tmp_path / 'kernels-x.matmul.json').unlink()
+    monkeypatch.setattr(kernels, 'measure_bf16_matmul',
+                        lambda: {'fma': 2.0, 'dot': 3.0, 'amx': 0.5, 'xla': 1.0})
+    plan = kernels.bf16_matmul_plan()
+    assert plan['variant'] == 'amx' and plan['attention_variant'] == 'fma' and plan['use_kernel']
   finally:
     kernels.bf16_matmul_plan.cache_clear()
 
@@ -199,9 +223,11 @@ def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):
   finally:
     kernels.bf16_matmul_plan.cache_clear()
   saved = json.loads(path.read_text())
-  times = {v: saved[f'{v}_s'] for v in (*kernels.VARIANTS, 'xla')}
-  assert all(t > 0 for t in times.values())
-  assert saved['variant'] == min(kernels.VARIANTS, key=times.__getitem__)
+  variants = kernels.VARIANTS if kernels.has_amx() else kernels.ATTENTION_VARIANTS
+  times = {v: saved[f'{v}_s'] for v in (*variants, 'xla')}
+  assert all(t > 0 for t in times.values()) and ('amx_s' in saved) == kernels.has_amx()
+  assert saved['variant'] == min(variants, key=times.__getitem__)
+  assert saved['attention_variant'] == min(kernels.ATTENTION_VARIANTS, key=times.__getitem__)
   assert saved['use_kernel'] == (times[saved['variant']] < 0.9 * times['xla'])
 
 
@@ -272,14 +298,16 @@ def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_b
   target = f'ftjax_matmul_{march.replace("-", "_")}'
   jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(kernels_built_for(march).FtjaxMatmul),
                               platform='cpu')
-  for (m, k, n), transpose_a, transpose_b, dtype, dot in [
-      ((13, 17, 33), False, True, jnp.float32, False), ((37, 4501, 70), True, False,
-                                                         jnp.bfloat16, True),
-      ((97, 385, 64), False, False, jnp.bfloat16, False), ((5, 7, 9), True, True,
-                                                           jnp.bfloat16, True)]:
+  # Variants 0 fma, 1 dot, 2 amx: without their instructions, dot and amx run as fma.
+  for (m, k, n), transpose_a, transpose_b, dtype, variant in [
+      ((13, 17, 33), False, True, jnp.float32, 0), ((37, 4501, 70), True, False,
+                                                     jnp.bfloat16, 1),
+      ((97, 385, 64), False, False, jnp.bfloat16, 0), ((5, 7, 9), True, True,
+                                                       jnp.bfloat16, 1),
+      ((70, 300, 40), True, False, jnp.bfloat16, 2)]:
     a, b = _operands(m, k, n, transpose_a, transpose_b, dtype)
     got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        a, b, transpose_a=transpose_a, transpose_b=transpose_b, dot=dot)
+        a, b, transpose_a=transpose_a, transpose_b=transpose_b, variant=np.int32(variant))
     want = _reference(a, b, transpose_a, transpose_b)
     scale = _reference(jnp.abs(a), jnp.abs(b), transpose_a, transpose_b)
     error = np.abs(np.asarray(got, np.float64) - want)

@@ -2,10 +2,11 @@
 
 - `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU,
   its bfloat16 products in the matmul kernel's faster variant (below) on the machine.
-- `matmul.cc`: a dense matrix product for bfloat16 dense layers, in two variants: `fma` packs
+- `matmul.cc`: a dense matrix product for bfloat16 dense layers, in three variants: `fma` packs
   the operands into float32 panels and multiplies with float32 FMAs (for CPUs whose bfloat16
   dot instruction is slow), `dot` packs pairs of bfloat16 and multiplies with that instruction
-  (for CPUs where it is fast and XLA's dot leaves part of it unused).
+  (for CPUs where it is fast and XLA's dot leaves part of it unused), `amx` multiplies the same
+  packed pairs on Intel AMX's tile registers (Sapphire Rapids and later).
 
 Both are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -124,16 +125,27 @@ def build() -> pathlib.Path:
 
 
 @functools.cache
+def _library() -> ctypes.CDLL:
+  return ctypes.cdll.LoadLibrary(str(build()))
+
+
+@functools.cache
 def _load() -> str:
   """Builds and registers the kernels once per process; '' on success, else the reason."""
   try:
-    library = ctypes.cdll.LoadLibrary(str(build()))
+    library = _library()
     for target, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform='cpu')
   except (KernelUnavailable, OSError, AttributeError) as e:
     return str(e) or type(e).__name__
   return ''
+
+
+def has_amx() -> bool:
+  """Whether the matmul kernel's `amx` variant runs here: built for a CPU with AMX, and Linux
+  granted the process its tile registers (elsewhere `amx` runs as `dot`)."""
+  return not _load() and bool(_library().FtjaxMatmulHasAmx())
 
 
 def available() -> bool:
@@ -187,11 +199,13 @@ def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
 
 
 def _on_dot(dtype, variant: str | None) -> bool:
-  """Whether products of `dtype` operands take the kernels' `dot` variant: bfloat16 only, and
-  `variant` (None: the faster one as measured on this machine, `bf16_matmul_plan`)."""
-  if variant not in (None, *VARIANTS):
-    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
-  return jnp.dtype(dtype) == jnp.bfloat16 and (variant or bf16_matmul_plan()['variant']) == 'dot'
+  """Whether the attention kernel's products of `dtype` operands take its `dot` variant:
+  bfloat16 only, and `variant` (None: the faster of `fma` and `dot` as measured on this
+  machine, `bf16_matmul_plan`)."""
+  if variant not in (None, *ATTENTION_VARIANTS):
+    raise ValueError(f'variant={variant!r}: expected one of {ATTENTION_VARIANTS} or None')
+  return (jnp.dtype(dtype) == jnp.bfloat16
+          and (variant or bf16_matmul_plan()['attention_variant']) == 'dot')
 
 
 def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
@@ -202,7 +216,8 @@ def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
   `rate` is 0), hashed once here and read back by the backward pass. `variant`, for bfloat16
   operands, as in `matmul`: its products on float32 FMAs ('fma') or on the CPU's bfloat16 dot
   instruction ('dot'); None takes the one that the matmul measurement found faster here (the
-  instruction's speed against FMAs decides both).
+  instruction's speed against FMAs decides both; the matmul kernel's `amx` variant has no
+  counterpart here).
   """
   rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
   words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
@@ -228,21 +243,28 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
   """op(a) @ op(b) on the matmul kernel (float32 accumulation, one rounding to `out_dtype`).
 
   a: [M, K] (or [K, M] with transpose_a), b: [K, N] (or [N, K] with transpose_b), one dtype,
-  float32 or bfloat16; `out_dtype` defaults to a's. `variant` ('fma' or 'dot', see matmul.cc)
-  applies to bfloat16 operands; None takes the faster one as measured on this machine
-  (`bf16_matmul_plan`). float32 operands always run on 'fma'.
+  float32 or bfloat16; `out_dtype` defaults to a's. `variant` ('fma', 'dot' or 'amx', see
+  matmul.cc) applies to bfloat16 operands; None takes the fastest as measured on this machine
+  (`bf16_matmul_plan`). float32 operands always run on 'fma'. Where the CPU lacks what a
+  variant needs, the kernel runs the next one down (amx -> dot -> fma), with the same values.
   """
   if reason := _load():
     raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
   m = a.shape[1] if transpose_a else a.shape[0]
   n = b.shape[0] if transpose_b else b.shape[1]
-  dot = _on_dot(a.dtype, variant)
+  if variant not in (None, *VARIANTS):
+    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
+  if jnp.dtype(a.dtype) != jnp.bfloat16:
+    variant = 'fma'
   out = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or a.dtype))
   call = jax.ffi.ffi_call('ftjax_matmul', out, vmap_method='sequential')
-  return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), dot=dot)
+  return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
+              variant=np.int32(VARIANTS.index(variant or bf16_matmul_plan()['variant'])))
 
 
-VARIANTS = ('fma', 'dot')
+VARIANTS = ('fma', 'dot', 'amx')
+# The attention kernel's variants: its small per-head products have no AMX path.
+ATTENTION_VARIANTS = ('fma', 'dot')
 # The smallest contracted and output widths the matmul kernel takes: its register tile is
 # 12 x 32, and narrower products (LoRA's rank-r factors, a classifier head) stay on XLA.
 _MIN_MATMUL_WIDTH = 64
@@ -273,25 +295,30 @@ def _calibration_path() -> pathlib.Path:
 @functools.cache
 def bf16_matmul_plan() -> dict:
   """How bfloat16 products run on this machine: {'use_kernel': bool (the kernel rather than
-  XLA's dot), 'variant': 'fma' or 'dot' (the kernel's faster one), and the measured seconds
-  'fma_s', 'dot_s', 'xla_s'}.
+  XLA's dot), 'variant': 'fma', 'dot' or 'amx' (the kernel's fastest), 'attention_variant':
+  'fma' or 'dot' (the faster of those two, for the attention kernel), and the measured seconds
+  'fma_s', 'dot_s', 'xla_s' and, on CPUs with AMX, 'amx_s'}.
 
   Measured once per machine and build (`measure_bf16_matmul`, about 2 s on 2 cores) and kept
   beside the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction
   runs at half the float32 FMA FLOP rate (the Intel Xeons without AMX measured here), `fma` is
-  1.2-1.9x XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is 1.4x it.
+  1.2-1.9x XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is 1.4x it; on an
+  Intel Xeon with AMX, `amx` took 0.40-0.44 of XLA's time (whose dots use AMX too).
   """
   path = _calibration_path()
   try:
     plan = json.loads(path.read_text())
-    if isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS:
+    if (isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS
+        and plan['attention_variant'] in ATTENTION_VARIANTS):
       return plan
   except (OSError, ValueError, KeyError, TypeError):
     pass
   with jax.ensure_compile_time_eval():
     times = measure_bf16_matmul()
-  variant = min(VARIANTS, key=times.__getitem__)
+  measured = [v for v in VARIANTS if v in times]
+  variant = min(measured, key=times.__getitem__)
   plan = {'use_kernel': times[variant] < _KERNEL_MARGIN * times['xla'], 'variant': variant,
+          'attention_variant': min(ATTENTION_VARIANTS, key=times.__getitem__),
           **{f'{name}_s': t for name, t in times.items()}}
   try:  # Written whole and renamed: a concurrent reader never sees half a file.
     with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
@@ -299,16 +326,18 @@ def bf16_matmul_plan() -> dict:
     os.replace(f.name, path)
   except OSError as e:  # A read-only cache: measured again by the next process.
     logging.warning('ftjax: cannot keep the matmul measurement in %s (%s)', path, e)
-  logging.info('ftjax: bfloat16 matmuls on the %s (kernel fma %.2f ms, dot %.2f ms, XLA %.2f '
-               'ms; %s)', f'kernel ({variant})' if plan['use_kernel'] else 'XLA dot',
-               times['fma'] * 1e3, times['dot'] * 1e3, times['xla'] * 1e3, path)
+  logging.info('ftjax: bfloat16 matmuls on the %s (%s; %s)',
+               f'kernel ({variant})' if plan['use_kernel'] else 'XLA dot',
+               ', '.join(f'{"XLA" if name == "xla" else "kernel " + name} {t * 1e3:.2f} ms'
+                         for name, t in times.items()), path)
   return plan
 
 
 def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
-  """Best seconds of the kernel's variants ('fma', 'dot') and of XLA's bf16 x bf16 -> f32 dots
-  ('xla'), taking turns, for the three products of a bfloat16 dense layer's training step with
-  x [m, k], w [k, n]: y = x w and dx = g w^T rounded to bfloat16, dw = x^T g in float32.
+  """Best seconds of the kernel's variants ('fma', 'dot', and 'amx' where the CPU has AMX) and
+  of XLA's bf16 x bf16 -> f32 dots ('xla'), taking turns, for the three products of a bfloat16
+  dense layer's training step with x [m, k], w [k, n]: y = x w and dx = g w^T rounded to
+  bfloat16, dw = x^T g in float32.
 
   XLA's are written as `layers._bf16_matmul` writes them: its dots keep their fast path only
   with the lhs contracting its last dimension, so dw reads a transposed copy of x.
@@ -336,7 +365,8 @@ def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int 
     return (dot(x, w, (1, 0)).astype(x.dtype), dot(g, w, (1, 1)).astype(x.dtype),
             dot(layers._transposed_copy(x), g, (1, 0)))  # pylint: disable=protected-access
 
-  runs = {**{v: on_kernel(v) for v in VARIANTS}, 'xla': on_xla}
+  variants = VARIANTS if has_amx() else ATTENTION_VARIANTS
+  runs = {**{v: on_kernel(v) for v in variants}, 'xla': on_xla}
   best = {}
   for name, run in runs.items():
     jax.block_until_ready(run(x, w, g))

@@ -35,6 +35,11 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define FTJAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "common.h"
 
@@ -148,11 +153,16 @@ template <bool kDot> constexpr int64_t kUnit = kDot ? 2 : 1;
 // zero-padded; `words` = depth / kUnit rounded up:
 // fma: dst[q * depth * kCols + t * kCols + j] = B(k0 + t, n0 + q * kCols + j);
 // dot: dst[q * words * kCols + t * kCols + j] = the pair B(k0 + 2t, .), B(k0 + 2t + 1, .).
+// `stride` (at least `words`; 0: `words`) is the panel's height in words, its rows past `words`
+// zero (the amx variant reads whole tiles of 16 words).
 template <bool kDot>
-void PackB(const Operand& b, int64_t k0, int64_t depth, int64_t n0, int64_t width, float* dst) {
+void PackB(const Operand& b, int64_t k0, int64_t depth, int64_t n0, int64_t width, float* dst,
+           int64_t stride = 0) {
   const int64_t words = (depth + kUnit<kDot> - 1) / kUnit<kDot>;
+  stride = std::max(stride, words);
   for (int64_t q = 0; q * kCols < width; ++q) {
-    float* panel = dst + q * words * kCols;
+    float* panel = dst + q * stride * kCols;
+    std::memset(panel + words * kCols, 0, (stride - words) * kCols * sizeof(float));
     const int64_t n = n0 + q * kCols, cols = std::min(kCols, width - q * kCols);
 #if defined(__AVX512F__)
     const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
@@ -309,6 +319,8 @@ class Scratch {
   std::vector<float> storage_;
 };
 
+enum class Variant : int32_t { kFma = 0, kDot = 1, kAmx = 2 };
+
 struct Problem {
   Operand a, b;
   int64_t m, n, k;
@@ -363,11 +375,188 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   }
 }
 
+
+#if defined(FTJAX_AMX)
+// The amx variant: Intel AMX's tile registers (Sapphire Rapids and later). A tile holds 16 rows
+// of 64 bytes; TDPBF16PS adds to a 16 x 16 float32 tile of C the products of a 16 x 32 bfloat16
+// tile of A (16 rows of 16 pairs along K) and a tile of B holding, in each of its 16 rows, the
+// pairs of two consecutive rows of B for 16 columns: the `dot` variant's packed B panels are
+// that layout already (kCols = 32 columns: two tiles side by side). Each step works on a 32 x 32
+// block of C in tiles 0-3, reading two tiles of A (4, 5) and two of B (6, 7), for the whole of
+// a part of K, so C leaves the tiles once per part.
+constexpr int64_t kTileWords = 16;      // words (bfloat16 pairs) in a tile row
+constexpr int64_t kAmxRows = 32;        // rows of C per step (two tiles)
+constexpr int64_t kAmxBlockRows = 64;   // rows of A packed together (a multiple of kAmxRows)
+constexpr int64_t kAmxPackedB = 1 << 20;   // bytes of packed B per part, at most (L2)
+constexpr int64_t kAmxMinPart = 256;   // words of K per part, at least
+
+// Linux gives a process AMX's tile data only on request (arch_prctl); asked once per process.
+bool AmxPermitted() {
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// While in scope, the calling thread's tiles 0-7 are configured as 16 rows x 64 bytes.
+class Tiles {
+ public:
+  Tiles() {
+    TileConfig config;
+    for (int i = 0; i < 8; ++i) {
+      config.colsb[i] = 64;
+      config.rows[i] = 16;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+
+// A(m, k) for m in [m0, m0 + rows), k in [k0, k0 + depth) as rows of bfloat16 pairs:
+// dst[i * stride + t] = the pair A(m0 + i, k0 + 2t), A(m0 + i, k0 + 2t + 1) for t < words,
+// i < RoundUp(rows, kAmxRows), zero past the depth and the rows.
+void PackAmxA(const Operand& a, int64_t m0, int64_t rows, int64_t k0, int64_t depth,
+              int64_t words, int64_t stride, float* dst) {
+  const int64_t padded = RoundUp(rows, kAmxRows);
+  if (!a.transposed) {
+    for (int64_t i = 0; i < padded; ++i)
+      for (int64_t t0 = 0; t0 < words; t0 += 16)
+        _mm512_store_ps(dst + i * stride + t0,
+                        i < rows ? LoadPairs(a, (m0 + i) * a.ld + k0 + 2 * t0, depth - 2 * t0)
+                                 : _mm512_setzero_ps());
+    return;
+  }
+  // A(m, k) = a[k * ld + m]: PairRuns gives one word of 16 consecutive rows; a 16 x 16
+  // transpose turns 16 of those into 16 words of each row.
+  for (int64_t i0 = 0; i0 < padded; i0 += 16) {
+    const __mmask16 lanes = FirstLanes(rows - i0);
+    for (int64_t t0 = 0; t0 < words; t0 += 16) {
+      __m512 r[16];
+      for (int64_t t = 0; t < 16; ++t) {
+        const int64_t k = k0 + 2 * (t0 + t), at = m0 + i0;
+        r[t] = 2 * (t0 + t) < depth
+                   ? PairRuns(a, k * a.ld + at, (k + 1) * a.ld + at, 2 * (t0 + t) + 1 < depth,
+                              lanes)
+                   : _mm512_setzero_ps();
+      }
+      Transpose16(r);
+      for (int64_t i = 0; i < 16; ++i) _mm512_store_ps(dst + (i0 + i) * stride + t0, r[i]);
+    }
+  }
+}
+
+// Tiles 0-3 (the 32 x 32 block of C: rows 0-15 and 16-31 by columns 0-15 and 16-31) plus the
+// products of 32 packed rows of A (`a`, `stride` words apart) and a packed B panel, over
+// `words` words (a multiple of kTileWords).
+inline void AmxSteps(const float* a, int64_t stride, const float* b, int64_t words) {
+  for (int64_t t0 = 0; t0 < words; t0 += kTileWords) {
+    _tile_loadd(4, a + t0, stride * 4);
+    _tile_loadd(5, a + 16 * stride + t0, stride * 4);
+    _tile_loadd(6, b + t0 * kCols, kCols * 4);
+    _tile_loadd(7, b + t0 * kCols + 16, kCols * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// Tiles 0-3 from or to a 32 x 32 float32 block (row-major, kCols floats a row).
+inline void LoadC(const float* c) {
+  _tile_loadd(0, c, kCols * 4);
+  _tile_loadd(1, c + 16, kCols * 4);
+  _tile_loadd(2, c + 16 * kCols, kCols * 4);
+  _tile_loadd(3, c + 16 * kCols + 16, kCols * 4);
+}
+inline void StoreC(float* c) {
+  _tile_stored(0, c, kCols * 4);
+  _tile_stored(1, c + 16, kCols * 4);
+  _tile_stored(2, c + 16 * kCols, kCols * 4);
+  _tile_stored(3, c + 16 * kCols + 16, kCols * 4);
+}
+
+// As Block, on tiles: K in parts of at most 2 * kPackDepth values (B's panels packed once per
+// part), blocks of kAmxBlockRows rows of A packed for the whole part, and each 32 x 32 block of
+// C accumulated in tiles over the part; with more than one part, C's blocks wait in float32
+// scratch between parts.
+void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = pr.k, width = n1 - n0, panels = (width + kCols - 1) / kCols;
+  // Parts small enough that the task's packed B stays in the core's L2 cache (each block of A
+  // streams it once), but at least kAmxMinPart words (C leaves the tiles once per part).
+  const int64_t budget = std::max(kAmxMinPart, std::min(kPackDepth, kAmxPackedB / (width * 4)));
+  const int64_t parts = (K + 2 * budget - 1) / (2 * budget);
+  const int64_t part = RoundUp((K + parts - 1) / parts, 2 * kTileWords);
+  const int64_t stride = part / 2;  // words per packed row, a multiple of kTileWords
+  Scratch b_scratch, a_scratch, c_scratch;
+  float* bp = b_scratch.Get(panels * kCols * stride);
+  float* ap = a_scratch.Get(kAmxBlockRows * stride);
+  const int64_t groups = (m1 - m0 + kAmxRows - 1) / kAmxRows;
+  float* acc = parts > 1 ? c_scratch.Get(groups * panels * kAmxRows * kCols) : nullptr;
+  alignas(64) float block[kAmxRows * kCols];
+  Tiles tiles;
+  for (int64_t p0 = 0; p0 < K; p0 += part) {
+    const int64_t depth = std::min(part, K - p0);
+    const int64_t words = RoundUp((depth + 1) / 2, kTileWords);
+    const bool first = p0 == 0, last = p0 + part >= K;
+    PackB<true>(pr.b, p0, depth, n0, width, bp, stride);
+    for (int64_t i0 = m0; i0 < m1; i0 += kAmxBlockRows) {
+      const int64_t rows = std::min(kAmxBlockRows, m1 - i0);
+      PackAmxA(pr.a, i0, rows, p0, depth, words, stride, ap);
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t cols = std::min(kCols, width - q * kCols);
+        for (int64_t g = 0; g < rows; g += kAmxRows) {
+          float* saved = acc ? acc + (((i0 - m0 + g) / kAmxRows) * panels + q) * kAmxRows * kCols
+                             : nullptr;
+          if (first) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            LoadC(saved);
+          }
+          AmxSteps(ap + g * stride, stride, bp + q * stride * kCols, words);
+          StoreC(last ? block : saved);
+          if (!last) continue;
+          const int64_t height = std::min(kAmxRows, rows - g);
+          for (int64_t i = 0; i < height; ++i) {
+            const int64_t at = (i0 + g + i) * pr.n + n0 + q * kCols;
+            if (pr.c_bf16)
+              RoundRow(block + i * kCols, cols, static_cast<uint16_t*>(pr.c) + at);
+            else
+              std::memcpy(static_cast<float*>(pr.c) + at, block + i * kCols, cols * 4);
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Whether the amx variant runs on this CPU (built with AMX and granted its tiles): the product
+// on it otherwise runs as `dot`.
+bool AmxAvailable() {
+#if defined(FTJAX_AMX)
+  return AmxPermitted();
+#else
+  return false;
+#endif
+}
+
 // Splits C into tasks: across the larger of its two dimensions, one part per thread (each task
 // packs its own share of B and all of its rows of A), with at most kTaskCols columns each, and
 // a multiple of the threads in all where there is work enough (3 equal tasks on 2 threads
 // take as long as 4).
-void Run(ffi::ThreadPool& pool, const Problem& pr, bool dot) {
+void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t row_parts = 1, col_parts = (pr.n + kTaskCols - 1) / kTaskCols;
   const int64_t max_cols = (pr.n + kCols - 1) / kCols;
@@ -382,8 +571,11 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, bool dot) {
   ParallelFor(pool, row_parts * col_parts, [&](int64_t task) {
     const int64_t m0 = (task / col_parts) * row_step, n0 = (task % col_parts) * col_step;
     const int64_t m1 = std::min(pr.m, m0 + row_step), n1 = std::min(pr.n, n0 + col_step);
+#if defined(FTJAX_AMX)
+    if (variant == Variant::kAmx) return BlockAmx(pr, m0, m1, n0, n1);
+#endif
 #if defined(__AVX512BF16__)  // elsewhere the `dot` variant runs as `fma`
-    if (dot) return Block<true>(pr, m0, m1, n0, n1);
+    if (variant != Variant::kFma) return Block<true>(pr, m0, m1, n0, n1);
 #endif
     Block<false>(pr, m0, m1, n0, n1);
   });
@@ -391,11 +583,11 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, bool dot) {
 
 bool Supported(ffi::DataType t) { return t == ffi::F32 || t == ffi::BF16; }
 
-// `dot` asks for the vdpbf16ps variant; it applies to bfloat16 operands on CPUs that have the
-// instruction (elsewhere the product runs on the fma variant, with the same values up to
-// float32 rounding).
+// `variant` (Variant) applies to bfloat16 operands: `amx` where the CPU has AMX (elsewhere it
+// runs as `dot`), `dot` where it has vdpbf16ps (elsewhere as `fma`). All give the same values up
+// to float32 rounding; float32 operands always run on `fma`.
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool transpose_a,
-                  bool transpose_b, bool dot, ffi::Result<ffi::AnyBuffer> c) {
+                  bool transpose_b, int32_t variant, ffi::Result<ffi::AnyBuffer> c) {
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("matmul operands and result must be matrices");
@@ -416,11 +608,17 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool
     std::memset(pr.c, 0, m * n * (pr.c_bf16 ? 2 : 4));
     return ffi::Error::Success();
   }
-  Run(pool, pr, dot && bf16);
+  if (variant < 0 || variant > 2) return ffi::Error::InvalidArgument("matmul: unknown variant");
+  Variant v = bf16 ? static_cast<Variant>(variant) : Variant::kFma;
+  if (v == Variant::kAmx && !AmxAvailable()) v = Variant::kDot;
+  Run(pool, pr, v);
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+// For the Python side (ctypes): whether the amx variant runs here (1) or falls back (0).
+extern "C" int FtjaxMatmulHasAmx() { return AmxAvailable() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmul, Matmul,
                               ffi::Ffi::Bind()
@@ -429,5 +627,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()  // b
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
-                                  .Attr<bool>("dot")
+                                  .Attr<int32_t>("variant")  // 0 fma, 1 dot, 2 amx
                                   .Ret<ffi::AnyBuffer>());  // c
