@@ -68,18 +68,18 @@ SHAPES = [(2, 20, 20, 4, 4, 32, 'padding'), (2, 24, 24, 4, 2, 16, 'causal'),
 def _use_variant(monkeypatch, variant):
   """bfloat16 attention (and matmuls) on `variant` of the kernels, as if measured faster here."""
   monkeypatch.setattr(kernels, 'bf16_matmul_plan',
-                      lambda: {'use_kernel': False, 'variant': variant,
-                               'attention_variant': variant})
+                      lambda: {'use_kernel': False, 'variant': variant})
 
 
 @pytest.mark.parametrize('dtype,variant', [(jnp.float32, 'fma'), (jnp.bfloat16, 'fma'),
-                                           (jnp.bfloat16, 'dot')],
-                         ids=['f32', 'bf16-fma', 'bf16-dot'])
+                                           (jnp.bfloat16, 'dot'), (jnp.bfloat16, 'amx')],
+                         ids=['f32', 'bf16-fma', 'bf16-dot', 'bf16-amx'])
 @pytest.mark.parametrize('rate', [0.0, 0.2])
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s[:6])) + s[6])
 def test_fused_attention_matches_the_xla_path(shape, rate, dtype, variant, monkeypatch):
   """Same outputs and q/k/v gradients as the XLA path, dropout masks included, for bfloat16 on
-  either variant (float32 FMAs, or the bfloat16 dot instruction where the CPU has it)."""
+  any variant (float32 FMAs, the bfloat16 dot instruction, or AMX's tiles for the products
+  whose sizes are whole tiles, where the CPU has them; elsewhere the next one down)."""
   _use_variant(monkeypatch, variant)
   *dims, bias_kind = shape
   operands = _operands(*dims, dtype, bias_kind)
@@ -114,22 +114,25 @@ def test_fused_attention_matches_autodiff_of_plain_attention(rate, monkeypatch):
 
 
 def test_bfloat16_attention_takes_the_measured_variant(monkeypatch):
-  """The kernel's products take the variant that the matmul measurement found faster (the
-  bfloat16 dot instruction's speed against FMAs decides both); float32 always runs on FMAs."""
-  for dtype, variant, dot in [(jnp.bfloat16, 'dot', True), (jnp.bfloat16, 'fma', False),
-                              (jnp.float32, 'dot', False)]:
+  """The kernel's products take the variant that the matmul measurement found fastest (the
+  CPU's instructions decide both); float32 always runs on FMAs."""
+  for dtype, variant, want in [(jnp.bfloat16, 'dot', ('true', 'false')),
+                               (jnp.bfloat16, 'fma', ('false', 'false')),
+                               (jnp.bfloat16, 'amx', ('false', 'true')),
+                               (jnp.float32, 'dot', ('false', 'false')),
+                               (jnp.float32, 'amx', ('false', 'false'))]:
     _use_variant(monkeypatch, variant)
     operands = _operands(2, 8, 8, 2, 2, 16, dtype, 'padding')
     monkeypatch.setenv('FTJAX_ATTENTION', 'fused')
     loss = lambda q, k, v: jnp.sum(layers.attend(q, k, v, operands[3], dtype=dtype))
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*operands[:3]).as_text()
-    attrs = re.findall(r'ftjax_attention_\w+.*?dot = (true|false)', hlo)
-    assert attrs == [str(dot).lower()] * 2, (dtype, variant, attrs)
-  with pytest.raises(ValueError, match="variant='amx'"):
-    kernels.attention_forward(*operands[:4], jnp.zeros(2, jnp.uint32), 1.0, 0.0, variant='amx')
+    attrs = re.findall(r'ftjax_attention_\w+.*?amx = (true|false).*?dot = (true|false)', hlo)
+    assert attrs == [want[::-1]] * 2, (dtype, variant, attrs)
+  with pytest.raises(ValueError, match="variant='avx'"):
+    kernels.attention_forward(*operands[:4], jnp.zeros(2, jnp.uint32), 1.0, 0.0, variant='avx')
 
 
-def _attention_on(library, name: str, dtype, dot: bool, rate: float, operands):
+def _attention_on(library, name: str, dtype, variant: str, rate: float, operands):
   """Output and q/k/v gradients of attention on another build's kernels (registered as
   `name`_forward / _backward), called as `kernels.attention_forward` calls them."""
   q, k, v, bias = operands  # Heads-major, as `layers.attend` passes them: q [B, G, R * L, K].
@@ -141,7 +144,8 @@ def _attention_on(library, name: str, dtype, dot: bool, rate: float, operands):
                          ('backward', 'FtjaxAttentionBackward')]:
     jax.ffi.register_ffi_target(f'{name}_{suffix}', jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
-  attrs = kernels._attrs(0.3, rate, jnp.float32, 'fma') | {'dot': dot}  # pylint: disable=protected-access
+  attrs = kernels._attrs(0.3, rate, jnp.float32, 'fma') | {'dot': variant == 'dot',  # pylint: disable=protected-access
+                                                           'amx': variant == 'amx'}
   seeds = jnp.array([3, 4], jnp.uint32)
   rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
   words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
@@ -158,20 +162,22 @@ def _attention_on(library, name: str, dtype, dot: bool, rate: float, operands):
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)
 def test_builds_for_other_cpus_attend_the_same(march, needs, kernels_built_for):
   """The portable loops (no AVX-512) and AVX-512 without the bfloat16 instructions (where the
-  `dot` variant runs as `fma`) give what this machine's build gives."""
+  `dot` and `amx` variants run as `fma`) give what this machine's build gives."""
   if not needs <= cpu_flags():
     pytest.skip(f'this CPU cannot run a -march={march} build')
   kernels.available()
   native = ctypes.cdll.LoadLibrary(str(kernels.build()))
   other = kernels_built_for(march)
-  for dtype, dot, rate, shape in [(jnp.float32, False, 0.2, (3, 33, 50, 6, 2, 24, 'dense')),
-                                  (jnp.bfloat16, True, 0.2, (2, 24, 24, 4, 2, 16, 'causal')),
-                                  (jnp.bfloat16, False, 0.0, (2, 20, 20, 4, 4, 32, 'padding'))]:
+  for dtype, variant, rate, shape in [
+      (jnp.float32, 'fma', 0.2, (3, 33, 50, 6, 2, 24, 'dense')),
+      (jnp.bfloat16, 'dot', 0.2, (2, 24, 24, 4, 2, 16, 'causal')),
+      (jnp.bfloat16, 'fma', 0.0, (2, 20, 20, 4, 4, 32, 'padding')),
+      (jnp.bfloat16, 'amx', 0.1, (2, 40, 40, 4, 2, 32, 'padding'))]:
     *dims, bias_kind = shape
     operands = _operands(*dims, dtype, bias_kind)
-    theirs = _attention_on(other, f'ftjax_attention_{march.replace("-", "_")}', dtype, dot, rate,
-                           operands)
-    ours = _attention_on(native, 'ftjax_attention_native', dtype, dot, rate, operands)
+    theirs = _attention_on(other, f'ftjax_attention_{march.replace("-", "_")}', dtype, variant,
+                           rate, operands)
+    ours = _attention_on(native, 'ftjax_attention_native', dtype, variant, rate, operands)
     _close(theirs, ours, 1e-5 if dtype == jnp.float32 else 2e-2)
 
 

@@ -84,16 +84,6 @@ def test_bfloat16_products_take_the_measured_variant(monkeypatch):
     kernels.matmul(a, b, variant='avx')
 
 
-def test_attention_takes_the_faster_of_fma_and_dot(monkeypatch):
-  """The attention kernel has no amx path: it takes whichever of its two variants the
-  measurement found faster, whatever the matmul kernel runs on."""
-  q = jnp.zeros((1, 1, 16, 32), jnp.bfloat16)
-  for attention_variant in kernels.ATTENTION_VARIANTS:
-    monkeypatch.setattr(kernels, 'bf16_matmul_plan', lambda v=attention_variant: {
-        'use_kernel': True, 'variant': 'amx', 'attention_variant': v})
-    assert kernels._attrs(0.1, 0.0, q.dtype, None)['dot'] == (attention_variant == 'dot')  # pylint: disable=protected-access
-
-
 def test_amx_runs_where_the_cpu_has_it():
   """The amx variant is built and granted its tiles exactly on CPUs with AMX's bfloat16 tiles
   (elsewhere it runs as dot, and the measurement leaves it out)."""
@@ -181,8 +171,8 @@ def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_p
     assert ('bfloat16 matmuls on the kernel (dot) (kernel fma 6.00 ms, kernel dot 4.00 ms, '
             'kernel amx 5.00 ms, XLA 8.00 ms' in caplog.text)
     saved = json.loads((tmp_path / 'kernels-x.matmul.json').read_text())
-    assert saved == {'use_kernel': True, 'variant': 'dot', 'attention_variant': 'dot',
-                     'fma_s': 0.006, 'dot_s': 0.004, 'amx_s': 0.005, 'xla_s': 0.008}
+    assert saved == {'use_kernel': True, 'variant': 'dot', 'fma_s': 0.006, 'dot_s': 0.004,
+                     'amx_s': 0.005, 'xla_s': 0.008}
     assert kernels.bf16_matmul_plan()['variant'] == 'dot'
     kernels.bf16_matmul_plan.cache_clear()
     (tmp_path / 'kernels-x.matmul.json').write_text(json.dumps({**saved, 'use_kernel': False}))
@@ -200,13 +190,13 @@ def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_p
                         lambda: {'fma': 0.95, 'dot': 1.2, 'xla': 1.0})
     assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
     assert kernels.bf16_matmul_plan()['variant'] == 'fma'
-    # amx fastest: the matmul kernel takes it, attention the faster of the other two.
+    # amx fastest: the kernels take it.
     kernels.bf16_matmul_plan.cache_clear()
     (tmp_path / 'kernels-x.matmul.json').unlink()
     monkeypatch.setattr(kernels, 'measure_bf16_matmul',
                         lambda: {'fma': 2.0, 'dot': 3.0, 'amx': 0.5, 'xla': 1.0})
     plan = kernels.bf16_matmul_plan()
-    assert plan['variant'] == 'amx' and plan['attention_variant'] == 'fma' and plan['use_kernel']
+    assert plan['variant'] == 'amx' and plan['use_kernel']
   finally:
     kernels.bf16_matmul_plan.cache_clear()
 
@@ -223,11 +213,10 @@ def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):
   finally:
     kernels.bf16_matmul_plan.cache_clear()
   saved = json.loads(path.read_text())
-  variants = kernels.VARIANTS if kernels.has_amx() else kernels.ATTENTION_VARIANTS
+  variants = kernels.VARIANTS if kernels.has_amx() else ('fma', 'dot')
   times = {v: saved[f'{v}_s'] for v in (*variants, 'xla')}
   assert all(t > 0 for t in times.values()) and ('amx_s' in saved) == kernels.has_amx()
   assert saved['variant'] == min(variants, key=times.__getitem__)
-  assert saved['attention_variant'] == min(kernels.ATTENTION_VARIANTS, key=times.__getitem__)
   assert saved['use_kernel'] == (times[saved['variant']] < 0.9 * times['xla'])
 
 

@@ -1,7 +1,7 @@
 """Native CPU kernels, built from source on first use with the machine's C++ compiler.
 
 - `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU,
-  its bfloat16 products in the matmul kernel's faster variant (below) on the machine.
+  its bfloat16 products in the matmul kernel's fastest variant (below) on the machine.
 - `matmul.cc`: a dense matrix product for bfloat16 dense layers, in three variants: `fma` packs
   the operands into float32 panels and multiplies with float32 FMAs (for CPUs whose bfloat16
   dot instruction is slow), `dot` packs pairs of bfloat16 and multiplies with that instruction
@@ -193,19 +193,20 @@ def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> 
 
 def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+  chosen = _attention_variant(dtype, variant)
   return {'scale': np.float32(scale), 'rate': np.float32(rate),
           'keep_scale': np.float32(1.0 / (1.0 - rate)), 'threshold': np.int64(threshold),
-          'dot': _on_dot(dtype, variant)}
+          'dot': chosen == 'dot', 'amx': chosen == 'amx'}
 
 
-def _on_dot(dtype, variant: str | None) -> bool:
-  """Whether the attention kernel's products of `dtype` operands take its `dot` variant:
-  bfloat16 only, and `variant` (None: the faster of `fma` and `dot` as measured on this
-  machine, `bf16_matmul_plan`)."""
-  if variant not in (None, *ATTENTION_VARIANTS):
-    raise ValueError(f'variant={variant!r}: expected one of {ATTENTION_VARIANTS} or None')
-  return (jnp.dtype(dtype) == jnp.bfloat16
-          and (variant or bf16_matmul_plan()['attention_variant']) == 'dot')
+def _attention_variant(dtype, variant: str | None) -> str:
+  """The attention kernel's variant for `dtype` operands: `fma` for float32; for bfloat16,
+  `variant` (None: the fastest as measured on this machine, `bf16_matmul_plan`)."""
+  if variant not in (None, *VARIANTS):
+    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return 'fma'
+  return variant or bf16_matmul_plan()['variant']
 
 
 def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
@@ -215,9 +216,8 @@ def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
   `keep` holds the dropout keep-mask as uint16 words ([B, G, Q, ceil(S / 16)]; one word when
   `rate` is 0), hashed once here and read back by the backward pass. `variant`, for bfloat16
   operands, as in `matmul`: its products on float32 FMAs ('fma') or on the CPU's bfloat16 dot
-  instruction ('dot'); None takes the one that the matmul measurement found faster here (the
-  instruction's speed against FMAs decides both; the matmul kernel's `amx` variant has no
-  counterpart here).
+  instruction ('dot') or on Intel AMX's tiles ('amx'); None takes the one that the matmul
+  measurement found fastest here (the instructions' speeds decide both).
   """
   rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
   words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
@@ -263,8 +263,6 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
 
 
 VARIANTS = ('fma', 'dot', 'amx')
-# The attention kernel's variants: its small per-head products have no AMX path.
-ATTENTION_VARIANTS = ('fma', 'dot')
 # The smallest contracted and output widths the matmul kernel takes: its register tile is
 # 12 x 32, and narrower products (LoRA's rank-r factors, a classifier head) stay on XLA.
 _MIN_MATMUL_WIDTH = 64
@@ -294,10 +292,10 @@ def _calibration_path() -> pathlib.Path:
 
 @functools.cache
 def bf16_matmul_plan() -> dict:
-  """How bfloat16 products run on this machine: {'use_kernel': bool (the kernel rather than
-  XLA's dot), 'variant': 'fma', 'dot' or 'amx' (the kernel's fastest), 'attention_variant':
-  'fma' or 'dot' (the faster of those two, for the attention kernel), and the measured seconds
-  'fma_s', 'dot_s', 'xla_s' and, on CPUs with AMX, 'amx_s'}.
+  """How bfloat16 products run on this machine: {'use_kernel': bool (the matmul kernel rather
+  than XLA's dot), 'variant': 'fma', 'dot' or 'amx' (the kernels' fastest: the attention
+  kernel's products take it too), and the measured seconds 'fma_s', 'dot_s', 'xla_s' and, on
+  CPUs with AMX, 'amx_s'}.
 
   Measured once per machine and build (`measure_bf16_matmul`, about 2 s on 2 cores) and kept
   beside the library. Which is fastest depends on the CPU: where the bfloat16 dot instruction
@@ -308,8 +306,7 @@ def bf16_matmul_plan() -> dict:
   path = _calibration_path()
   try:
     plan = json.loads(path.read_text())
-    if (isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS
-        and plan['attention_variant'] in ATTENTION_VARIANTS):
+    if isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS:
       return plan
   except (OSError, ValueError, KeyError, TypeError):
     pass
@@ -318,7 +315,6 @@ def bf16_matmul_plan() -> dict:
   measured = [v for v in VARIANTS if v in times]
   variant = min(measured, key=times.__getitem__)
   plan = {'use_kernel': times[variant] < _KERNEL_MARGIN * times['xla'], 'variant': variant,
-          'attention_variant': min(ATTENTION_VARIANTS, key=times.__getitem__),
           **{f'{name}_s': t for name, t in times.items()}}
   try:  # Written whole and renamed: a concurrent reader never sees half a file.
     with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
@@ -365,7 +361,7 @@ def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int 
     return (dot(x, w, (1, 0)).astype(x.dtype), dot(g, w, (1, 1)).astype(x.dtype),
             dot(layers._transposed_copy(x), g, (1, 0)))  # pylint: disable=protected-access
 
-  variants = VARIANTS if has_amx() else ATTENTION_VARIANTS
+  variants = VARIANTS if has_amx() else ('fma', 'dot')
   runs = {**{v: on_kernel(v) for v in variants}, 'xla': on_xla}
   best = {}
   for name, run in runs.items():

@@ -8,7 +8,9 @@
 // cache-sized scratch, in float32, the way a fused CPU attention kernel (e.g. PyTorch's) does.
 // The products multiply with float32 FMAs (`fma`), or, for bfloat16 operands where the custom
 // call's `dot` attribute asks and the CPU has the instruction, with vdpbf16ps on pairs of
-// bfloat16 packed from that scratch (`dot`; the values there are bfloat16 values exactly).
+// bfloat16 packed from that scratch (`dot`; the values there are bfloat16 values exactly), or,
+// where `amx` asks and the CPU has AMX, on its tiles over the same pairs (`amx`; products whose
+// sizes are not whole tiles run as `dot`).
 //
 // Semantics are those of ftjax.models.layers._attention (the XLA path, kept as the reference):
 //   logits = q k^T * scale + bias (float32), probs = exp(logits - max) / sum,
@@ -35,6 +37,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -155,6 +158,103 @@ inline void Tile(int64_t reduce, const float* a, int64_t a_row, int64_t a_red, c
 }
 #endif
 
+#if defined(FTJAX_AMX)
+// The `amx` variant: the `dot` variant's products on Intel AMX's tiles, where their sizes are
+// whole tiles (rows in 16s, contracted words in 16s; the columns always are): the pairs layouts
+// of ColumnPairs and RowPairs are what the tiles read (an A tile row: 16 words of one row of a;
+// a B tile row: one word of 16 columns of b). Set per task (AmxTask) on the running thread.
+thread_local bool amx_on = false;
+
+// While in scope, Gemm<true> runs on the thread's tiles where `wanted` and the CPU allows it.
+class AmxTask {
+ public:
+  explicit AmxTask(bool wanted) {
+    if (wanted && AmxAvailable()) {
+      tiles_.emplace();
+      amx_on = true;
+    }
+  }
+  ~AmxTask() { amx_on = false; }
+  AmxTask(const AmxTask&) = delete;
+  AmxTask& operator=(const AmxTask&) = delete;
+
+ private:
+  std::optional<Tiles> tiles_;
+};
+
+// An R x C block of 16 x 16 tiles of C (R, C in {1, 2}: tiles 0-3 by row and column), over
+// `reduce` words: A's row tiles in 4 and 5, B's column tiles in 6 and 7.
+template <int R, int C>
+inline void AmxBlock(int64_t reduce, const float* a, int64_t a_row, const float* b, int64_t ldb,
+                     float* c, int64_t ldc, bool accumulate) {
+  const int64_t sc = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    if constexpr (C > 1) _tile_loadd(1, c + 16, sc);
+    if constexpr (R > 1) _tile_loadd(2, c + 16 * ldc, sc);
+    if constexpr (R > 1 && C > 1) _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (C > 1) _tile_zero(1);
+    if constexpr (R > 1) _tile_zero(2);
+    if constexpr (R > 1 && C > 1) _tile_zero(3);
+  }
+  for (int64_t t0 = 0; t0 < reduce; t0 += 16) {
+    _tile_loadd(4, a + t0, a_row * 4);
+    if constexpr (R > 1) _tile_loadd(5, a + 16 * a_row + t0, a_row * 4);
+    _tile_loadd(6, b + t0 * ldb, ldb * 4);
+    if constexpr (C > 1) _tile_loadd(7, b + t0 * ldb + 16, ldb * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (C > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (R > 1 && C > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (C > 1) _tile_stored(1, c + 16, sc);
+  if constexpr (R > 1) _tile_stored(2, c + 16 * ldc, sc);
+  if constexpr (R > 1 && C > 1) _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+// Gemm<true> on tiles: m a multiple of 16, reduce of 16 words, n of kLanes. An `a` read down
+// its columns (a_row 1) is first transposed into rows of words.
+void GemmAmx(int64_t m, int64_t n, int64_t reduce, const float* a, int64_t a_row,
+             int64_t a_red, const float* b, int64_t ldb, float* c, int64_t ldc,
+             bool accumulate) {
+  thread_local std::vector<float> rows;
+  if (a_red != 1) {
+    rows.resize(m * reduce);
+    for (int64_t r0 = 0; r0 < m; r0 += 16)
+      for (int64_t t0 = 0; t0 < reduce; t0 += 16) {
+        __m512 x[16];
+        for (int t = 0; t < 16; ++t) x[t] = _mm512_loadu_ps(a + r0 * a_row + (t0 + t) * a_red);
+        Transpose16(x);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(rows.data() + (r0 + i) * reduce + t0, x[i]);
+      }
+    a = rows.data();
+    a_row = reduce;
+  }
+  for (int64_t i = 0; i < m; i += 32) {
+    const bool two_rows = m - i >= 32;
+    const float* ai = a + i * a_row;
+    for (int64_t j = 0; j < n; j += 32) {
+      float* cij = c + i * ldc + j;
+      if (n - j >= 32) {
+        if (two_rows) AmxBlock<2, 2>(reduce, ai, a_row, b + j, ldb, cij, ldc, accumulate);
+        else AmxBlock<1, 2>(reduce, ai, a_row, b + j, ldb, cij, ldc, accumulate);
+      } else {
+        if (two_rows) AmxBlock<2, 1>(reduce, ai, a_row, b + j, ldb, cij, ldc, accumulate);
+        else AmxBlock<1, 1>(reduce, ai, a_row, b + j, ldb, cij, ldc, accumulate);
+      }
+    }
+  }
+}
+#else
+class AmxTask {
+ public:
+  explicit AmxTask(bool) {}
+};
+#endif
+
 // C[r][j] (+)= sum_t a[r * a_row + t * a_red] * b[t * ldb + j] for r < m (a multiple of
 // kRowTile), j < n (a multiple of kLanes), t < reduce words. One kernel serves the products of
 // attention: q k^T (a = q rows, b = k^T), p v and ds k (a = a block of [rows, S], b = v or k),
@@ -165,6 +265,19 @@ inline void Tile(int64_t reduce, const float* a, int64_t a_row, int64_t a_red, c
 template <bool kDot>
 void Gemm(int64_t m, int64_t n, int64_t reduce, const float* a, int64_t a_row, int64_t a_red,
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#if defined(FTJAX_AMX)
+  if constexpr (kDot) {
+    // The rows that fill tiles on AMX; a tail of 8 rows (kRowTile) as below.
+    if (amx_on && reduce % 16 == 0 && m >= 16) {
+      const int64_t whole = m / 16 * 16;
+      GemmAmx(whole, n, reduce, a, a_row, a_red, b, ldb, c, ldc, accumulate);
+      if (whole == m) return;
+      a += whole * a_row;
+      c += whole * ldc;
+      m -= whole;
+    }
+  }
+#endif
 #if defined(__AVX512F__)
   for (int64_t j = 0; j < n;) {
     if (n - j >= 4 * kLanes) {
@@ -635,7 +748,8 @@ ffi::Error CheckKeep(const Shape& sh, float rate, size_t words) {
 }
 
 // Runs run(T{}, std::bool_constant<kDot>{}) for q's dtype: kDot for bfloat16 operands where
-// `dot` asks for the vdpbf16ps variant and the CPU has it (elsewhere it runs as fma).
+// `dot` (or `amx`, whose tiles take the same pairs) asks for the vdpbf16ps variant and the CPU
+// has it (elsewhere it runs as fma).
 template <typename Run>
 void Dispatch(const ffi::AnyBuffer& q, bool dot, Run&& run) {
   if (q.element_type() == ffi::F32) return run(0.0f, std::false_type{});
@@ -647,7 +761,7 @@ void Dispatch(const ffi::AnyBuffer& q, bool dot, Run&& run) {
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U32> seeds, float scale,
-                   float rate, float keep_scale, int64_t threshold, bool dot,
+                   float rate, float keep_scale, int64_t threshold, bool dot, bool amx,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> maximum,
                    ffi::Result<ffi::Buffer<ffi::F32>> normaliser,
@@ -660,12 +774,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   auto run = [&](auto zero, auto on_dot) {
     using T = decltype(zero);
     ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
+      const AmxTask tiles(amx && on_dot.value);
       ForwardTask<T, on_dot.value>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(), scale, drop,
                      Out<T>(out), maximum->typed_data(), normaliser->typed_data(),
                      keep->typed_data());
     });
   };
-  Dispatch(q, dot, run);
+  Dispatch(q, dot || amx, run);
   return ffi::Error::Success();
 }
 
@@ -674,7 +789,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                     ffi::Buffer<ffi::F32> maximum, ffi::Buffer<ffi::F32> normaliser,
                     ffi::Buffer<ffi::U16> keep, ffi::AnyBuffer out, ffi::AnyBuffer d_out,
                     float scale, float rate, float keep_scale, int64_t threshold, bool dot,
-                    ffi::Result<ffi::AnyBuffer> d_q, ffi::Result<ffi::AnyBuffer> d_k,
+                    bool amx, ffi::Result<ffi::AnyBuffer> d_q, ffi::Result<ffi::AnyBuffer> d_k,
                     ffi::Result<ffi::AnyBuffer> d_v) {
   Shape sh;
   if (ffi::Error e = ReadShape(q, k, v, bias, &sh); e.failure()) return e;
@@ -686,13 +801,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   auto run = [&](auto zero, auto on_dot) {
     using T = decltype(zero);
     ParallelFor(pool, sh.batch * sh.groups, [&](int64_t n) {
+      const AmxTask tiles(amx && on_dot.value);
       BackwardTask<T, on_dot.value>(sh, n, In<T>(q), In<T>(k), In<T>(v), bias.typed_data(),
                       maximum.typed_data(), normaliser.typed_data(), keep.typed_data(),
                       In<T>(out), In<T>(d_out), scale, drop, Out<T>(d_q), Out<T>(d_k),
                       Out<T>(d_v));
     });
   };
-  Dispatch(q, dot, run);
+  Dispatch(q, dot || amx, run);
   return ffi::Error::Success();
 }
 
@@ -711,6 +827,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionForward, Forward,
                                   .Attr<float>("keep_scale")
                                   .Attr<int64_t>("threshold")
                                   .Attr<bool>("dot")
+                                  .Attr<bool>("amx")
                                   .Ret<ffi::AnyBuffer>()          // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // row maximum
                                   .Ret<ffi::Buffer<ffi::F32>>()   // row normaliser
@@ -734,6 +851,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAttentionBackward, Backward,
                                   .Attr<float>("keep_scale")
                                   .Attr<int64_t>("threshold")
                                   .Attr<bool>("dot")
+                                  .Attr<bool>("amx")
                                   .Ret<ffi::AnyBuffer>()          // d_q
                                   .Ret<ffi::AnyBuffer>()          // d_k
                                   .Ret<ffi::AnyBuffer>());        // d_v

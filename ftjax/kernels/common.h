@@ -1,5 +1,6 @@
 // Pieces shared by ftjax's XLA FFI kernels (attention.cc, matmul.cc): bfloat16 conversion,
-// a parallel loop over XLA's intra-op thread pool, and typed views of FFI buffers. Each kernel
+// a parallel loop over XLA's intra-op thread pool, typed views of FFI buffers, a 16 x 16
+// register transpose and the set-up of Intel AMX's tiles. Each kernel
 // source includes it inside its own anonymous namespace.
 #ifndef FTJAX_KERNELS_COMMON_H_
 #define FTJAX_KERNELS_COMMON_H_
@@ -12,6 +13,15 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define FTJAX_AMX 1  // Intel AMX's bfloat16 tiles (the `amx` variants)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -83,6 +93,75 @@ template <typename T> const T* In(const ffi::AnyBuffer& x) {
 }
 template <typename T> T* Out(ffi::Result<ffi::AnyBuffer>& x) {
   return reinterpret_cast<T*>(x->untyped_data());
+}
+
+#if defined(__AVX512F__)
+// In-register transpose of 16 x 16 32-bit words: r[i] lane j -> r[j] lane i.
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+#endif
+
+#if defined(FTJAX_AMX)
+// Linux gives a process AMX's tile data only on request (arch_prctl); asked once per process.
+inline bool AmxPermitted() {
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// While in scope, the calling thread's tiles 0-7 are configured as 16 rows x 64 bytes.
+class Tiles {
+ public:
+  Tiles() {
+    TileConfig config;
+    for (int i = 0; i < 8; ++i) {
+      config.colsb[i] = 64;
+      config.rows[i] = 16;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+#endif
+
+// Whether the `amx` variants run on this CPU (built with AMX and granted its tiles); elsewhere
+// they run as `dot`.
+inline bool AmxAvailable() {
+#if defined(FTJAX_AMX)
+  return AmxPermitted();
+#else
+  return false;
+#endif
 }
 
 }  // namespace ftjax

@@ -35,11 +35,6 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define FTJAX_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include "common.h"
 
@@ -103,30 +98,6 @@ inline __m512 PairRuns(const Operand& x, int64_t i0, int64_t i1, bool second, __
   if (!second) return _mm512_castsi512_ps(lo);
   const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, x.Bf16(i1)));
   return _mm512_castsi512_ps(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-}
-
-// In-register transpose of 16 x 16 32-bit words: r[i] lane j -> r[j] lane i.
-inline void Transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-  }
 }
 
 // dst[t * width + j] = word t of line j (t < words, j < lines <= 16), where load(j, t0) gives
@@ -390,37 +361,6 @@ constexpr int64_t kAmxBlockRows = 64;   // rows of A packed together (a multiple
 constexpr int64_t kAmxPackedB = 1 << 20;   // bytes of packed B per part, at most (L2)
 constexpr int64_t kAmxMinPart = 256;   // words of K per part, at least
 
-// Linux gives a process AMX's tile data only on request (arch_prctl); asked once per process.
-bool AmxPermitted() {
-  static const bool ok = [] {
-    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// While in scope, the calling thread's tiles 0-7 are configured as 16 rows x 64 bytes.
-class Tiles {
- public:
-  Tiles() {
-    TileConfig config;
-    for (int i = 0; i < 8; ++i) {
-      config.colsb[i] = 64;
-      config.rows[i] = 16;
-    }
-    _tile_loadconfig(&config);
-  }
-  ~Tiles() { _tile_release(); }
-  Tiles(const Tiles&) = delete;
-  Tiles& operator=(const Tiles&) = delete;
-};
-
 // A(m, k) for m in [m0, m0 + rows), k in [k0, k0 + depth) as rows of bfloat16 pairs:
 // dst[i * stride + t] = the pair A(m0 + i, k0 + 2t), A(m0 + i, k0 + 2t + 1) for t < words,
 // i < RoundUp(rows, kAmxRows), zero past the depth and the rows.
@@ -542,15 +482,6 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 }
 #endif
 
-// Whether the amx variant runs on this CPU (built with AMX and granted its tiles): the product
-// on it otherwise runs as `dot`.
-bool AmxAvailable() {
-#if defined(FTJAX_AMX)
-  return AmxPermitted();
-#else
-  return false;
-#endif
-}
 
 // Splits C into tasks: across the larger of its two dimensions, one part per thread (each task
 // packs its own share of B and all of its rows of A), with at most kTaskCols columns each, and
