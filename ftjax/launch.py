@@ -19,7 +19,20 @@ Three settings, each measured on this project's machines:
   it. `FTJAX_MALLOC_REUSE=0` turns it off. `process_env` gives child processes the same
   settings as `GLIBC_TUNABLES`, so benchmarks run their baselines under them too.
 
-Two more, chosen before the training loop starts:
+Three more, chosen before the training loop starts:
+
+* **Large freed blocks stay mapped** (`block_cache_library`, preloaded by the command-line entry
+  point and given to benchmark children with `LD_PRELOAD`). XLA:CPU allocates a step's scratch
+  buffers as one block, 500 MB and more for MiniLM at 32 x 128 tokens, which is above the
+  64 MiB mmap threshold of malloc reuse, so glibc still mapped it afresh every step and the
+  kernel zeroed its pages (~130,000 page faults and ~0.2 s of system CPU per 0.7 s bfloat16
+  step on a 2-core Xeon). `ftjax/kernels/blockcache.cc`, a small allocator in front of glibc's
+  for blocks of 64 MiB or more, keeps freed ones mapped for the next step: MiniLM's bfloat16
+  full fine-tuning step took 0.84x as long, LoRA 0.87x, float32 full 0.94x, with no page
+  faults left. Costs: while step N + 1 is dispatched during step N both scratch blocks stay
+  resident, so the peak can grow by one step's scratch (bfloat16 full fine-tuning: 1.33 ->
+  1.85 GB, still below torch's 2.05). Linux with glibc only; `FTJAX_BLOCK_CACHE=0` leaves it
+  out, and a user's own `LD_PRELOAD` (another allocator, say) is left as it is.
 
 * **Huge pages for XLA's buffers** (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). XLA:CPU allocates
   each step's scratch memory afresh (a MiniLM step at 32 x 128 tokens: ~1.6 GiB, ~350,000 page
@@ -39,12 +52,17 @@ Two more, chosen before the training loop starts:
 """
 
 import ctypes
+import hashlib
 import os
 import pathlib
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 
 _HUGETLB = 'glibc.malloc.hugetlb=1'
+_BLOCK_CACHE_SOURCE = pathlib.Path(__file__).parent / 'kernels' / 'blockcache.cc'
 # malloc keeps freed scratch memory (`reuse_freed_host_memory`): blocks below 64 MiB come from the
 # heap, up to 1 GiB of free memory at the heap's top is kept rather than handed back, and every
 # thread allocates from the one main heap (a thread's own heap is unmapped whenever it empties).
@@ -111,6 +129,52 @@ def release_freed_host_memory() -> None:
     pass
 
 
+def compiler() -> str | None:
+  """The C++ compiler ftjax builds its native code with ($CXX, c++, g++ or clang++), or None."""
+  for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+    if name and (path := shutil.which(name)):
+      return path
+  return None
+
+
+def native_cache_dir() -> pathlib.Path:
+  """Where ftjax keeps what it compiles for this machine (`$FTJAX_KERNEL_CACHE`)."""
+  return pathlib.Path(os.environ.get('FTJAX_KERNEL_CACHE')
+                      or pathlib.Path.home() / '.cache' / 'ftjax' / 'kernels')
+
+
+def block_cache_wanted(env: dict[str, str] | None = None) -> bool:
+  """Whether processes should run with the large-block cache: unless `FTJAX_BLOCK_CACHE=0`,
+  on Linux with glibc, and when the user preloads nothing of their own."""
+  env = os.environ if env is None else env
+  return (env.get('FTJAX_BLOCK_CACHE', '1') != '0' and _is_glibc()
+          and not env.get('LD_PRELOAD', '').strip())
+
+
+def block_cache_library() -> pathlib.Path | None:
+  """The large-block cache (`kernels/blockcache.cc`) built for this machine, building it once
+  (about a second); None where there is no compiler or the build fails (ftjax then runs
+  without it)."""
+  cxx = compiler()
+  if cxx is None:
+    return None
+  key = hashlib.sha256(_BLOCK_CACHE_SOURCE.read_bytes() + cxx.encode()).hexdigest()[:16]
+  path = native_cache_dir() / f'blockcache-{key}.so'
+  if path.exists():
+    return path
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: concurrent builds never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+      out = pathlib.Path(tmp) / path.name
+      subprocess.run([cxx, '-O2', '-std=c++17', '-shared', '-fPIC', str(_BLOCK_CACHE_SOURCE),
+                      '-o', str(out), '-ldl', '-lpthread'], capture_output=True, check=True)
+      os.replace(out, path)
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return path
+
+
 def cpuinfo(field: str) -> str:
   """The first value of `field` in /proc/cpuinfo ('' where there is none)."""
   try:
@@ -146,9 +210,9 @@ def process_env(env: dict[str, str] | None = None, *, malloc_reuse: bool = True
   """`env` (default: this process's) with the settings ftjax wants at process start added.
 
   Benchmarks pass the result to every child process, ftjax's and its baselines', so that both
-  run under the same environment: huge pages where wanted (`hugepages_wanted`) and, with
-  `malloc_reuse`, the malloc thresholds that `reuse_freed_host_memory` sets in-process. A
-  tunable the user already set keeps their value.
+  run under the same environment: huge pages where wanted (`hugepages_wanted`), the large-block
+  cache preloaded (`block_cache_wanted`) and, with `malloc_reuse`, the malloc thresholds that
+  `reuse_freed_host_memory` sets in-process. A tunable the user already set keeps their value.
   """
   env = dict(os.environ if env is None else env)
   wanted = []
@@ -160,6 +224,8 @@ def process_env(env: dict[str, str] | None = None, *, malloc_reuse: bool = True
   added = [t for t in wanted if t.split('=')[0] not in tunables]
   if added:
     env['GLIBC_TUNABLES'] = ':'.join(([tunables] if tunables else []) + added)
+  if block_cache_wanted(env) and (library := block_cache_library()):
+    env['LD_PRELOAD'] = str(library)
   return env
 
 

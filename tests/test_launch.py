@@ -16,16 +16,18 @@ _PRINT_ENV = ('from ftjax import launch; launch.ensure_process_env(); import os;
 
 
 def _run(code: str, **env: str) -> str:
+  """Runs `code` in a fresh interpreter under `env` (the block cache off unless it says)."""
   full_env = {k: v for k, v in os.environ.items()
               if k not in ('GLIBC_TUNABLES', 'FTJAX_REEXECUTED', 'FTJAX_HUGEPAGES',
-                           'FTJAX_MALLOC_REUSE')}
+                           'FTJAX_MALLOC_REUSE', 'LD_PRELOAD', 'FTJAX_BLOCK_CACHE')}
+  full_env['FTJAX_BLOCK_CACHE'] = '0'
   out = subprocess.run([sys.executable, '-c', code], env={**full_env, **env},
                        capture_output=True, text=True, check=True)
   return out.stdout.strip()
 
 
 def test_process_env_adds_the_huge_page_tunable_and_keeps_the_users(monkeypatch):
-  on = {'FTJAX_HUGEPAGES': '1', 'FTJAX_MALLOC_REUSE': '0'}
+  on = {'FTJAX_HUGEPAGES': '1', 'FTJAX_MALLOC_REUSE': '0', 'FTJAX_BLOCK_CACHE': '0'}
   assert launch.process_env(on)['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
   mine = {**on, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
   assert launch.process_env(mine)['GLIBC_TUNABLES'] == (
@@ -34,10 +36,11 @@ def test_process_env_adds_the_huge_page_tunable_and_keeps_the_users(monkeypatch)
   assert launch.process_env(chosen) == chosen  # The user's own choice stands.
   assert 'GLIBC_TUNABLES' not in launch.process_env({'FTJAX_HUGEPAGES': '0',
                                                     'FTJAX_MALLOC_REUSE': '0'})
+  no_cache = {'FTJAX_MALLOC_REUSE': '0', 'FTJAX_BLOCK_CACHE': '0'}
   # Unset: on for AMD CPUs (where it was measured faster), off for others.
   for vendor, wanted in (('AuthenticAMD', True), ('GenuineIntel', False)):
     monkeypatch.setattr(launch, '_cpu_vendor', lambda vendor=vendor: vendor)
-    tunables = launch.process_env({'FTJAX_MALLOC_REUSE': '0'}).get('GLIBC_TUNABLES', '')
+    tunables = launch.process_env(no_cache).get('GLIBC_TUNABLES', '')
     assert ('glibc.malloc.hugetlb=1' in tunables) is wanted
 
 
@@ -46,7 +49,7 @@ _REUSE = ('glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=1073
 
 
 def test_process_env_gives_children_the_malloc_reuse_thresholds():
-  off = {'FTJAX_HUGEPAGES': '0'}
+  off = {'FTJAX_HUGEPAGES': '0', 'FTJAX_BLOCK_CACHE': '0'}
   assert launch.process_env(off)['GLIBC_TUNABLES'] == _REUSE
   assert launch.process_env({**off, 'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'})[
       'GLIBC_TUNABLES'] == f'glibc.malloc.tcache_count=0:{_REUSE}'
@@ -58,8 +61,104 @@ def test_process_env_gives_children_the_malloc_reuse_thresholds():
   assert launch.process_env({**off, 'FTJAX_MALLOC_REUSE': '0'}) == {**off,
                                                                       'FTJAX_MALLOC_REUSE': '0'}
   assert 'GLIBC_TUNABLES' not in launch.process_env(off, malloc_reuse=False)
-  on = {'FTJAX_HUGEPAGES': '1'}
+  on = {'FTJAX_HUGEPAGES': '1', 'FTJAX_BLOCK_CACHE': '0'}
   assert launch.process_env(on)['GLIBC_TUNABLES'] == f'glibc.malloc.hugetlb=1:{_REUSE}'
+
+
+def test_process_env_preloads_the_block_cache_unless_told_or_preloading_already():
+  library = launch.block_cache_library()
+  assert library is not None and library.exists()
+  assert launch.block_cache_library() == library  # Built once.
+  assert launch.process_env({'FTJAX_MALLOC_REUSE': '0'})['LD_PRELOAD'] == str(library)
+  assert 'LD_PRELOAD' not in launch.process_env({'FTJAX_BLOCK_CACHE': '0'})
+  theirs = {'LD_PRELOAD': '/usr/lib/libjemalloc.so.2'}
+  assert launch.process_env(theirs)['LD_PRELOAD'] == theirs['LD_PRELOAD']
+
+
+def test_entry_point_reexecutes_with_the_block_cache():
+  code = ('from ftjax import launch; launch.ensure_process_env(); import os; '
+          'print(os.environ.get("LD_PRELOAD"), os.environ.get("FTJAX_REEXECUTED"))')
+  assert _run(code, FTJAX_BLOCK_CACHE='1') == f'{launch.block_cache_library()} 1'
+  assert _run(code) == 'None None'
+
+
+# Blocks of 200 MB (above the cache's 64 MiB) through the preloaded block cache: `faults` writes
+# one and frees it four times and prints the page faults of the last three rounds; `api` checks
+# the other entry points; `idle` frees four blocks held at once; `fork` allocates in a child.
+_BLOCK_CACHE = r'''
+import ctypes, os, resource, sys
+libc = ctypes.CDLL(None)  # The process's own symbols (a preloaded malloc first), not libc's.
+for name, res, args in [('malloc', ctypes.c_void_p, [ctypes.c_size_t]),
+                        ('free', None, [ctypes.c_void_p]),
+                        ('realloc', ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+                        ('malloc_usable_size', ctypes.c_size_t, [ctypes.c_void_p]),
+                        ('posix_memalign', ctypes.c_int,
+                         [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t])]:
+  getattr(libc, name).restype, getattr(libc, name).argtypes = res, args
+size = 200 << 20
+counts = lambda: None
+if os.environ.get('LD_PRELOAD'):
+  cache = ctypes.CDLL(os.environ['LD_PRELOAD'])
+  def counts():
+    mapped, used = ctypes.c_int(), ctypes.c_int()
+    cache.ftjax_block_cache_counts(ctypes.byref(mapped), ctypes.byref(used))
+    return mapped.value, used.value
+if sys.argv[1] == 'faults':
+  faults = []
+  for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  print(sum(faults[1:]))
+elif sys.argv[1] == 'api':
+  out = ctypes.c_void_p()
+  assert libc.posix_memalign(ctypes.byref(out), 4096, size) == 0 and out.value % 4096 == 0
+  assert counts() == (1, 1) and libc.malloc_usable_size(out) >= size
+  ctypes.memset(out, 7, size)
+  grown = libc.realloc(out, 2 * size)  # Copied into a larger block, the old one kept idle.
+  assert ctypes.string_at(grown + size - 4, 4) == bytes([7] * 4) and counts() == (2, 1)
+  assert libc.realloc(grown, 2 * size - 4096) == grown  # A slightly smaller size stays put.
+  libc.free(grown)
+  again = libc.malloc(size - 4096)  # The idle block that fits best.
+  assert again == out.value and counts() == (2, 1)
+  small = libc.malloc(1000)  # Small blocks are glibc's, and so is calloc.
+  assert counts() == (2, 1) and libc.malloc_usable_size(small) >= 1000
+  libc.free(small)
+  libc.free(again)
+  print('ok')
+elif sys.argv[1] == 'idle':
+  blocks = [libc.malloc(size) for _ in range(4)]
+  assert counts() == (4, 4)
+  for block in blocks:
+    libc.free(block)
+  print(*counts())
+elif sys.argv[1] == 'fork':
+  block = libc.malloc(size)
+  pid = os.fork()
+  if pid == 0:
+    child = libc.malloc(size)
+    libc.free(child)
+    libc.free(block)
+    os._exit(0)
+  libc.free(block)
+  print(os.waitpid(pid, 0)[1])
+'''
+
+
+def test_block_cache_reuses_large_blocks_without_faulting_them_in_again():
+  library = launch.block_cache_library()
+  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
+  run = lambda mode, **more: subprocess.run(
+      [sys.executable, '-c', _BLOCK_CACHE, mode], env={**env, **more}, capture_output=True,
+      text=True, check=True).stdout.strip()
+  pages = 3 * (200 << 20) // 4096
+  assert int(run('faults')) > pages // 2  # glibc maps a block this large afresh every time.
+  assert int(run('faults', LD_PRELOAD=str(library))) < pages // 100
+  assert run('api', LD_PRELOAD=str(library)) == 'ok'
+  assert run('idle', LD_PRELOAD=str(library)) == '2 0'  # At most two idle blocks are kept.
+  assert run('fork', LD_PRELOAD=str(library)) == '0'
 
 
 def test_entry_point_reexecutes_once_with_the_settings():

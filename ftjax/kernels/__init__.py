@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import subprocess
 import tempfile
 import time
@@ -82,14 +81,12 @@ def check_choices() -> None:
 
 
 def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get('FTJAX_KERNEL_CACHE')
-                      or pathlib.Path.home() / '.cache' / 'ftjax' / 'kernels')
+  return launch.native_cache_dir()
 
 
 def _compiler() -> str:
-  for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
-    if name and (path := shutil.which(name)):
-      return path
+  if path := launch.compiler():
+    return path
   raise KernelUnavailable('no C++ compiler found (set CXX, or install g++)')
 
 

@@ -150,7 +150,8 @@ CPU_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp1
 # Variables that change either framework's speed, recorded with the results.
 ENV_VARS = ('GLIBC_TUNABLES', 'XLA_FLAGS', 'JAX_PLATFORMS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS',
             'CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_PREALLOCATE',
-            'XLA_PYTHON_CLIENT_MEM_FRACTION', 'FTJAX_HUGEPAGES', 'FTJAX_ATTENTION')
+            'XLA_PYTHON_CLIENT_MEM_FRACTION', 'FTJAX_HUGEPAGES', 'FTJAX_ATTENTION', 'FTJAX_MATMUL',
+            'FTJAX_BLOCK_CACHE', 'LD_PRELOAD')
 
 
 # Child processes: one measurement each, one JSON line on stdout
