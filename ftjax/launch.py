@@ -29,10 +29,10 @@ Three more, chosen before the training loop starts:
   step on a 2-core Xeon). `ftjax/kernels/blockcache.cc`, a small allocator in front of glibc's
   for blocks of 64 MiB or more, keeps freed ones mapped for the next step: MiniLM's bfloat16
   full fine-tuning step took 0.84x as long, LoRA 0.87x, float32 full 0.94x, with no page
-  faults left. Costs: while step N + 1 is dispatched during step N both scratch blocks stay
-  resident, so the peak can grow by one step's scratch (bfloat16 full fine-tuning: 1.33 ->
-  1.85 GB, still below torch's 2.05). Linux with glibc only; `FTJAX_BLOCK_CACHE=0` leaves it
-  out, and a user's own `LD_PRELOAD` (another allocator, say) is left as it is.
+  faults left. The peak stays where it was: where two steps' blocks are alive at once, the
+  second comes from glibc and neither is kept (blockcache.cc says how). Linux with glibc only;
+  `FTJAX_BLOCK_CACHE=0` leaves it out, and a user's own `LD_PRELOAD` (another allocator, say)
+  is left as it is.
 
 * **Huge pages for XLA's buffers** (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). XLA:CPU allocates
   each step's scratch memory afresh (a MiniLM step at 32 x 128 tokens: ~1.6 GiB, ~350,000 page

@@ -157,3 +157,14 @@ def test_malloc_benchmark_runs_the_default_job_with_reuse_off_and_on(tmp_path):
   assert off['test_accuracy'] == on['test_accuracy']  # malloc never changes the numbers.
   # Kept scratch memory is not faulted in again (over the whole command, start-up included).
   assert on['faults_per_step'] < 0.8 * off['faults_per_step']
+
+
+def test_block_cache_benchmark_runs_each_step_with_the_cache_off_and_on(tmp_path):
+  out = tmp_path / 'block_cache.json'
+  _run('malloc.py', '--block-cache', '--quick', f'--out={out}')
+  result = json.loads(out.read_text())
+  assert sorted(result['runs']) == ['minilm-full bfloat16', 'minilm-full float32',
+                                    'minilm-lora bfloat16']
+  for modes in result['runs'].values():
+    (off,), (on,) = modes['off'], modes['on']
+    assert off['step_s'] > 0 and on['step_s'] > 0 and on['peak_mib'] > 0

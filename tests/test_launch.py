@@ -84,7 +84,9 @@ def test_entry_point_reexecutes_with_the_block_cache():
 
 # Blocks of 200 MB (above the cache's 64 MiB) through the preloaded block cache: `faults` writes
 # one and frees it four times and prints the page faults of the last three rounds; `api` checks
-# the other entry points; `idle` frees four blocks held at once; `fork` allocates in a child.
+# the other entry points; `idle` frees four blocks of different sizes held at once; `overlap`
+# asks for a second block while the first is in use, freed a moment later or not; `fork`
+# allocates in a child.
 _BLOCK_CACHE = r'''
 import ctypes, os, resource, sys
 libc = ctypes.CDLL(None)  # The process's own symbols (a preloaded malloc first), not libc's.
@@ -129,11 +131,28 @@ elif sys.argv[1] == 'api':
   libc.free(again)
   print('ok')
 elif sys.argv[1] == 'idle':
-  blocks = [libc.malloc(size) for _ in range(4)]
+  blocks = [libc.malloc(n << 20) for n in (100, 250, 700, 1600)]  # None fits another.
   assert counts() == (4, 4)
   for block in blocks:
     libc.free(block)
   print(*counts())
+elif sys.argv[1] == 'overlap':
+  import threading, time
+  first = libc.malloc(size)
+  # Freed a millisecond later (as XLA frees a step's block after its outputs are ready): the
+  # next allocation waits for it and gets the same block.
+  later = threading.Timer(0.001, libc.free, (first,))
+  later.start()
+  second = libc.malloc(size)
+  later.join()
+  assert second == first and counts() == (1, 1)
+  # Still in use after the wait: glibc serves the new block, and the one in use is not kept.
+  third = libc.malloc(size)
+  assert third != second and counts() == (1, 1)
+  libc.free(second)
+  assert counts() == (0, 0)
+  libc.free(third)
+  print('ok')
 elif sys.argv[1] == 'fork':
   block = libc.malloc(size)
   pid = os.fork()
@@ -158,6 +177,7 @@ def test_block_cache_reuses_large_blocks_without_faulting_them_in_again():
   assert int(run('faults', LD_PRELOAD=str(library))) < pages // 100
   assert run('api', LD_PRELOAD=str(library)) == 'ok'
   assert run('idle', LD_PRELOAD=str(library)) == '2 0'  # At most two idle blocks are kept.
+  assert run('overlap', LD_PRELOAD=str(library)) == 'ok'
   assert run('fork', LD_PRELOAD=str(library)) == '0'
 
 

@@ -10,11 +10,14 @@
 // fragment it (tried: the peak grew from 2.3 to 8.9 GiB). Here each block is its own mapping,
 // so a kept block costs exactly its size, and a step reuses the same pages every time.
 //
-// What it costs: the kept blocks stay resident between steps. A training loop that dispatches
-// step N + 1 while step N runs holds two scratch blocks at once; kept, both stay resident, so the
-// peak grows by up to one step's scratch. At most kMaxIdle blocks are kept unused (the least
-// recently freed go back to the kernel first), and blocks are never handed to an allocation of
-// less than half their size.
+// What it must not cost is memory: a kept block is resident, so two steps' blocks alive at once
+// would both stay resident, where glibc's fresh mappings hold only the pages touched so far. Two
+// things keep the peak where it was. XLA frees a step's block a moment after the step's outputs
+// are ready, so the next step's allocation can come first: an allocation that finds the block it
+// would take still in use waits up to kWaitMicros for it. If it is still in use then (two steps
+// really overlap), the allocation is served fresh by glibc and the block in use is unmapped when
+// freed, not kept. At most kMaxIdle blocks are kept unused (the least recently freed go first),
+// and a block is never handed to an allocation of less than half its size.
 //
 // Only large allocations are served here (malloc, posix_memalign, aligned_alloc, memalign;
 // realloc and malloc_usable_size of these blocks); everything else, and every pointer that is not
@@ -25,6 +28,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include <atomic>
 #include <cerrno>
@@ -39,17 +43,20 @@ constexpr size_t kGrain = size_t{2} << 20;      // sizes rounded to huge pages
 constexpr size_t kMaxAlign = 4096;              // mmap's alignment: larger ones go to glibc
 constexpr int kSlots = 64;
 constexpr int kMaxIdle = 2;
+constexpr int64_t kWaitMicros = 3000;
 
 struct Slot {
   char* p;
   size_t size;
   bool used;
+  bool drop;       // unmap it when freed (an allocation it could have served went to glibc)
   uint64_t freed;  // when it was last freed (a counter), to evict the oldest idle block
 };
 
 Slot slots[kSlots];
 uint64_t clock_ticks = 0;
 pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+pthread_cond_t freed_one = PTHREAD_COND_INITIALIZER;  // a block went idle
 // The address range of all blocks ever mapped: a pointer outside it is not one of ours, and
 // free() hands it on without taking the lock.
 std::atomic<uintptr_t> lowest{UINTPTR_MAX}, highest{0};
@@ -78,19 +85,42 @@ void LockForFork() { pthread_mutex_lock(&mu); }
 void UnlockAfterFork() { pthread_mutex_unlock(&mu); }
 const int fork_handlers = pthread_atfork(LockForFork, UnlockAfterFork, UnlockAfterFork);
 
+bool Fits(const Slot& s, size_t size) { return s.p && s.size >= size && s.size <= 2 * size; }
+
 // A block of at least `size` bytes: the smallest idle one that fits (and is at most twice the
-// size), else a new mapping; nullptr if none can be made (the caller then asks glibc).
+// size), else, after waiting for one in use that would fit, a new mapping; nullptr when glibc
+// should serve it (a fitting block stayed in use, or no mapping could be made).
 void* Take(size_t size) {
   size = (size + kGrain - 1) / kGrain * kGrain;
   pthread_mutex_lock(&mu);
-  int best = -1, empty = -1;
-  for (int i = 0; i < kSlots; ++i) {
-    const Slot& s = slots[i];
-    if (!s.p) {
-      if (empty < 0) empty = i;
-    } else if (!s.used && s.size >= size && s.size <= 2 * size &&
-               (best < 0 || s.size < slots[best].size)) {
-      best = i;
+  timespec deadline = {};
+  int best, empty;
+  for (bool waited = false;; waited = true) {
+    best = empty = -1;
+    bool in_use = false;
+    for (int i = 0; i < kSlots; ++i) {
+      const Slot& s = slots[i];
+      if (!s.p) {
+        if (empty < 0) empty = i;
+      } else if (Fits(s, size) && s.used) {
+        in_use = true;
+      } else if (Fits(s, size) && (best < 0 || s.size < slots[best].size)) {
+        best = i;
+      }
+    }
+    if (best >= 0 || !in_use) break;
+    if (!waited) {
+      clock_gettime(CLOCK_REALTIME, &deadline);
+      deadline.tv_nsec += kWaitMicros * 1000;
+      deadline.tv_sec += deadline.tv_nsec / 1000000000;
+      deadline.tv_nsec %= 1000000000;
+    }
+    if (pthread_cond_timedwait(&freed_one, &mu, &deadline) == ETIMEDOUT) {
+      // Two blocks alive at once: keeping both would keep both resident.
+      for (Slot& s : slots)
+        if (Fits(s, size) && s.used) s.drop = true;
+      pthread_mutex_unlock(&mu);
+      return nullptr;
     }
   }
   if (best >= 0) {
@@ -107,7 +137,7 @@ void* Take(size_t size) {
     return nullptr;
   }
   madvise(p, size, MADV_HUGEPAGE);  // fewer faults and TLB misses; ignored where unsupported
-  slots[empty] = {static_cast<char*>(p), size, true, 0};
+  slots[empty] = {static_cast<char*>(p), size, true, false, 0};
   const uintptr_t at = reinterpret_cast<uintptr_t>(p);
   for (uintptr_t lo = lowest.load(); at < lo && !lowest.compare_exchange_weak(lo, at);) {}
   for (uintptr_t hi = highest.load(); at + size > hi && !highest.compare_exchange_weak(hi, at + size);) {}
@@ -138,8 +168,15 @@ bool Give(void* p) {
     pthread_mutex_unlock(&mu);
     return false;
   }
+  if (slots[i].drop) {
+    munmap(slots[i].p, slots[i].size);
+    slots[i] = {};
+    pthread_mutex_unlock(&mu);
+    return true;
+  }
   slots[i].used = false;
   slots[i].freed = ++clock_ticks;
+  pthread_cond_broadcast(&freed_one);
   int idle = 0, oldest = -1;
   for (int j = 0; j < kSlots; ++j)
     if (slots[j].p && !slots[j].used) {

@@ -117,6 +117,7 @@ import json
 import math
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -270,8 +271,10 @@ def train_ftjax(spec: dict) -> dict:
            'execute_s': first - (set_up - imported) - traced - compiled}
   times, metrics = _timed(step, batches, spec['steps'], sync)
   stats = jax.devices()[0].memory_stats() or {}
+  usage = resource.getrusage(resource.RUSAGE_SELF)  # The whole process, loading included.
   return {'import_s': imported - _PROCESS_START, 'first_step_s': first, 'first_step_parts': parts,
           'step_times': times, 'loss': float(metrics['loss']), 'peak_mib': _peak_mib(),
+          'faults': usage.ru_minflt, 'system_s': usage.ru_stime,
           'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2**20 or None, **info}
 
 
