@@ -137,7 +137,8 @@ elif sys.argv[1] == 'idle':
     libc.free(block)
   print(*counts())
 elif sys.argv[1] == 'overlap':
-  import threading, time
+  import threading
+  cache.ftjax_block_cache_waits.restype = ctypes.c_uint64
   first = libc.malloc(size)
   # Freed a millisecond later (as XLA frees a step's block after its outputs are ready): the
   # next allocation waits for it and gets the same block.
@@ -146,12 +147,17 @@ elif sys.argv[1] == 'overlap':
   second = libc.malloc(size)
   later.join()
   assert second == first and counts() == (1, 1)
-  # Still in use after the wait: glibc serves the new block, and the one in use is not kept.
+  # Still in use after the wait: glibc serves the new block, and the one in use is not kept;
+  # while it lives, its size goes to glibc without waiting again.
   third = libc.malloc(size)
-  assert third != second and counts() == (1, 1)
+  assert third != second and counts() == (1, 1) and cache.ftjax_block_cache_waits() == 2
+  fourth = libc.malloc(size)
+  assert fourth not in (second, third) and counts() == (1, 1)
+  assert cache.ftjax_block_cache_waits() == 2  # Not waited for again.
   libc.free(second)
   assert counts() == (0, 0)
   libc.free(third)
+  libc.free(fourth)
   print('ok')
 elif sys.argv[1] == 'fork':
   block = libc.malloc(size)

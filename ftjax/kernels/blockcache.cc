@@ -14,9 +14,10 @@
 // would both stay resident, where glibc's fresh mappings hold only the pages touched so far. Two
 // things keep the peak where it was. XLA frees a step's block a moment after the step's outputs
 // are ready, so the next step's allocation can come first: an allocation that finds the block it
-// would take still in use waits up to kWaitMicros for it. If it is still in use then (two steps
-// really overlap), the allocation is served fresh by glibc and the block in use is unmapped when
-// freed, not kept. At most kMaxIdle blocks are kept unused (the least recently freed go first),
+// would take still in use waits up to kWaitMicros for it. If it is still in use after the wait
+// (two steps really overlap, or it is long-lived: a model's weights), glibc serves the
+// allocation, the block in use is unmapped when freed, not kept, and later allocations of its
+// size go to glibc at once while it lives (no more waiting for it). At most kMaxIdle blocks are kept unused (the least recently freed go first),
 // and a block is never handed to an allocation of less than half its size.
 //
 // Only large allocations are served here (malloc, posix_memalign, aligned_alloc, memalign;
@@ -49,12 +50,13 @@ struct Slot {
   char* p;
   size_t size;
   bool used;
-  bool drop;       // unmap it when freed (an allocation it could have served went to glibc)
-  uint64_t freed;  // when it was last freed (a counter), to evict the oldest idle block
+  bool drop;       // outlived a wait: unmap it when freed, and send its size to glibc meanwhile
+  uint64_t freed;  // when it was last freed (a counter; 0: never), to evict the oldest idle block
 };
 
 Slot slots[kSlots];
 uint64_t clock_ticks = 0;
+uint64_t waits = 0;  // allocations that waited for a block in use (for tests)
 pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 pthread_cond_t freed_one = PTHREAD_COND_INITIALIZER;  // a block went idle
 // The address range of all blocks ever mapped: a pointer outside it is not one of ours, and
@@ -88,8 +90,8 @@ const int fork_handlers = pthread_atfork(LockForFork, UnlockAfterFork, UnlockAft
 bool Fits(const Slot& s, size_t size) { return s.p && s.size >= size && s.size <= 2 * size; }
 
 // A block of at least `size` bytes: the smallest idle one that fits (and is at most twice the
-// size), else, after waiting for one in use that would fit, a new mapping; nullptr when glibc
-// should serve it (a fitting block stayed in use, or no mapping could be made).
+// size), or one in use that fits, waited for; else a new mapping. nullptr when glibc should
+// serve it (a fitting block stayed in use, or no mapping could be made).
 void* Take(size_t size) {
   size = (size + kGrain - 1) / kGrain * kGrain;
   pthread_mutex_lock(&mu);
@@ -97,19 +99,25 @@ void* Take(size_t size) {
   int best, empty;
   for (bool waited = false;; waited = true) {
     best = empty = -1;
-    bool in_use = false;
+    bool in_use = false, outlived = false;
     for (int i = 0; i < kSlots; ++i) {
       const Slot& s = slots[i];
       if (!s.p) {
         if (empty < 0) empty = i;
       } else if (Fits(s, size) && s.used) {
         in_use = true;
+        outlived |= s.drop;
       } else if (Fits(s, size) && (best < 0 || s.size < slots[best].size)) {
         best = i;
       }
     }
     if (best >= 0 || !in_use) break;
+    if (outlived) {  // A block of this size already outlived a wait: no second one.
+      pthread_mutex_unlock(&mu);
+      return nullptr;
+    }
     if (!waited) {
+      ++waits;
       clock_gettime(CLOCK_REALTIME, &deadline);
       deadline.tv_nsec += kWaitMicros * 1000;
       deadline.tv_sec += deadline.tv_nsec / 1000000000;
@@ -254,6 +262,14 @@ int posix_memalign(void** out, size_t align, size_t n) {
 size_t malloc_usable_size(void* p) {
   const size_t have = SizeOf(p);
   return have ? have : NextUsableSize(p);
+}
+
+// For tests: how many allocations waited for a block in use.
+uint64_t ftjax_block_cache_waits() {
+  pthread_mutex_lock(&mu);
+  const uint64_t n = waits;
+  pthread_mutex_unlock(&mu);
+  return n;
 }
 
 // For tests: how many blocks are mapped, and how many of them are in use.
