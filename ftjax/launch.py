@@ -25,11 +25,12 @@ Three more, chosen before the training loop starts:
   point and given to benchmark children with `LD_PRELOAD`). XLA:CPU allocates a step's scratch
   buffers as one block, 500 MB and more for MiniLM at 32 x 128 tokens, which is above the
   64 MiB mmap threshold of malloc reuse, so glibc still mapped it afresh every step and the
-  kernel zeroed its pages (~130,000 page faults and ~0.2 s of system CPU per 0.7 s bfloat16
-  step on a 2-core Xeon). `ftjax/kernels/blockcache.cc`, a small allocator in front of glibc's
-  for blocks of 64 MiB or more, keeps freed ones mapped for the next step: MiniLM's bfloat16
-  full fine-tuning step took 0.84x as long, LoRA 0.87x, float32 full 0.94x, with no page
-  faults left. The peak stays where it was: where two steps' blocks are alive at once, the
+  kernel zeroed its pages. `ftjax/kernels/blockcache.cc`, a small allocator in front of glibc's
+  for blocks of 64 MiB or more, keeps freed ones mapped for the next step
+  (`scripts/bench/malloc.py --block-cache --rounds=2` on a 2-core Xeon with AMX: MiniLM's
+  bfloat16 full fine-tuning step 0.875x as long, its page faults 141,000 -> 12,000 per step
+  counting the model's loading, its system CPU 281 -> 164 ms per step; LoRA 0.811x, float32
+  full 0.874x). The peak stays where it was: where two steps' blocks are alive at once, the
   second comes from glibc and neither is kept (blockcache.cc says how). Linux with glibc only;
   `FTJAX_BLOCK_CACHE=0` leaves it out, and a user's own `LD_PRELOAD` (another allocator, say)
   is left as it is.

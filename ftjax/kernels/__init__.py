@@ -190,15 +190,15 @@ def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> 
 
 def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
-  chosen = _attention_variant(dtype, variant)
+  chosen = _variant(dtype, variant)
   return {'scale': np.float32(scale), 'rate': np.float32(rate),
           'keep_scale': np.float32(1.0 / (1.0 - rate)), 'threshold': np.int64(threshold),
           'dot': chosen == 'dot', 'amx': chosen == 'amx'}
 
 
-def _attention_variant(dtype, variant: str | None) -> str:
-  """The attention kernel's variant for `dtype` operands: `fma` for float32; for bfloat16,
-  `variant` (None: the fastest as measured on this machine, `bf16_matmul_plan`)."""
+def _variant(dtype, variant: str | None) -> str:
+  """Either kernel's variant for `dtype` operands: `fma` for float32; for bfloat16, `variant`
+  (None: the fastest as measured on this machine, `bf16_matmul_plan`)."""
   if variant not in (None, *VARIANTS):
     raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
   if jnp.dtype(dtype) != jnp.bfloat16:
@@ -249,14 +249,10 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
     raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
   m = a.shape[1] if transpose_a else a.shape[0]
   n = b.shape[0] if transpose_b else b.shape[1]
-  if variant not in (None, *VARIANTS):
-    raise ValueError(f'variant={variant!r}: expected one of {VARIANTS} or None')
-  if jnp.dtype(a.dtype) != jnp.bfloat16:
-    variant = 'fma'
   out = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or a.dtype))
   call = jax.ffi.ffi_call('ftjax_matmul', out, vmap_method='sequential')
   return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
-              variant=np.int32(VARIANTS.index(variant or bf16_matmul_plan()['variant'])))
+              variant=np.int32(VARIANTS.index(_variant(a.dtype, variant))))
 
 
 VARIANTS = ('fma', 'dot', 'amx')

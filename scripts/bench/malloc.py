@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from end_to_end import CONFIG, QUICK_EPOCHS, ROOT  # noqa: E402  The same job and smoke length.
 from speed import WARMUP  # noqa: E402
 
-MODES = {'off': '0', 'on': '1'}  # FTJAX_MALLOC_REUSE in each run.
+MODES = {'off': '0', 'on': '1'}  # FTJAX_MALLOC_REUSE, or with --block-cache FTJAX_BLOCK_CACHE.
 
 
 def run_job(mode: str, epochs: float, env: dict[str, str]) -> dict:
@@ -64,14 +64,13 @@ def run_job(mode: str, epochs: float, env: dict[str, str]) -> dict:
           'peak_mib': usage.ru_maxrss / 1024, 'test_accuracy': results['test']['accuracy']}
 
 
-CACHE_MODES = {'off': '0', 'on': '1'}  # FTJAX_BLOCK_CACHE in each run.
 CACHE_STEPS = (('minilm-full', 'bfloat16'), ('minilm-lora', 'bfloat16'), ('minilm-full', 'float32'))
 
 
 def run_step(mode: str, spec: dict, env: dict[str, str]) -> dict:
   """speed.py's ftjax child for `spec` in a fresh process with the block cache `mode`."""
   from ftjax import launch  # pylint: disable=g-import-not-at-top
-  env = launch.process_env({**env, 'FTJAX_BLOCK_CACHE': CACHE_MODES[mode]})
+  env = launch.process_env({**env, 'FTJAX_BLOCK_CACHE': MODES[mode]})
   command = [sys.executable, 'scripts/bench/speed.py', '--child=ftjax',
              f'--spec={json.dumps(spec)}']
   process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -97,7 +96,7 @@ def block_cache(args) -> None:
     for workload, dtype in CACHE_STEPS:
       spec = {'workload': workload, 'dtype': dtype, 'checkpoint': _minilm_checkpoint(),
               'batch': batch, 'length': length, 'vocab': 30522, 'steps': steps}
-      for mode in (list(CACHE_MODES) if round_index % 2 == 0 else list(CACHE_MODES)[::-1]):
+      for mode in (list(MODES) if round_index % 2 == 0 else list(MODES)[::-1]):
         r = run_step(mode, spec, env)
         runs.setdefault(f'{workload} {dtype}', {}).setdefault(mode, []).append(r)
         print(f'round {round_index + 1} {workload} {dtype} cache {mode}: '
