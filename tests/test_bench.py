@@ -148,6 +148,21 @@ def test_packing_benchmark_times_both_layouts_of_the_same_batches(tmp_path):
   assert result['step_s']['packed'] > 0 and result['step_s']['padded'] > 0
 
 
+def test_step_profile_accounts_for_the_default_steps_threads_parts_and_matmuls(tmp_path):
+  out = tmp_path / 'step_profile.json'
+  _run('step_profile.py', '--quick', f'--out={out}')
+  result = json.loads(out.read_text())
+  assert result['steps'] == 4 and result['batch_shape'] == [9, 16]
+  assert set(result['thread_ms_by_part']) == {'forward', 'backward', 'update'}
+  for thread in result['threads'].values():  # Busy and idle split each thread's step.
+    assert thread['busy_ms'] > 0 and thread['idle_ms'] >= 0
+    assert thread['busy_ms'] + thread['idle_ms'] == pytest.approx(result['step_wall_ms'], abs=0.1)
+  # The encoder's dense layers at 144 positions, forward and backward: 6 x 10.6M weights x 144 x
+  # 6 FLOPs is 9.2 GFLOP (the packing membership and head add a little).
+  assert 9.0 < result['matmul_gflop_per_step'] < 9.5
+  assert 0 < result['update_phase_ms'] < result['step_wall_ms']
+
+
 def test_malloc_benchmark_runs_the_default_job_with_reuse_off_and_on(tmp_path):
   out = tmp_path / 'malloc.json'
   _run('malloc.py', '--quick', f'--out={out}')

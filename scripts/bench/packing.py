@@ -32,6 +32,36 @@ from flax import nnx  # noqa: E402
 from ftjax import configs, data, hub, optim, params, peft, steps, tasks  # noqa: E402
 
 
+def default_job() -> dict:
+  """The default job's pieces as `scripts/train.py` builds them (configs/minilm_vader.py: MiniLM,
+  all but the word embeddings trained, AdamW): {'task', 'model', 'state', 'rest', 'train_step'
+  (jitted, the state donated), 'batches': (count, pack_length) -> the first `count` training
+  batches on the device, padded (0) or packed into rows of `pack_length` tokens}."""
+  config = configs.load_config(str(ROOT / 'configs/minilm_vader.py'))
+  task = tasks.get_task(config.task)
+  dataset = data.build_dataset(config.data, task.name)
+  model, _, checkpoint_dir = hub.load_model(
+      config.model.checkpoint, task=task.name, num_labels=len(dataset.label_names),
+      pooling=config.model.pooling, dtype=config.model.dtype,
+      classifier_dropout=config.model.classifier_dropout, seed=config.seed)
+  tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
+
+  def batches(count: int, pack_length: int) -> list[dict]:
+    it = data.train_iterator(dataset, tokenizer, config.train.batch_size, config.seed,
+                             pack_length=pack_length)
+    return [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(count)]
+
+  groups = params.build_policy(config.policy, model, peft.apply(model, config.peft, seed=0))
+  tx, schedule = optim.make_optimizer(config.optim, 1000, groups)
+  graphdef, trainable, rest = nnx.split(
+      model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                           opt_state=jax.jit(tx.init)(trainable), rng=jax.random.key(0))
+  train_step, _ = steps.jit_steps(graphdef, tx, schedule, task)
+  return {'task': task, 'model': model, 'state': state, 'rest': rest, 'train_step': train_step,
+          'batches': batches}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--rounds', type=int, default=8)
@@ -42,32 +72,16 @@ def main() -> None:
   args = parser.parse_args()
   rounds, num_steps = (2, 2) if args.quick else (args.rounds, args.steps)
 
-  config = configs.load_config(str(ROOT / 'configs/minilm_vader.py'))
-  task = tasks.get_task(config.task)
-  dataset = data.build_dataset(config.data, task.name)
-  model, _, checkpoint_dir = hub.load_model(
-      config.model.checkpoint, task=task.name, num_labels=len(dataset.label_names),
-      pooling=config.model.pooling, dtype=config.model.dtype,
-      classifier_dropout=config.model.classifier_dropout, seed=config.seed)
-  tokenizer = data.load_tokenizer(checkpoint_dir, config.data.max_length)
+  job = default_job()
+  task, model = job['task'], job['model']
   layouts = {'padded': 0, 'packed': args.pack_length}
-  batches = {}
-  for name, pack_length in layouts.items():
-    it = data.train_iterator(dataset, tokenizer, config.train.batch_size, config.seed,
-                             pack_length=pack_length)
-    batches[name] = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(num_steps)]
+  batches = {name: job['batches'](num_steps, pack_length) for name, pack_length in layouts.items()}
 
   # The same examples, either layout: one model output (dropout off).
   first = {name: task.forward(model, b[0], deterministic=True) for name, b in batches.items()}
   logits_diff = float(jnp.max(jnp.abs(first['packed'] - first['padded'])))
 
-  groups = params.build_policy(config.policy, model, peft.apply(model, config.peft, seed=0))
-  tx, schedule = optim.make_optimizer(config.optim, 1000, groups)
-  graphdef, trainable, rest = nnx.split(
-      model, params.trainable_filter(params.trainable_paths(groups, 0)), ...)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=jax.jit(tx.init)(trainable), rng=jax.random.key(0))
-  train_step, _ = steps.jit_steps(graphdef, tx, schedule, task)
+  state, rest, train_step = job['state'], job['rest'], job['train_step']
   for name in layouts:  # Compile both layouts (and warm up) before any timing.
     for batch in batches[name][:2]:
       state, metrics = train_step(state, batch, rest)
