@@ -23,6 +23,7 @@ every operation, so compare its figures with each other, not with `packing.py`'s
 import argparse
 import collections
 import json
+import math
 import pathlib
 import re
 import statistics
@@ -59,7 +60,7 @@ def hlo_ops(hlo: str) -> dict[str, dict]:
     if opcode == 'dot':
       lhs = re.match(r'%([\w.-]+)', rest).group(1)
       contract = int(re.search(r'lhs_contracting_dims=\{(\d+)', rest).group(1))
-      flops = 2 * _product(shapes[name]) * shapes[lhs][contract]
+      flops = 2 * math.prod(shapes[name]) * shapes[lhs][contract]
       if computation == 'ENTRY':
         ops.setdefault(name, {})['flops'] = flops
       else:
@@ -80,13 +81,6 @@ def hlo_ops(hlo: str) -> dict[str, dict]:
     if op['kind'] == 'ynnpack fusion' and op['calls'] in bodies:
       op['flops'] = bodies[op['calls']]
   return ops
-
-
-def _product(xs) -> int:
-  out = 1
-  for x in xs:
-    out *= x
-  return out
 
 
 def analyse(trace_file: str, ops: dict, num_steps: int) -> dict:
