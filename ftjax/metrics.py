@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import scipy.stats
 
 
 class ClassificationMetrics:
@@ -67,10 +66,19 @@ class RegressionMetrics:
         return 0.0
       return float(np.corrcoef(a, b)[0, 1])
 
-    rank = lambda x: scipy.stats.rankdata(x)  # Ties get their average rank, as Spearman's rho.
     return {'loss': mse, 'rmse': mse**0.5, 'pearson': correlation(predictions, targets),
-            'spearman': correlation(rank(predictions), rank(targets)),
+            'spearman': correlation(average_ranks(predictions), average_ranks(targets)),
             'num_examples': len(targets)}
+
+
+def average_ranks(x) -> np.ndarray:
+  """1-based ranks of `x`, ties given their average rank (Spearman's rho ranks this way).
+
+  numpy's own, not `scipy.stats.rankdata`: importing scipy.stats took 0.7 s of every run's start.
+  """
+  _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+  ends = np.cumsum(counts)
+  return ((ends - counts + 1 + ends) / 2)[inverse.reshape(-1)]
 
 
 class MetricWriter:
