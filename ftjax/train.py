@@ -336,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
               config.train.num_epochs, steps_per_epoch, config.train.batch_size)
 
   pending = None  # Step N's metrics are fetched after step N+1 is dispatched.
+  last_eval = None  # (step, validation metrics) of this process's last evaluation.
   # Log lines go through tqdm while the bar is up, so they never land in the middle of it.
   redirected = [log for log in (logging.root, logger) if log.handlers]
   with logging_redirect_tqdm(loggers=redirected), tqdm.tqdm(
@@ -367,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         flush(pending)
         pending = None
         val = evaluate(eval_step, state.params, rest, eval_batches('validation'), accumulator())
+        last_eval = (step, val)
         writer.write(step, 'validation', val)
         # Every parameter that trains in any phase: frozen-for-now ones included, so the best
         # step can be rebuilt exactly after later phases have changed them.
@@ -378,7 +380,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ckpts.save_latest(step, state, train_iter.get_state())
     if pending:
       flush(pending)
-  ckpts.wait()
 
   # Report the step that validation chose, on both held-out splits.
   best_step = ckpts.best_step()
@@ -387,10 +388,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     eval_step = jit_steps(graphdef, dataclasses.replace(state, params=final_params), rest)[1]
   else:
     final_params = state.params
-  abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, final_params)
-  best_params = ckpts.restore_best_params(abstract_params)
-  results = {split: evaluate(eval_step, best_params, rest, eval_batches(split), accumulator())
-             for split in ('validation', 'test')}
+  results = {}
+  if last_eval is not None and last_eval[0] == best_step:
+    # The best step is the state in memory, and its validation metrics are known: the test split
+    # is evaluated while the last checkpoints are still being written, not after a restore.
+    best_params, results['validation'] = final_params, last_eval[1]
+  else:
+    ckpts.wait()
+    best_params = ckpts.restore_best_params(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, final_params))
+  for split in ('validation', 'test'):
+    if split not in results:
+      results[split] = evaluate(eval_step, best_params, rest, eval_batches(split), accumulator())
+  ckpts.wait()
   if is_main:
     writer.write(best_step, 'test', results['test'])
     # Wall time of this call (data, model load, compile, train, evaluate); a resumed run counts

@@ -72,6 +72,17 @@ def test_train_evaluate_writes_everything(data_dir, tmp_path):
   assert not any('word_embeddings' in p for p in paths)
 
 
+def test_final_evaluation_of_the_best_step_in_memory_equals_a_restore(data_dir, tmp_path):
+  # One evaluation, at the last step: the best step is the state in memory, and the run reports
+  # it without restoring its checkpoint (evaluating the test split while the checkpoint is
+  # written). Run again on the finished workdir, it resumes at the last step, trains nothing,
+  # restores the best checkpoint and evaluates that: the same results.
+  config = _config(data_dir, 'train.eval_every=24')
+  results = train_and_evaluate(config, tmp_path / 'run')
+  assert results['best_step'] == 24
+  assert train_and_evaluate(config, tmp_path / 'run') == results
+
+
 def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
   reference = tmp_path / 'uninterrupted'
   train_and_evaluate(_config(data_dir), reference)
