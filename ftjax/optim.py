@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ftjax import kernels
 from ftjax import params as params_lib
 from ftjax.errors import FtjaxError
 
@@ -85,6 +86,13 @@ def adamw(learning_rate: float | optax.Schedule, *, b1: float, b2: float, eps: f
   default job's 10.8M trainable parameters took 27 ms that way, 16 ms this way. Hence the second
   moment multiplies as `(c * g) * g`, never `g * g`.
 
+  With the extra argument `apply=True` the update returns the new parameters themselves
+  instead of the updates to add to them (see `Optimizer.apply`): on a single CPU device, for
+  float32 parameters, one fused kernel (`ftjax/kernels/adamw.cc`) then reads each parameter,
+  gradient and moment once and writes the parameter and moments back in place, where XLA's
+  fusions made ten passes over memory per parameter for seven (the default job's update
+  12.0-12.5 -> 9.0 ms). Same arithmetic; XLA's path where the kernel does not apply.
+
   Args:
     learning_rate: a float, or a schedule of the number of updates made so far.
     b1: first-moment decay.
@@ -99,28 +107,73 @@ def adamw(learning_rate: float | optax.Schedule, *, b1: float, b2: float, eps: f
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)
     return AdamWState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
 
-  def update(updates, state, params=None, *, grad_scale=1.0, **extra_args):
+  def update(updates, state, params=None, *, grad_scale=1.0, apply=False, **extra_args):
     del extra_args
     if params is None:
       raise ValueError('optim.adamw: update(grads, state, params) needs the params (weight decay '
                        'and its mask read them), as optax.adamw does')
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     count = optax.safe_increment(state.count)
-    c1, c2 = (1 - b1) * grad_scale, (1 - b2) * grad_scale * grad_scale
-    mu = jax.tree.map(lambda g, m: b1 * m + c1 * g, updates, state.mu)
-    nu = jax.tree.map(lambda g, v: b2 * v + (c2 * g) * g, updates, state.nu)
     bc1 = 1 - b1 ** count.astype(jnp.float32)
     bc2 = 1 - b2 ** count.astype(jnp.float32)
     decays = mask(params) if callable(mask) else mask
     if decays is None:
       decays = jax.tree.map(lambda _: True, params)
+    if apply and kernels.fused_adamw_applies(updates, state.mu, state.nu, params):
+      new_params, mu, nu = _fused_adamw(
+          updates, state.mu, state.nu, params, decays, lr=lr, grad_scale=grad_scale, bc1=bc1,
+          bc2=bc2, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+      return new_params, AdamWState(count=count, mu=mu, nu=nu)
+    c1, c2 = (1 - b1) * grad_scale, (1 - b2) * grad_scale * grad_scale
+    mu = jax.tree.map(lambda g, m: b1 * m + c1 * g, updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * v + (c2 * g) * g, updates, state.nu)
     step = lambda m, v, p, decay: -lr * (
         (m / bc1) / (jnp.sqrt(v / bc2) + eps) + (weight_decay * p if decay and weight_decay
                                                  else 0.0))
     new_updates = jax.tree.map(step, mu, nu, params, decays)
+    if apply:
+      new_updates = optax.apply_updates(params, new_updates)
     return new_updates, AdamWState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _fused_adamw(grads, mu, nu, params, decays, *, weight_decay: float, **coefficients):
+  """New (params, mu, nu) from the AdamW kernel: one call for the decayed parameters, one for
+  the rest (each call takes one weight decay)."""
+  treedef = jax.tree.structure(params)
+  leaves = [jax.tree.leaves(t) for t in (params, grads, mu, nu)]
+  decayed = [bool(d) and weight_decay != 0 for d in jax.tree.leaves(decays)]
+  new = [[None] * len(decayed) for _ in range(3)]
+  for decay in (True, False):
+    index = [i for i, d in enumerate(decayed) if d == decay]
+    if not index:
+      continue
+    out = kernels.adamw_update(*([leaf[i] for i in index] for leaf in leaves),
+                               weight_decay=weight_decay if decay else 0.0, **coefficients)
+    for column, results in zip(new, out):
+      for i, result in zip(index, results):
+        column[i] = result
+  return tuple(jax.tree.unflatten(treedef, column) for column in new)
+
+
+class Optimizer(optax.GradientTransformationExtraArgs):
+  """An optax transformation (`init`, `update`) that can also make the step itself: `apply`."""
+  __slots__ = ()
+
+  def apply(self, grads, state, params):
+    """(new params, new state): `update` followed by `optax.apply_updates`, done in one go, so
+    that AdamW's fused kernel can write the parameters in place (`adamw`)."""
+    return self.update(grads, state, params, apply=True)
+
+
+def apply_updates(tx: optax.GradientTransformation, grads, state, params):
+  """(new params, new state) of one optimizer step, for any optax transformation: `tx.apply`
+  where `tx` is an `Optimizer` (`make_optimizer`'s), else `update` and `optax.apply_updates`."""
+  if isinstance(tx, Optimizer):
+    return tx.apply(grads, state, params)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
 
 
 def clip_by_global_norm(max_norm: float, inner: optax.GradientTransformation
@@ -152,7 +205,7 @@ def _group_adamw(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
                    groups: Sequence[params_lib.Group] | None = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   ) -> tuple[Optimizer, optax.Schedule]:
   """Builds AdamW over the trainable state and returns it with its schedule (for logging).
 
   With policy `groups`, the optimizer is one `optax.partition` with an AdamW per trainable
@@ -179,4 +232,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
         lambda keypath, _: owner[params_lib.path_str(keypath)], params)
     adam = optax.partition(transforms, labels)
   chain.append(clip_by_global_norm(optim.grad_clip, adam) if optim.grad_clip > 0 else adam)
-  return optax.chain(*chain), schedule
+  # AdamW is the chain's last transformation, so its `apply=True` output, the new parameters,
+  # is the chain's (the L2-SP term before it ignores the argument).
+  return Optimizer(*optax.chain(*chain)), schedule

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ftjax import parallel
+from ftjax import optim, parallel
 from ftjax.models import layers
 
 Batch = dict[str, jax.Array]
@@ -79,8 +79,7 @@ def train_step(state: TrainState, batch: Batch, rest, *, graphdef, tx: optax.Gra
         accumulate, zeros, (jnp.arange(accum_steps), micro))
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = optim.apply_updates(tx, grads, state.opt_state, state.params)
   metrics = {
       'loss': total / weight,
       **({'accuracy': correct / weight} if has_accuracy else {}),

@@ -7,8 +7,10 @@
   dot instruction is slow), `dot` packs pairs of bfloat16 and multiplies with that instruction
   (for CPUs where it is fast and XLA's dot leaves part of it unused), `amx` multiplies the same
   packed pairs on Intel AMX's tile registers (Sapphire Rapids and later).
+- `adamw.cc`: AdamW's whole update of a parameter group in one call, each parameter, gradient
+  and moment read once and the parameter and moments written back in place (`optim.adamw`).
 
-Both are registered with jax as XLA FFI custom calls, from one library compiled once per
+All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
 `$FTJAX_KERNEL_CACHE` (default `~/.cache/ftjax/kernels`); `make setup` builds it ahead of the
 first run. Where no compiler is found or the build fails, `available()` says False once, with
@@ -19,6 +21,8 @@ tested against.
 where it builds), `xla` (never the kernel) or `fused` (the kernel wherever it applies; an error
 if it cannot be built). `FTJAX_MATMUL` likewise: `auto` (bfloat16 dense layers on the matmul
 kernel where it measured faster than XLA's bfloat16 dot on this machine), `xla` or `kernel`.
+`FTJAX_ADAMW`: `auto` (float32 AdamW updates on the kernel on a single CPU device), `xla` or
+`kernel`.
 """
 
 from __future__ import annotations
@@ -42,14 +46,16 @@ from ftjax import launch
 from ftjax.errors import FtjaxError
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / 'attention.cc', _HERE / 'matmul.cc')
+_SOURCES = (_HERE / 'attention.cc', _HERE / 'matmul.cc', _HERE / 'adamw.cc')
 _HEADERS = (_HERE / 'common.h',)
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_attention_backward': 'FtjaxAttentionBackward',
-            'ftjax_matmul': 'FtjaxMatmul'}
+            'ftjax_matmul': 'FtjaxMatmul',
+            'ftjax_adamw': 'FtjaxAdamW'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
+ADAMW_CHOICES = ('auto', 'xla', 'kernel')
 
 
 class KernelUnavailable(FtjaxError):
@@ -74,10 +80,17 @@ def matmul_choice() -> str:
   return _env_choice('FTJAX_MATMUL', MATMUL_CHOICES)
 
 
+def adamw_choice() -> str:
+  """`FTJAX_ADAMW`, checked: one of ADAMW_CHOICES."""
+  return _env_choice('FTJAX_ADAMW', ADAMW_CHOICES)
+
+
 def check_choices() -> None:
-  """Raises FtjaxError now for a bad FTJAX_ATTENTION or FTJAX_MATMUL (not at a first trace)."""
+  """Raises FtjaxError now for a bad FTJAX_ATTENTION, FTJAX_MATMUL or FTJAX_ADAMW (not at a
+  first trace)."""
   choice()
   matmul_choice()
+  adamw_choice()
 
 
 def cache_dir() -> pathlib.Path:
@@ -366,3 +379,43 @@ def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int 
       jax.block_until_ready(run(x, w, g))
       best[name] = min(best[name], time.perf_counter() - start)
   return best
+
+
+def fused_adamw_applies(*trees) -> bool:
+  """Whether AdamW's update of these parameters, gradients and moments runs on the fused
+  kernel (`adamw.cc`): `FTJAX_ADAMW=auto` (the default) on a single CPU device where the library
+  builds, for float32 leaves only; `kernel` likewise, an error if it cannot be built; `xla`
+  never."""
+  mode = adamw_choice()
+  if not _on_one_cpu(mode):
+    return False
+  if any(jnp.dtype(leaf.dtype) != jnp.float32 for tree in trees for leaf in jax.tree.leaves(tree)):
+    return False
+  return _loaded('FTJAX_ADAMW', mode, 'kernel', 'AdamW kernel')
+
+
+def adamw_update(params: list, grads: list, mu: list, nu: list, *, lr, grad_scale, bc1, bc2,
+                 b1: float, b2: float, eps: float, weight_decay: float
+                 ) -> tuple[list, list, list]:
+  """AdamW's update of float32 parameter lists in one custom call: (params, mu, nu), new.
+
+  The parameters and moments are updated in place (the results alias the operands, so with the
+  train state donated XLA allocates nothing). `lr`, `grad_scale` and the bias corrections
+  `bc1`, `bc2` (1 - b^t) are scalars traced in the step; the arithmetic is `optim.adamw`'s.
+  """
+  if reason := _load():
+    raise KernelUnavailable(f'the AdamW kernel is unavailable: {reason}')
+  n = len(params)
+  if not n:
+    return [], [], []
+  scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (lr, grad_scale, bc1, bc2)])
+  shapes = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in params]
+  aliases = {1 + i: i for i in range(n)}  # Operands: scalars, params, grads, mu, nu.
+  aliases |= {1 + 2 * n + i: n + i for i in range(n)}
+  aliases |= {1 + 3 * n + i: 2 * n + i for i in range(n)}
+  call = jax.ffi.ffi_call('ftjax_adamw', shapes * 3, input_output_aliases=aliases,
+                          vmap_method='sequential')
+  out = call(scalars, *params, *grads, *mu, *nu, b1=np.float32(b1), b2=np.float32(b2),
+             one_minus_b1=np.float32(1 - b1), one_minus_b2=np.float32(1 - b2),
+             eps=np.float32(eps), weight_decay=np.float32(weight_decay))
+  return list(out[:n]), list(out[n:2 * n]), list(out[2 * n:])
