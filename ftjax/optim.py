@@ -90,8 +90,9 @@ def adamw(learning_rate: float | optax.Schedule, *, b1: float, b2: float, eps: f
   instead of the updates to add to them (see `Optimizer.apply`): on a single CPU device, for
   float32 parameters, one fused kernel (`ftjax/kernels/adamw.cc`) then reads each parameter,
   gradient and moment once and writes the parameter and moments back in place, where XLA's
-  fusions made ten passes over memory per parameter for seven (the default job's update
-  12.0-12.5 -> 9.0 ms). Same arithmetic; XLA's path where the kernel does not apply.
+  fusions made ten passes over memory per parameter for seven (the default job's step 73.7 ->
+  69.5 ms). The same operations as XLA's (values within float32 rounding: the scalars come from
+  other fusions); XLA's path where the kernel does not apply.
 
   Args:
     learning_rate: a float, or a schedule of the number of updates made so far.

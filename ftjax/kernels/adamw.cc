@@ -6,7 +6,7 @@
 // gradient and the moments are read by more than one of them, so a step makes ten passes over
 // memory for each parameter: on the default job's 10.8M trained parameters the update took
 // 12.0-12.5 ms of a ~72 ms step, memory-bound. Here it takes seven passes (reads of p, g, m, v;
-// writes of p, m, v), with the writes aliased to the donated inputs: 9.0 ms.
+// writes of p, m, v), with the writes aliased to the donated inputs: the step 73.7 -> 69.5 ms.
 //
 // Operands: `scalars` (float32[4]: learning rate, gradient scale, 1 - b1^t, 1 - b2^t: values
 // traced in the step), then N parameters, N gradients, N first moments, N second moments
