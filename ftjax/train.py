@@ -388,19 +388,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     eval_step = jit_steps(graphdef, dataclasses.replace(state, params=final_params), rest)[1]
   else:
     final_params = state.params
-  results = {}
+  evaluate_best = lambda params, split: evaluate(eval_step, params, rest, eval_batches(split),
+                                                 accumulator())
   if last_eval is not None and last_eval[0] == best_step:
     # The best step is the state in memory, and its validation metrics are known: the test split
     # is evaluated while the last checkpoints are still being written, not after a restore.
-    best_params, results['validation'] = final_params, last_eval[1]
+    best_params, validation = final_params, last_eval[1]
   else:
     ckpts.wait()
     best_params = ckpts.restore_best_params(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, final_params))
-  for split in ('validation', 'test'):
-    if split not in results:
-      results[split] = evaluate(eval_step, best_params, rest, eval_batches(split), accumulator())
-  ckpts.wait()
+    validation = evaluate_best(best_params, 'validation')
+  results = {'validation': validation, 'test': evaluate_best(best_params, 'test')}
+  ckpts.wait()  # Every checkpoint is on disk before the run reports.
   if is_main:
     writer.write(best_step, 'test', results['test'])
     # Wall time of this call (data, model load, compile, train, evaluate); a resumed run counts
