@@ -11,7 +11,8 @@ says what it is (a YNNPACK fusion, an XLA dot, a loop fusion, a custom call) and
 the step it belongs to: the forward pass (`jvp` in its op name), the backward pass
 (`transpose(jvp)`), or the rest (the global norm and the AdamW update). Prints, per step:
 
-- the step's wall time, and each worker thread's busy and idle milliseconds within it;
+- the step's wall time (from the previous step's end to its own), and each worker thread's busy
+  and idle milliseconds within it;
 - thread milliseconds by part and by kind of operation, and the matmuls' GFLOP/s per thread
   (their FLOPs from the HLO shapes over their thread time);
 - the update phase: from the end of the last backward operation to the step's end, wall ms.
@@ -96,16 +97,21 @@ def analyse(trace_file: str, ops: dict, num_steps: int) -> dict:
           steps.append((event.start_ns, event.duration_ns))
         elif not event.name.startswith(_BOOKKEEPING) and 'Await' not in event.name:
           events[line.name].append((event.start_ns, event.duration_ns, event.name))
-  steps = sorted(steps)[-num_steps:]
+  # A step is the time since the previous step ended: its first operations can start on the
+  # worker threads before the calling thread begins waiting for it (under load, by several ms),
+  # and would fall outside the wait alone. The first traced step starts with the trace.
+  ends = sorted(start + duration for start, duration in steps)[-num_steps:]
+  first = min([s for evs in events.values() for s, _, _ in evs] + [min(steps)[0]]) - 1
+  windows = list(zip([first] + ends[:-1], ends))
   by_part, by_kind = collections.Counter(), collections.Counter()
   matmul_ns, matmul_flops = 0, 0
   busy, update_phase, walls = collections.Counter(), [], []
-  for start, duration in steps:
-    walls.append(duration)
+  for start, end in windows:
+    walls.append(end - start)
     last_backward = None
     for thread, evs in events.items():
       for s, d, name in evs:
-        if not start <= s <= start + duration or name not in ops:
+        if not start < s <= end or name not in ops:
           continue
         op = ops[name]
         busy[thread] += d
@@ -117,12 +123,12 @@ def analyse(trace_file: str, ops: dict, num_steps: int) -> dict:
         if op['part'] == 'backward':
           last_backward = s + d if last_backward is None else max(last_backward, s + d)
     if last_backward is not None:
-      update_phase.append(start + duration - last_backward)
-  n = max(1, len(steps))
+      update_phase.append(end - last_backward)
+  n = max(1, len(windows))
   ms = lambda ns: round(ns / 1e6 / n, 2)
   wall = sum(walls) / 1e6 / n
   return {
-      'steps': len(steps), 'step_wall_ms': round(wall, 2),
+      'steps': len(windows), 'step_wall_ms': round(wall, 2),
       'threads': {thread: {'busy_ms': ms(b), 'idle_ms': round(wall - b / 1e6 / n, 2)}
                   for thread, b in busy.items()},
       'thread_ms_by_part': {k: ms(v) for k, v in by_part.most_common()},
