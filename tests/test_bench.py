@@ -5,6 +5,7 @@ must hold at any size: both frameworks train the same parameters from the same w
 """
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -183,3 +184,24 @@ def test_block_cache_benchmark_runs_each_step_with_the_cache_off_and_on(tmp_path
   for modes in result['runs'].values():
     (off,), (on,) = modes['off'], modes['on']
     assert off['step_s'] > 0 and on['step_s'] > 0 and on['peak_mib'] > 0
+
+
+def test_gpu_run_script_prints_what_it_found_and_runs_the_benchmark(tmp_path):
+  # scripts/bench/gpu_speed.sh as the GPU machine runs it, here on the CPU at smoke size.
+  pytest.importorskip('torch')
+  env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / 'out'), TMPDIR=str(tmp_path))
+  done = subprocess.run([str(ROOT / 'scripts/bench/gpu_speed.sh'), 'run', '--quick',
+                         '--workloads=llama-lora', '--dtypes=bfloat16', '--steps=1'],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert re.search(r'^devices: \[Cpu', done.stdout, re.M)
+  assert re.search(r'^jax [\d.]+, jaxlib [\d.]+, flax [\d.]+, .*, peft [\d.]+$', done.stdout, re.M)
+  result = json.loads((tmp_path / 'out/speed_gpu.json').read_text())
+  assert [(r['workload'], r['dtype']) for r in result['rows']] == [('llama-lora', 'bfloat16')]
+  assert (tmp_path / 'out/speed_gpu.md').exists()
+
+
+def test_gpu_run_script_says_how_to_use_it():
+  done = subprocess.run([str(ROOT / 'scripts/bench/gpu_speed.sh')], capture_output=True,
+                        text=True, timeout=60)
+  assert done.returncode == 2 and 'gpu_speed.sh run' in done.stderr
