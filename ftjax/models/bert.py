@@ -158,7 +158,7 @@ class BertEmbeddings(nnx.Module):
                                       (batch, num_virtual, words_BxLxD.shape[-1]))
       words_BxLxD = jnp.concatenate([prompt_BxPxD, words_BxLxD], axis=1)
       token_type_ids_BxL = jnp.concatenate(
-          [jnp.zeros((batch, num_virtual), token_type_ids_BxL.dtype), token_type_ids_BxL], 1)
+          [jnp.zeros_like(token_type_ids_BxL, shape=(batch, num_virtual)), token_type_ids_BxL], 1)
     seq_len = words_BxLxD.shape[1] + position_offset
     if seq_len > self.config.max_position_embeddings:
       raise FtjaxError(
@@ -319,7 +319,7 @@ class BertModel(nnx.Module):
       if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
       attention_mask = jnp.concatenate(
-          [jnp.ones((input_ids.shape[0], prompt_PxD.shape[0]), attention_mask.dtype),
+          [jnp.ones_like(attention_mask, shape=(input_ids.shape[0], prompt_PxD.shape[0])),
            attention_mask], axis=1)
     if packing is not None:
       mask_bias = packing.attention_bias()
