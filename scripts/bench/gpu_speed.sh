@@ -45,7 +45,8 @@ EOF
     if (($#)); then
       args=("$@")
     else
-      args=(--workloads=llama-lora --llama-size=1b --dtypes=bfloat16)
+      # A child that hangs fails alone, with its log in $out, and leaves time for a rerun.
+      args=(--workloads=llama-lora --llama-size=1b --dtypes=bfloat16 --child-timeout=300)
     fi
     "$PY" scripts/bench/speed.py "${args[@]}" --out="$out/speed_gpu.json"
     ;;
