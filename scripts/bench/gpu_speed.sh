@@ -38,8 +38,13 @@ case "${1:-}" in
     "$PY" - <<'EOF'
 import importlib.metadata as m
 import jax
+def version(name):
+  try:
+    return m.version(name)
+  except m.PackageNotFoundError:
+    return 'missing'
 print('devices:', jax.devices())
-print(', '.join(f'{p} {m.version(p)}' for p in
+print(', '.join(f'{p} {version(p)}' for p in
                 ('jax', 'jaxlib', 'flax', 'optax', 'ml_collections', 'torch', 'transformers', 'peft')))
 EOF
     if (($#)); then
