@@ -18,6 +18,10 @@ Three settings, each measured on this project's machines:
   process that already ran jax computations, threads that already have a heap of their own keep
   it. `FTJAX_MALLOC_REUSE=0` turns it off. `process_env` gives child processes the same
   settings as `GLIBC_TUNABLES`, so benchmarks run their baselines under them too.
+  Where the large-block cache below is loaded, the one heap is left out: the cache then holds
+  every block of 16 MiB or more, so the heaps hold small objects only, and one heap made the
+  threads queue on its lock (the default job: 51.4 -> 47.9 s, and no slower steps after its
+  first evaluation and checkpoint; RESULTS.md, session 26).
 
 Three more, chosen before the training loop starts:
 
@@ -26,7 +30,8 @@ Three more, chosen before the training loop starts:
   buffers as one block, 500 MB and more for MiniLM at 32 x 128 tokens, which is above the
   64 MiB mmap threshold of malloc reuse, so glibc still mapped it afresh every step and the
   kernel zeroed its pages. `ftjax/kernels/blockcache.cc`, a small allocator in front of glibc's
-  for blocks of 64 MiB or more, keeps freed ones mapped for the next step
+  for blocks of 16 MiB or more (64 MiB until session 26), keeps freed ones mapped for the next
+  step
   (`scripts/bench/malloc.py --block-cache --rounds=2` on a 2-core Xeon with AMX: MiniLM's
   bfloat16 full fine-tuning step 0.875x as long, its page faults 141,000 -> 12,000 per step
   counting the model's loading, its system CPU 281 -> 164 ms per step; LoRA 0.811x, float32
@@ -68,8 +73,12 @@ _BLOCK_CACHE_SOURCE = pathlib.Path(__file__).parent / 'kernels' / 'blockcache.cc
 # heap, up to 1 GiB of free memory at the heap's top is kept rather than handed back, and every
 # thread allocates from the one main heap (a thread's own heap is unmapped whenever it empties).
 _REUSE_TUNABLES = {'glibc.malloc.mmap_threshold': 64 << 20,
-                   'glibc.malloc.trim_threshold': 1 << 30,
-                   'glibc.malloc.arena_max': 1}
+                   'glibc.malloc.trim_threshold': 1 << 30}
+# One heap for all threads, only where the block cache is not loaded: without it a step's scratch
+# blocks below 64 MiB came from malloc's heaps, and a thread's own heap is unmapped whenever it
+# empties. With the cache taking those blocks, the heaps hold small objects only, and a heap per
+# thread (glibc's default) spares the threads each other's lock.
+_ONE_HEAP = {'glibc.malloc.arena_max': 1}
 # mallopt's parameter numbers for the same settings (malloc.h: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
 # M_ARENA_MAX).
 _MALLOPT = {'glibc.malloc.mmap_threshold': -3, 'glibc.malloc.trim_threshold': -1,
@@ -106,12 +115,27 @@ def reuse_freed_host_memory() -> bool:
   `GLIBC_TUNABLES` (their choice stands). Returns whether the settings were made.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if not malloc_reuse_wanted() or any(name in tunables for name in _REUSE_TUNABLES):
+  if not malloc_reuse_wanted() or any(name in tunables for name in {**_REUSE_TUNABLES,
+                                                                    **_ONE_HEAP}):
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
-    return all(libc.mallopt(_MALLOPT[name], value) for name, value in _REUSE_TUNABLES.items())
+    return all(libc.mallopt(_MALLOPT[name], value)
+               for name, value in _reuse_tunables(block_cache_loaded()).items())
   except (OSError, AttributeError):
+    return False
+
+
+def _reuse_tunables(block_cache: bool) -> dict[str, int]:
+  """malloc reuse's settings: one heap for all threads only without the block cache."""
+  return dict(_REUSE_TUNABLES) if block_cache else {**_REUSE_TUNABLES, **_ONE_HEAP}
+
+
+def block_cache_loaded() -> bool:
+  """Whether this process runs with the large-block cache (`block_cache_library`) preloaded."""
+  try:
+    return hasattr(ctypes.CDLL(None), 'ftjax_block_cache_waits')
+  except OSError:
     return False
 
 
@@ -216,16 +240,17 @@ def process_env(env: dict[str, str] | None = None, *, malloc_reuse: bool = True
   `reuse_freed_host_memory` sets in-process. A tunable the user already set keeps their value.
   """
   env = dict(os.environ if env is None else env)
+  library = block_cache_library() if block_cache_wanted(env) else None
   wanted = []
   if hugepages_wanted(env) and _glibc_supports_hugetlb():
     wanted.append(_HUGETLB)
   if malloc_reuse and malloc_reuse_wanted(env):
-    wanted += [f'{name}={value}' for name, value in _REUSE_TUNABLES.items()]
+    wanted += [f'{name}={value}' for name, value in _reuse_tunables(library is not None).items()]
   tunables = env.get('GLIBC_TUNABLES', '')
   added = [t for t in wanted if t.split('=')[0] not in tunables]
   if added:
     env['GLIBC_TUNABLES'] = ':'.join(([tunables] if tunables else []) + added)
-  if block_cache_wanted(env) and (library := block_cache_library()):
+  if library:
     env['LD_PRELOAD'] = str(library)
   return env
 

@@ -63,6 +63,11 @@ def test_process_env_gives_children_the_malloc_reuse_thresholds():
   assert 'GLIBC_TUNABLES' not in launch.process_env(off, malloc_reuse=False)
   on = {'FTJAX_HUGEPAGES': '1', 'FTJAX_BLOCK_CACHE': '0'}
   assert launch.process_env(on)['GLIBC_TUNABLES'] == f'glibc.malloc.hugetlb=1:{_REUSE}'
+  # With the block cache preloaded, every thread keeps a heap of its own (no arena_max).
+  cached = launch.process_env({'FTJAX_HUGEPAGES': '0'})
+  assert cached['LD_PRELOAD'] == str(launch.block_cache_library())
+  assert cached['GLIBC_TUNABLES'] == (
+      'glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=1073741824')
 
 
 def test_process_env_preloads_the_block_cache_unless_told_or_preloading_already():
@@ -82,7 +87,7 @@ def test_entry_point_reexecutes_with_the_block_cache():
   assert _run(code) == 'None None'
 
 
-# Blocks of 200 MB (above the cache's 64 MiB) through the preloaded block cache: `faults` writes
+# Blocks of 200 MB (above the cache's 16 MiB) through the preloaded block cache: `faults` writes
 # one and frees it four times and prints the page faults of the last three rounds; `api` checks
 # the other entry points; `idle` frees four blocks of different sizes held at once; `overlap`
 # asks for a second block while the first is in use, freed a moment later or not; `fork`
@@ -97,7 +102,7 @@ for name, res, args in [('malloc', ctypes.c_void_p, [ctypes.c_size_t]),
                         ('posix_memalign', ctypes.c_int,
                          [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t])]:
   getattr(libc, name).restype, getattr(libc, name).argtypes = res, args
-size = 200 << 20
+size = (int(sys.argv[2]) if len(sys.argv) > 2 else 200) << 20
 counts = lambda: None
 if os.environ.get('LD_PRELOAD'):
   cache = ctypes.CDLL(os.environ['LD_PRELOAD'])
@@ -175,12 +180,14 @@ elif sys.argv[1] == 'fork':
 def test_block_cache_reuses_large_blocks_without_faulting_them_in_again():
   library = launch.block_cache_library()
   env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
-  run = lambda mode, **more: subprocess.run(
-      [sys.executable, '-c', _BLOCK_CACHE, mode], env={**env, **more}, capture_output=True,
+  run = lambda *args, **more: subprocess.run(
+      [sys.executable, '-c', _BLOCK_CACHE, *args], env={**env, **more}, capture_output=True,
       text=True, check=True).stdout.strip()
   pages = 3 * (200 << 20) // 4096
   assert int(run('faults')) > pages // 2  # glibc maps a block this large afresh every time.
   assert int(run('faults', LD_PRELOAD=str(library))) < pages // 100
+  # Down to 16 MiB: the default job's 44 MB scratch block stays out of glibc's heaps.
+  assert int(run('faults', '20', LD_PRELOAD=str(library))) < 3 * (20 << 20) // 4096 // 100
   assert run('api', LD_PRELOAD=str(library)) == 'ok'
   assert run('idle', LD_PRELOAD=str(library)) == '2 0'  # At most two idle blocks are kept.
   assert run('overlap', LD_PRELOAD=str(library)) == 'ok'
@@ -241,6 +248,38 @@ def test_malloc_keeps_freed_scratch_memory_for_the_next_step():
   assert _run(code, FTJAX_MALLOC_REUSE='0') == 'False'
   assert _run(code, GLIBC_TUNABLES='glibc.malloc.trim_threshold=0') == 'False'
   assert _run(code) == 'True'
+
+
+# malloc reuse in-process, then small allocations on another thread; malloc_stats (stderr) lists
+# one 'Arena N:' per heap.
+_ARENAS = r'''
+import ctypes, threading
+from ftjax import launch
+assert launch.reuse_freed_host_memory()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def work():
+  blocks = [libc.malloc(1000) for _ in range(100)]
+  for block in blocks:
+    libc.free(block)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(launch.block_cache_loaded())
+libc.malloc_stats()
+'''
+
+
+def test_threads_share_one_heap_only_without_the_block_cache():
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', 'FTJAX_MALLOC_REUSE', 'LD_PRELOAD')}
+  run = lambda **more: subprocess.run([sys.executable, '-c', _ARENAS], env={**env, **more},
+                                      capture_output=True, text=True, check=True)
+  alone = run()
+  assert alone.stdout.strip() == 'False' and alone.stderr.count('Arena ') == 1
+  cached = run(LD_PRELOAD=str(launch.block_cache_library()))
+  assert cached.stdout.strip() == 'True' and cached.stderr.count('Arena ') >= 2
 
 
 def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):

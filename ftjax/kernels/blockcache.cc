@@ -10,6 +10,13 @@
 // fragment it (tried: the peak grew from 2.3 to 8.9 GiB). Here each block is its own mapping,
 // so a kept block costs exactly its size, and a step reuses the same pages every time.
 //
+// Why from 16 MiB: smaller steps' blocks (the default job's: 44 MB) came from glibc's heap, which
+// ftjax then had to make one for all threads (a thread's own heap is unmapped whenever it
+// empties). The evaluations and checkpoint saves between steps left that heap in more pieces
+// (free chunks ~4,500 -> ~6,500), and the threads queued on its one lock: the steps after the
+// first evaluation ran ~8% slower. With these blocks here, glibc's heaps hold small objects only
+// and each thread keeps a heap of its own (ftjax/launch.py).
+//
 // What it must not cost is memory: a kept block is resident, so two steps' blocks alive at once
 // would both stay resident, where glibc's fresh mappings hold only the pages touched so far. Two
 // things keep the peak where it was. XLA frees a step's block a moment after the step's outputs
@@ -39,7 +46,7 @@
 
 namespace {
 
-constexpr size_t kMinBlock = size_t{64} << 20;  // glibc's mmap threshold under ftjax
+constexpr size_t kMinBlock = size_t{16} << 20;  // the default job's 44 MB scratch block included
 constexpr size_t kGrain = size_t{2} << 20;      // sizes rounded to huge pages
 constexpr size_t kMaxAlign = 4096;              // mmap's alignment: larger ones go to glibc
 constexpr int kSlots = 64;
