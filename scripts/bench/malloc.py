@@ -8,7 +8,9 @@ with --block-cache, the large-block cache off and on, over MiniLM's 32 x 128 tra
 `train_and_evaluate` makes glibc's malloc keep the memory XLA frees after each step
 (`ftjax.launch.reuse_freed_host_memory`: mmap threshold 64 MiB, trim threshold 1 GiB, one heap
 for all threads). This runs the default job (`scripts/train.py --config=configs/minilm_vader.py`,
-`--epochs` epochs: 187 steps each) with it off and on (`FTJAX_MALLOC_REUSE=0` / `1`), each in a
+`--epochs` epochs: 187 steps each) with it off and on (`FTJAX_MALLOC_REUSE=0` / `1`) and the
+large-block cache off (`FTJAX_BLOCK_CACHE=0`: since session 26 the cache takes blocks from 16
+MiB, the default job's 44 MB scratch block included, whichever malloc's settings), each in a
 fresh process (malloc's thresholds cannot be put back to glibc's dynamic default once set),
 alternating which goes first every round, `--rounds` pairs, on an otherwise idle machine. For
 each run it reports the training loop's median step (the spacing of its iterations, from
@@ -49,7 +51,9 @@ def run_job(mode: str, epochs: float, env: dict[str, str]) -> dict:
     command = [sys.executable, 'scripts/train.py', f'--config={CONFIG}',
                f'--workdir={workdir}', f'--config.train.num_epochs={epochs}']
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env={**env, 'FTJAX_MALLOC_REUSE': MODES[mode]},
+    # The block cache off: from 16 MiB it takes the default job's scratch block itself.
+    process = subprocess.Popen(command, cwd=ROOT, env={**env, 'FTJAX_MALLOC_REUSE': MODES[mode],
+                                                       'FTJAX_BLOCK_CACHE': '0'},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
