@@ -70,8 +70,7 @@ import tempfile
 _HUGETLB = 'glibc.malloc.hugetlb=1'
 _BLOCK_CACHE_SOURCE = pathlib.Path(__file__).parent / 'kernels' / 'blockcache.cc'
 # malloc keeps freed scratch memory (`reuse_freed_host_memory`): blocks below 64 MiB come from the
-# heap, up to 1 GiB of free memory at the heap's top is kept rather than handed back, and every
-# thread allocates from the one main heap (a thread's own heap is unmapped whenever it empties).
+# heap, and up to 1 GiB of free memory at the heap's top is kept rather than handed back.
 _REUSE_TUNABLES = {'glibc.malloc.mmap_threshold': 64 << 20,
                    'glibc.malloc.trim_threshold': 1 << 30}
 # One heap for all threads, only where the block cache is not loaded: without it a step's scratch

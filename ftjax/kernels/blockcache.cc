@@ -14,7 +14,7 @@
 // ftjax then had to make one for all threads (a thread's own heap is unmapped whenever it
 // empties). The evaluations and checkpoint saves between steps left that heap in more pieces
 // (free chunks ~4,500 -> ~6,500), and the threads queued on its one lock: the steps after the
-// first evaluation ran ~8% slower. With these blocks here, glibc's heaps hold small objects only
+// first evaluation ran 5-10% slower. With these blocks here, glibc's heaps hold small objects only
 // and each thread keeps a heap of its own (ftjax/launch.py).
 //
 // What it must not cost is memory: a kept block is resident, so two steps' blocks alive at once
