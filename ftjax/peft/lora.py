@@ -153,7 +153,7 @@ class LoRALinear(layers.Linear):
     x, lora_a, lora_b = self.promote_dtype(
         (dropped, getattr(self, a_attr)[...], getattr(self, b_attr)[...]), dtype=self.dtype
     )
-    update = (x @ lora_a @ lora_b) * dict(self.adapters)[self.active]
+    update = (_down(x, lora_a) @ lora_b) * dict(self.adapters)[self.active]
     if self.active in self.dora:
       # m/n * (x W + x delta) + b, written around the base output as PEFT does.
       scale = self.magnitude_scale(self.active).astype(y.dtype)
@@ -162,8 +162,35 @@ class LoRALinear(layers.Linear):
     return y + update.astype(y.dtype)
 
 
+@jax.custom_vjp
+def _down(x: jax.Array, lora_a: jax.Array) -> jax.Array:
+  """x @ A ([..., in] x [in, r]), whose gradient for A is computed as [r, in] where that is faster.
+
+  Autodiff writes A's gradient as x^T g: an [in, r] product contracting every token. XLA:CPU
+  runs that form of a float32 product at a third to a half of the speed of g^T x ([r, in], the
+  layout of PEFT's lora_A weight): 1.0-1.5 against 0.5 ms at 32 x 128 tokens, in 384, r 8. The
+  transpose back to [in, r] sits behind an optimization barrier, which keeps XLA from folding it
+  into the product again. For bfloat16 the two forms measured within noise, so autodiff's stays.
+  """
+  return x @ lora_a
 
 
+def _down_fwd(x, lora_a):
+  return x @ lora_a, (x, lora_a)
+
+
+def _down_bwd(residuals, g):
+  x, lora_a = residuals
+  tokens = tuple(range(x.ndim - 1))
+  if x.dtype == jnp.float32:
+    d_a = jax.lax.optimization_barrier(
+        jax.lax.dot_general(g, x, ((tokens, tokens), ((), ())))).T
+  else:
+    d_a = jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())))
+  return g @ lora_a.T, d_a.astype(lora_a.dtype)
+
+
+_down.defvjp(_down_fwd, _down_bwd)
 
 
 def _lora_layers(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
