@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 from flax import nnx
 import jax
@@ -322,3 +323,21 @@ def test_attention_dropout_is_used_only_when_not_deterministic():
   noisy = model(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
   assert not np.allclose(quiet, noisy)
   assert isinstance(model.init_cache(2, 4), layers.KVCache)
+
+
+def test_rotary_tables_are_computed_once_per_step():
+  """XLA:CPU evaluates cos and sin once per training step, not in every layer's rotation of q
+  and k (`llama._computed_once`), and the tables are exact."""
+  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+  graphdef, state = nnx.split(llama.LlamaModel(config, rngs=nnx.Rngs(0)))
+  ids = jnp.asarray(_batch(left=False)[0])
+  loss = lambda state: jnp.sum(nnx.merge(graphdef, state)(ids) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+  assert len(re.findall(r' cosine\(', hlo)) == 1 and len(re.findall(r' sine\(', hlo)) == 1
+  positions = jnp.asarray([[0, 1, 2, 700, 70000]])
+  cos, sin = llama._rotary(config, positions, jnp.float32)
+  angles = np.asarray(positions, np.float32)[..., None] * llama.rope_inverse_frequencies(config)
+  angles = np.concatenate([angles, angles], axis=-1)
+  np.testing.assert_array_equal(cos, jnp.cos(angles))
+  np.testing.assert_array_equal(sin, jnp.sin(angles))
