@@ -313,3 +313,25 @@ def test_vader_task_configs_train(name, metrics, tiny_bert_dir, data_dir, tmp_pa
   if name == 'minilm_vader_tagging.py':
     # Items are tagged words: the test split's 757 entries, each scored once.
     assert results['test']['num_examples'] == 757
+
+
+@pytest.mark.parametrize('size', [3, 2000, 4096, 32000])
+def test_argmax_gives_jnp_argmax_indices(size):
+  """`tasks.argmax` (a block search on large axes) picks what jnp.argmax picks: the first
+  maximum among ties."""
+  rng = np.random.default_rng(size)
+  x = rng.integers(-3, 4, size=(4, 6, size)).astype(np.float32)  # Many ties at the maximum.
+  x[0, 0] = 0.0  # A row of one value: index 0.
+  x[1, 1, size // 2] = 9.0  # A unique maximum.
+  x[1, 2, -1] = 9.0  # The maximum in the last block.
+  x[2, 3, [size // 3, size - 1]] = np.nan  # NaNs: the first one.
+  x[3, 4] = -np.inf
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got = np.asarray(jax.jit(tasks.argmax)(jnp.asarray(x, dtype)))
+    want = np.asarray(jnp.argmax(jnp.asarray(x, dtype), axis=-1))
+    nan_row = np.isnan(x).any(-1)
+    np.testing.assert_array_equal(got[~nan_row], want[~nan_row])
+    # A NaN row (its loss is NaN too): a NaN's index, or where the maximum skips NaNs, the
+    # largest other value's.
+    picked = x[nan_row][np.arange(nan_row.sum()), got[nan_row]]
+    assert (np.isnan(picked) | (picked == np.nanmax(x[nan_row], -1))).all()
