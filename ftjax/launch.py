@@ -114,8 +114,8 @@ def reuse_freed_host_memory() -> bool:
   `GLIBC_TUNABLES` (their choice stands). Returns whether the settings were made.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if not malloc_reuse_wanted() or any(name in tunables for name in {**_REUSE_TUNABLES,
-                                                                    **_ONE_HEAP}):
+  if not malloc_reuse_wanted() or any(name in tunables
+                                      for name in _reuse_tunables(block_cache=False)):
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
