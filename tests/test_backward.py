@@ -332,7 +332,7 @@ def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering of bf16 dots')
 def test_bf16_linear_step_keeps_every_product_in_bfloat16():
   """Forward, input gradient and weight gradient all reach XLA:CPU as bf16 x bf16 -> f32 dots
-  (`layers._bf16_matmul`), which it runs on YNNPACK's bfloat16 kernels; autodiff of nnx.Linear's
+  (`layers._matmul`), which it runs on YNNPACK's bfloat16 kernels; autodiff of nnx.Linear's
   own bf16 dot gives dots that XLA upcasts to float32 (their operands converted first)."""
   x = jax.random.normal(jax.random.key(1), (64, 32)).astype(jnp.bfloat16)
   grad_fn, params = _linear_loss_and_grads(_bf16_linear(), x)

@@ -1,5 +1,5 @@
 """The CPU matmul kernel (ftjax/kernels/matmul.cc) against float64 products, and its use by the
-bfloat16 dense layers (`layers._bf16_matmul`) against XLA's dots."""
+dense layers (`layers._matmul`) against XLA's dots."""
 
 import json
 import logging
@@ -33,6 +33,7 @@ def _reference(a, b, transpose_a, transpose_b):
 
 # (m, k, n): tails of every blocking unit (the 12 x 32 register tile, the 16-wide transposing
 # copies, an odd K for the bfloat16 pairs, K steps of at most 192 words, blocks of 96 rows; for
+# float32, passes of at most 384 values of K and blocks of 384 columns, A read unpacked; for
 # amx, 32 x 32 blocks of 16 x 16 tiles, 16-word tile rows and blocks of 64 rows); K over
 # several steps, and over several packed parts of B (at most 2048 words each); more rows
 # than columns (tasks split rows) and fewer (tasks split columns, more than one 2048-column
@@ -100,7 +101,7 @@ def test_matmul_under_vmap_and_a_zero_contraction():
 
 
 def _dense_step(monkeypatch, mode, x, w):
-  """A bfloat16 dense layer's output and gradients (input, kernel) through layers.dot_general,
+  """A dense layer's output and gradients (input, kernel) through layers.dot_general,
   and whether the compiled step calls the kernel."""
   monkeypatch.setenv('FTJAX_MATMUL', mode)
   dims = (((x.ndim - 1,), (0,)), ((), ()))
@@ -129,21 +130,52 @@ def test_the_bf16_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
     np.testing.assert_allclose(ours, theirs, rtol=2.0**-7, atol=2.0**-7 * np.abs(theirs).max())
 
 
-def test_the_kernel_serves_only_wide_bfloat16_products(monkeypatch):
+def _compiled_dots(step, *args) -> tuple[int, int]:
+  """(kernel calls, XLA dots) in the compiled HLO of step(*args)."""
+  hlo = step.lower(*args).compile().as_text()
+  return hlo.count('custom_call_target="ftjax_matmul"'), len(re.findall(r' dot\(', hlo))
+
+
+def test_the_kernel_serves_only_wide_products(monkeypatch):
   monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
-  assert kernels.bf16_matmul_on_kernel(4096, 384, 1536)
-  # LoRA's rank-8 factors and a 3-way head stay on XLA.
-  assert not kernels.bf16_matmul_on_kernel(4096, 384, 8)
-  assert not kernels.bf16_matmul_on_kernel(4096, 8, 384)
-  assert not kernels.bf16_matmul_on_kernel(32, 384, 3)
-  # float32 layers never reach it: they are XLA's plain dot.
+  for on_kernel in (kernels.bf16_matmul_on_kernel, kernels.f32_matmul_on_kernel):
+    assert on_kernel(4096, 384, 1536) and on_kernel(1, 64, 64)
+    # LoRA's rank-8 factors and a 3-way head stay on XLA.
+    assert not on_kernel(4096, 384, 8)
+    assert not on_kernel(4096, 8, 384)
+    assert not on_kernel(32, 384, 3)
+  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
+  assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+  assert not kernels.f32_matmul_on_kernel(4096, 384, 1536)
+  # With the kernel off, a float32 layer is XLA's plain dot (no custom VJP in between).
   x = jnp.ones((8, 96), jnp.float32)
   w = jnp.ones((96, 128), jnp.float32)
   hlo = jax.jit(lambda x, w: layers.dot_general(x, w, (((1,), (0,)), ((), ())))).lower(
       x, w).as_text()
   assert 'ftjax_matmul' not in hlo and re.search(r'stablehlo\.dot_general', hlo)
-  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
-  assert not kernels.bf16_matmul_on_kernel(4096, 384, 1536)
+
+
+def test_the_f32_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
+  """A float32 dense layer's output and input gradient on the kernel, its weight gradient on
+  XLA's dot: the same values as XLA's three dots to float32 rounding."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 70, 96)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((96, 130)) * 0.1, jnp.float32)
+  y_kernel, grads_kernel, on_kernel = _dense_step(monkeypatch, 'kernel', x, w)
+  y_xla, grads_xla, on_xla = _dense_step(monkeypatch, 'xla', x, w)
+  assert on_kernel and not on_xla
+  for ours, theirs in zip([y_kernel, *grads_kernel], [y_xla, *grads_xla]):
+    assert ours.dtype == theirs.dtype == jnp.float32 and ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+  # Forward and input gradient on the kernel, the weight gradient (x^T g) on XLA's dot.
+  monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
+  dims = (((2,), (0,)), ((), ()))
+  step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot_general(x, w, dims))),
+                          argnums=(0, 1)))
+  assert _compiled_dots(step, x, w) == (2, 1)
+  # A frozen weight (no weight gradient asked for): no weight-gradient dot at all.
+  frozen = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot_general(x, w, dims)))))
+  assert _compiled_dots(frozen, x, w) == (2, 0)
 
 
 def test_ftjax_matmul_is_checked(monkeypatch):
@@ -199,6 +231,47 @@ def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_p
     assert plan['variant'] == 'amx' and plan['use_kernel']
   finally:
     kernels.bf16_matmul_plan.cache_clear()
+
+
+def test_f32_auto_measures_once_and_keeps_the_verdict(monkeypatch, tmp_path, caplog):
+  """float32 layers: the kernel against XLA's dots, timed once, kept beside the library in a
+  file of its own; the kernel must take under 0.97 of XLA's time."""
+  monkeypatch.setenv('FTJAX_MATMUL', 'auto')
+  monkeypatch.setattr(kernels, '_calibration_path',
+                      lambda kind='': tmp_path / f'kernels-x.matmul{kind}.json')
+  measured = []
+
+  def measure():
+    measured.append(1)
+    return {'kernel': 0.009, 'xla': 0.010}
+
+  monkeypatch.setattr(kernels, 'measure_f32_matmul', measure)
+  kernels.f32_matmul_plan.cache_clear()
+  try:
+    with caplog.at_level(logging.INFO):
+      assert kernels.f32_matmul_on_kernel(4096, 384, 1536)
+    assert 'float32 matmuls on the kernel (kernel 9.00 ms, XLA 10.00 ms' in caplog.text
+    path = tmp_path / 'kernels-x.matmul-f32.json'
+    assert json.loads(path.read_text()) == {'use_kernel': True, 'kernel_s': 0.009,
+                                            'xla_s': 0.010}
+    assert not (tmp_path / 'kernels-x.matmul.json').exists()
+    kernels.f32_matmul_plan.cache_clear()
+    path.write_text(json.dumps({'use_kernel': False, 'kernel_s': 0.009, 'xla_s': 0.010}))
+    assert not kernels.f32_matmul_on_kernel(4096, 384, 1536)
+    assert measured == [1]
+    # Within 3% of XLA: XLA keeps the products.
+    kernels.f32_matmul_plan.cache_clear()
+    path.unlink()
+    monkeypatch.setattr(kernels, 'measure_f32_matmul', lambda: {'kernel': 0.98, 'xla': 1.0})
+    assert not kernels.f32_matmul_on_kernel(4096, 384, 1536)
+  finally:
+    kernels.f32_matmul_plan.cache_clear()
+
+
+def test_f32_measurement_times_both_paths():
+  """The real measurement (small, so quick): positive times for both, from the same products."""
+  times = kernels.measure_f32_matmul(m=64, rounds=2)
+  assert set(times) == {'kernel', 'xla'} and all(0 < t < 10 for t in times.values())
 
 
 def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):

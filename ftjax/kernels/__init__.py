@@ -2,11 +2,12 @@
 
 - `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU,
   its bfloat16 products in the matmul kernel's fastest variant (below) on the machine.
-- `matmul.cc`: a dense matrix product for bfloat16 dense layers, in three variants: `fma` packs
-  the operands into float32 panels and multiplies with float32 FMAs (for CPUs whose bfloat16
-  dot instruction is slow), `dot` packs pairs of bfloat16 and multiplies with that instruction
-  (for CPUs where it is fast and XLA's dot leaves part of it unused), `amx` multiplies the same
-  packed pairs on Intel AMX's tile registers (Sapphire Rapids and later).
+- `matmul.cc`: a dense matrix product for dense layers, in three variants: `fma` multiplies
+  with float32 FMAs (float32 layers; and bfloat16 ones on CPUs whose bfloat16 dot instruction
+  is slow, converting their operands to float32 as it packs them), `dot` packs pairs of
+  bfloat16 and multiplies with that instruction (for CPUs where it is fast and XLA's dot leaves
+  part of it unused), `amx` multiplies the same packed pairs on Intel AMX's tile registers
+  (Sapphire Rapids and later).
 - `adamw.cc`: AdamW's whole update of a parameter group in one call, each parameter, gradient
   and moment read once and the parameter and moments written back in place (`optim.adamw`).
 
@@ -20,7 +21,8 @@ tested against.
 `FTJAX_ATTENTION` chooses: `auto` (the default: the attention kernel on a single CPU device
 where it builds), `xla` (never the kernel) or `fused` (the kernel wherever it applies; an error
 if it cannot be built). `FTJAX_MATMUL` likewise: `auto` (bfloat16 dense layers on the matmul
-kernel where it measured faster than XLA's bfloat16 dot on this machine), `xla` or `kernel`.
+kernel where it measured faster than XLA's bfloat16 dot on this machine, and float32 ones where
+it measured faster than XLA's float32 dots), `xla` or `kernel`.
 `FTJAX_ADAMW`: `auto` (float32 AdamW updates on the kernel on a single CPU device), `xla` or
 `kernel`.
 """
@@ -274,6 +276,9 @@ VARIANTS = ('fma', 'dot', 'amx')
 _MIN_MATMUL_WIDTH = 64
 # The kernel replaces XLA's dot only where it measured at most this fraction of XLA's time.
 _KERNEL_MARGIN = 0.9
+# float32 layers go to the kernel where it took at most this fraction of XLA's time: its gain
+# there is smaller (XLA's float32 dots are closer to the machine's peak than its bfloat16 ones).
+_F32_KERNEL_MARGIN = 0.97
 
 
 def bf16_matmul_on_kernel(m: int, k: int, n: int) -> bool:
@@ -281,19 +286,42 @@ def bf16_matmul_on_kernel(m: int, k: int, n: int) -> bool:
 
   `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where its faster variant
   measured faster than XLA's bfloat16 dot on this machine (`bf16_matmul_plan`); `kernel`
-  wherever it applies; `xla` never. float32 products always stay on XLA, which is as fast as
-  the kernel there.
+  wherever it applies; `xla` never. float32 layers: `f32_matmul_on_kernel`.
   """
+  return _matmul_on_kernel(m, k, n, bf16_matmul_plan)
+
+
+def _matmul_on_kernel(m: int, k: int, n: int, plan) -> bool:
   mode = matmul_choice()
   if not _on_one_cpu(mode) or min(k, n) < _MIN_MATMUL_WIDTH or m < 1:
     return False
   if not _loaded('FTJAX_MATMUL', mode, 'kernel', 'matmul kernel'):
     return False
-  return mode == 'kernel' or bf16_matmul_plan()['use_kernel']
+  return mode == 'kernel' or plan()['use_kernel']
 
 
-def _calibration_path() -> pathlib.Path:
-  return library_path(_compiler()).with_suffix('.matmul.json')
+def _calibration_path(kind: str = '') -> pathlib.Path:
+  return library_path(_compiler()).with_suffix(f'.matmul{kind}.json')
+
+
+def _measured_once(path: pathlib.Path, valid, measure) -> dict:
+  """The plan kept at `path` if `valid(plan)`, else `measure()`'s, written there for the next
+  process (whole and renamed: a concurrent reader never sees half a file)."""
+  try:
+    plan = json.loads(path.read_text())
+    if valid(plan):
+      return plan
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  with jax.ensure_compile_time_eval():
+    plan = measure()
+  try:
+    with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
+      json.dump(plan, f)
+    os.replace(f.name, path)
+  except OSError as e:  # A read-only cache: measured again by the next process.
+    logging.warning('ftjax: cannot keep the matmul measurement in %s (%s)', path, e)
+  return plan
 
 
 @functools.cache
@@ -309,30 +337,93 @@ def bf16_matmul_plan() -> dict:
   1.2-1.9x XLA's dot; where it runs at twice that rate (AMD Zen 4), `dot` is 1.4x it; on an
   Intel Xeon with AMX, `amx` took 0.40-0.44 of XLA's time (whose dots use AMX too).
   """
-  path = _calibration_path()
-  try:
-    plan = json.loads(path.read_text())
-    if isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS:
-      return plan
-  except (OSError, ValueError, KeyError, TypeError):
-    pass
-  with jax.ensure_compile_time_eval():
+  def measure():
     times = measure_bf16_matmul()
-  measured = [v for v in VARIANTS if v in times]
-  variant = min(measured, key=times.__getitem__)
-  plan = {'use_kernel': times[variant] < _KERNEL_MARGIN * times['xla'], 'variant': variant,
-          **{f'{name}_s': t for name, t in times.items()}}
-  try:  # Written whole and renamed: a concurrent reader never sees half a file.
-    with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False) as f:
-      json.dump(plan, f)
-    os.replace(f.name, path)
-  except OSError as e:  # A read-only cache: measured again by the next process.
-    logging.warning('ftjax: cannot keep the matmul measurement in %s (%s)', path, e)
-  logging.info('ftjax: bfloat16 matmuls on the %s (%s; %s)',
-               f'kernel ({variant})' if plan['use_kernel'] else 'XLA dot',
-               ', '.join(f'{"XLA" if name == "xla" else "kernel " + name} {t * 1e3:.2f} ms'
-                         for name, t in times.items()), path)
-  return plan
+    measured = [v for v in VARIANTS if v in times]
+    variant = min(measured, key=times.__getitem__)
+    plan = {'use_kernel': times[variant] < _KERNEL_MARGIN * times['xla'], 'variant': variant,
+            **{f'{name}_s': t for name, t in times.items()}}
+    logging.info('ftjax: bfloat16 matmuls on the %s (%s; %s)',
+                 f'kernel ({variant})' if plan['use_kernel'] else 'XLA dot',
+                 ', '.join(f'{"XLA" if name == "xla" else "kernel " + name} {t * 1e3:.2f} ms'
+                           for name, t in times.items()), _calibration_path())
+    return plan
+
+  return _measured_once(
+      _calibration_path(),
+      lambda plan: isinstance(plan['use_kernel'], bool) and plan['variant'] in VARIANTS, measure)
+
+
+def f32_matmul_on_kernel(m: int, k: int, n: int) -> bool:
+  """Whether a float32 [m, k] x [k, n] dense layer's product and input gradient run on the
+  kernel (its `fma` variant, which reads float32 A unpacked: see matmul.cc's BlockDirect).
+
+  `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where it measured faster than
+  XLA's float32 dots on this machine (`f32_matmul_plan`); `kernel` wherever it applies; `xla`
+  never. The weight gradient x^T g stays XLA's either way: contracting thousands of tokens, the
+  kernel was slower than XLA there (0.7-0.85 of its speed at [2048, 768] x [.., 2048] on an
+  Intel Xeon with AMX) and made MiniLM's full fine-tuning step 1.044x as long.
+  """
+  return _matmul_on_kernel(m, k, n, f32_matmul_plan)
+
+
+@functools.cache
+def f32_matmul_plan() -> dict:
+  """Whether float32 dense layers run on the matmul kernel on this machine: {'use_kernel':
+  bool, 'kernel_s', 'xla_s'}, measured once per machine and build (`measure_f32_matmul`, about
+  1 s on 2 cores) and kept beside the library, as `bf16_matmul_plan` is.
+
+  The kernel must take at most _F32_KERNEL_MARGIN of XLA's time: on an Intel Xeon with AMX
+  (family 6 model 167, 2 cores) it took 0.85-0.95 at MiniLM's shapes, and MiniLM's float32 LoRA
+  step 0.96 of its time.
+  """
+  def measure():
+    times = measure_f32_matmul()
+    plan = {'use_kernel': times['kernel'] < _F32_KERNEL_MARGIN * times['xla'],
+            **{f'{name}_s': t for name, t in times.items()}}
+    logging.info('ftjax: float32 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
+                 'kernel' if plan['use_kernel'] else 'XLA dot', times['kernel'] * 1e3,
+                 times['xla'] * 1e3, _calibration_path('-f32'))
+    return plan
+
+  return _measured_once(_calibration_path('-f32'),
+                        lambda plan: isinstance(plan['use_kernel'], bool), measure)
+
+
+def measure_f32_matmul(m: int = 4096, rounds: int = 7) -> dict:
+  """Best seconds of the kernel ('kernel') and of XLA's dots ('xla'), taking turns, for what a
+  float32 dense layer hands the kernel: y = x w and dx = g w^T, at MiniLM's attention and FFN
+  shapes with m tokens (x [m, 384], w [384, 384], [384, 1536] and [1536, 384]).
+  """
+  rng = np.random.default_rng(0)
+  shapes = ((384, 384), (384, 1536), (1536, 384))
+  operands = [tuple(jnp.asarray(rng.standard_normal(s), jnp.float32)
+                    for s in ((m, k), (k, n), (m, n))) for k, n in shapes]
+
+  @jax.jit
+  def on_kernel(operands):
+    return [(matmul(x, w), matmul(g, w, transpose_b=True)) for x, w, g in operands]
+
+  @jax.jit
+  def on_xla(operands):
+    return [(x @ w, g @ w.T) for x, w, g in operands]
+
+  return _best_of(rounds, {'kernel': on_kernel, 'xla': on_xla}, operands)
+
+
+def _best_of(rounds: int, runs: dict, *args) -> dict:
+  """Best seconds of each of `runs` (jitted functions of `args`), compiled first, then called
+  in turns `rounds` times."""
+  best = {}
+  for name, run in runs.items():
+    jax.block_until_ready(run(*args))
+    best[name] = float('inf')
+  for _ in range(rounds):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run(*args))
+      best[name] = min(best[name], time.perf_counter() - start)
+  return best
 
 
 def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
@@ -341,7 +432,7 @@ def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int 
   dense layer's training step with x [m, k], w [k, n]: y = x w and dx = g w^T rounded to
   bfloat16, dw = x^T g in float32.
 
-  XLA's are written as `layers._bf16_matmul` writes them: its dots keep their fast path only
+  XLA's are written as `layers._matmul` writes them: its dots keep their fast path only
   with the lhs contracting its last dimension, so dw reads a transposed copy of x.
 
   4096 tokens (a batch of 32 x 128): where the kernel is faster, the difference grows with the
@@ -368,17 +459,7 @@ def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int 
             dot(layers._transposed_copy(x), g, (1, 0)))  # pylint: disable=protected-access
 
   variants = VARIANTS if has_amx() else ('fma', 'dot')
-  runs = {**{v: on_kernel(v) for v in variants}, 'xla': on_xla}
-  best = {}
-  for name, run in runs.items():
-    jax.block_until_ready(run(x, w, g))
-    best[name] = float('inf')
-  for _ in range(rounds):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(run(x, w, g))
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
+  return _best_of(rounds, {**{v: on_kernel(v) for v in variants}, 'xla': on_xla}, x, w, g)
 
 
 def fused_adamw_applies(*trees) -> bool:

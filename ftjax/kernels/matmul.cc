@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 #include <thread>
 #include <cstdlib>
@@ -277,17 +278,28 @@ void RoundRow(const float* x, int64_t n, uint16_t* out) {
   for (; j < n; ++j) out[j] = F32ToBf16(x[j]);
 }
 
-// Owns float32 scratch aligned for the packed panels' aligned loads.
+// Float32 scratch aligned for the packed panels' aligned loads: one of a thread's kSlots
+// buffers, kept across calls (XLA's worker threads live as long as the process) and grown, never
+// cleared. A std::vector per call zero-filled its megabytes and faulted in fresh pages every
+// call: ~7% of a float32 [4096, 384] x [384, 1536] product's time went to the kernel clearing
+// pages.
 class Scratch {
  public:
+  static constexpr int kSlots = 3;
+  explicit Scratch(int slot) : slot_(slot) {}
   float* Get(size_t n) {
-    storage_.resize(n + 16);
-    const uintptr_t p = reinterpret_cast<uintptr_t>(storage_.data());
+    thread_local std::unique_ptr<float[]> buffers[kSlots];
+    thread_local size_t sizes[kSlots] = {};
+    if (sizes[slot_] < n + 16) {
+      buffers[slot_].reset(new float[n + 16]);
+      sizes[slot_] = n + 16;
+    }
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buffers[slot_].get());
     return reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
   }
 
  private:
-  std::vector<float> storage_;
+  int slot_;
 };
 
 enum class Variant : int32_t { kFma = 0, kDot = 1, kAmx = 2 };
@@ -312,7 +324,7 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t part = RoundUp((K + parts - 1) / parts, unit);
   const int64_t steps = (part + kDepth * unit - 1) / (kDepth * unit);
   const int64_t depth = RoundUp((part + steps - 1) / steps, unit);
-  Scratch b_scratch, a_scratch, c_scratch;
+  Scratch b_scratch(0), a_scratch(1), c_scratch(2);
   float* bp = b_scratch.Get(panels * kCols * (part / unit));
   float* ap = a_scratch.Get(RoundUp(kBlockRows, kRows) * (depth / unit));
   // bfloat16 C: with one part, a block of rows at a time; with more, all of the task's rows.
@@ -345,6 +357,94 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     }
   }
 }
+
+
+#if defined(__AVX512F__)
+// float32 operands (the `fma` variant's own dtype) take a path of their own, which reads A where
+// it lies instead of packing it. A row-major A is read down kRows row pointers, a transposed one
+// along one row per word (kRows consecutive values); either way the tile's kRows x kDirectDepth
+// block of A stays in L1 while the tile walks all of a column block's B panels (packed as in
+// Block, streaming from L2), so the transposing copy that packing A makes is not needed: it took
+// ~10% of the packed path's time in MiniLM's float32 step. Rows of C in blocks of kBlockRows,
+// columns in blocks of kDirectCols (a column block's packed B, kDirectDepth x kDirectCols float32
+// values, stays in the core's L2 cache).
+constexpr int64_t kDirectDepth = 384;  // at most this many values of K per pass over C
+constexpr int64_t kDirectCols = 384;   // columns of C per block
+
+// C[i][0:cols] (+)= sum_t rows_a[i][t * step] b[t * kCols + 0:cols] for i < rows, t < depth.
+// rows_a holds kRows pointers (rows past `rows` repeat a valid one; their results are dropped).
+void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const float* b,
+                float* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+  __m512 acc[kRows][2];
+  for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const float* a[kRows];
+  for (int i = 0; i < kRows; ++i) a[i] = rows_a[i];
+  for (int64_t t = 0, o = 0; t < depth; ++t, o += step) {
+    const __m512 b0 = _mm512_load_ps(b + t * kCols), b1 = _mm512_load_ps(b + t * kCols + 16);
+    // B's panels stream from L2 while A's block stays in L1: fetch 8 words ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(b + (t + 8) * kCols), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + (t + 8) * kCols + 16), _MM_HINT_T0);
+#pragma GCC unroll 12
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i][o]);
+      acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
+    }
+  }
+  const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kRows; ++i) {
+    if (i >= rows) break;
+    float* ci = c + i * ldc;
+    __m512 v0 = acc[i][0], v1 = acc[i][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, ci));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, ci + 16));
+    }
+    _mm512_mask_storeu_ps(ci, lo, v0);
+    _mm512_mask_storeu_ps(ci + 16, hi, v1);
+  }
+}
+
+// C[m0:m1, n0:n1] for float32 A, B and C (see TileDirect), K in parts of at most kPackDepth
+// (B's panels packed once per part and column block) and passes of at most kDirectDepth.
+void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = pr.k;
+  const int64_t parts = (K + kPackDepth - 1) / kPackDepth, part = (K + parts - 1) / parts;
+  const int64_t passes = (part + kDirectDepth - 1) / kDirectDepth;
+  const int64_t depth = (part + passes - 1) / passes;
+  const float* a = static_cast<const float*>(pr.a.p);
+  const int64_t step = pr.a.transposed ? pr.a.ld : 1;
+  Scratch b_scratch(0);
+  float* bp = b_scratch.Get(RoundUp(std::min(n1 - n0, kDirectCols), kCols) * part);
+  for (int64_t j0 = n0; j0 < n1; j0 += kDirectCols) {
+    const int64_t width = std::min(kDirectCols, n1 - j0), panels = (width + kCols - 1) / kCols;
+    for (int64_t p0 = 0; p0 < K; p0 += part) {
+      const int64_t part_depth = std::min(part, K - p0);
+      PackB<false>(pr.b, p0, part_depth, j0, width, bp);
+      for (int64_t i0 = m0; i0 < m1; i0 += kBlockRows) {
+        const int64_t rows = std::min(kBlockRows, m1 - i0);
+        float* c = static_cast<float*>(pr.c) + i0 * pr.n + j0;
+        for (int64_t k0 = p0; k0 < p0 + part_depth; k0 += depth) {
+          const int64_t d = std::min(depth, p0 + part_depth - k0);
+          for (int64_t p = 0; p * kRows < rows; ++p) {
+            const int64_t height = std::min(kRows, rows - p * kRows);
+            const float* rows_a[kRows];
+            for (int64_t i = 0; i < kRows; ++i) {
+              const int64_t r = i0 + p * kRows + std::min(i, height - 1);
+              rows_a[i] = pr.a.transposed ? a + k0 * pr.a.ld + r : a + r * pr.a.ld + k0;
+            }
+            for (int64_t q = 0; q < panels; ++q)
+              TileDirect(d, rows_a, step, bp + (q * part_depth + (k0 - p0)) * kCols,
+                         c + p * kRows * pr.n + q * kCols, pr.n, height,
+                         std::min(kCols, width - q * kCols), k0 > 0);
+          }
+        }
+      }
+    }
+  }
+}
+#endif
 
 
 #if defined(FTJAX_AMX)
@@ -436,7 +536,7 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   const int64_t parts = (K + 2 * budget - 1) / (2 * budget);
   const int64_t part = RoundUp((K + parts - 1) / parts, 2 * kTileWords);
   const int64_t stride = part / 2;  // words per packed row, a multiple of kTileWords
-  Scratch b_scratch, a_scratch, c_scratch;
+  Scratch b_scratch(0), a_scratch(1), c_scratch(2);
   float* bp = b_scratch.Get(panels * kCols * stride);
   float* ap = a_scratch.Get(kAmxBlockRows * stride);
   const int64_t groups = (m1 - m0 + kAmxRows - 1) / kAmxRows;
@@ -507,6 +607,9 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
 #endif
 #if defined(__AVX512BF16__)  // elsewhere the `dot` variant runs as `fma`
     if (variant != Variant::kFma) return Block<true>(pr, m0, m1, n0, n1);
+#endif
+#if defined(__AVX512F__)
+    if (!pr.a.bf16 && !pr.c_bf16) return BlockDirect(pr, m0, m1, n0, n1);
 #endif
     Block<false>(pr, m0, m1, n0, n1);
   });

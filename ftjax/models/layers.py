@@ -143,11 +143,12 @@ def _transposed_copy(x_MxK: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _bf16_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
-  """x @ w for bfloat16 operands, accumulated in float32 and rounded to bfloat16 once.
+def _matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
+  """x @ w for a dense layer on the CPU: bfloat16 operands (accumulated in float32, rounded to
+  bfloat16 once) or float32 ones.
 
-  Two implementations of the same values (float32 accumulation, one rounding), chosen per
-  machine by `kernels.bf16_matmul_on_kernel`:
+  bfloat16: two implementations of the same values, chosen per machine by
+  `kernels.bf16_matmul_on_kernel`:
   - ftjax's matmul kernel (`kernels/matmul.cc`), taking the transposed operands of the
     backward pass without copies, in the variant measured faster on the machine: converting the
     operands to float32 as it packs them and multiplying with float32 FMAs (on CPUs whose
@@ -160,44 +161,60 @@ def _bf16_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
     half the speed on a CPU with fast bfloat16 instructions (AMD EPYC Zen 4: ~400 against ~190
     GFLOP/s at MiniLM's FFN shapes). The forward product, the input gradient g @ w^T and the
     weight gradient x^T @ g (on a transposed copy of x, `_transposed_copy`) all keep that form.
+
+  float32 (only where `kernels.f32_matmul_on_kernel` says so; `dot_general` leaves other
+  float32 products to XLA): the forward product and the input gradient on the kernel, which
+  reads x unpacked and took 0.85-0.95 of XLA's time at MiniLM's shapes on an Intel Xeon with
+  AMX; the weight gradient on XLA's dot (see `kernels.f32_matmul_on_kernel`). The kernel sums
+  in a different order than XLA: the values agree to float32 rounding.
   """
-  if _bf16_on_kernel(x_MxK, w_KxN):
+  if _on_kernel(x_MxK, w_KxN):
     return kernels.matmul(x_MxK, w_KxN)
   return _dot_f32(x_MxK, w_KxN, (1, 0)).astype(x_MxK.dtype)
 
 
-def _bf16_on_kernel(x_MxK: jax.Array, w_KxN: jax.Array) -> bool:
-  return kernels.bf16_matmul_on_kernel(x_MxK.shape[0], *w_KxN.shape)
+def _on_kernel(x_MxK: jax.Array, w_KxN: jax.Array) -> bool:
+  on_kernel = (kernels.f32_matmul_on_kernel if x_MxK.dtype == jnp.float32
+               else kernels.bf16_matmul_on_kernel)
+  return on_kernel(x_MxK.shape[0], *w_KxN.shape)
 
 
-def _bf16_matmul_fwd(x_MxK, w_KxN):
-  return _bf16_matmul(x_MxK, w_KxN), (x_MxK, w_KxN)
+def _matmul_fwd(x_MxK, w_KxN):
+  return _matmul(x_MxK, w_KxN), (x_MxK, w_KxN)
 
 
-def _bf16_matmul_bwd(residuals, g_MxN):
+def _matmul_bwd(residuals, g_MxN):
   x_MxK, w_KxN = residuals
   g_MxN = g_MxN.astype(x_MxK.dtype)
-  if _bf16_on_kernel(x_MxK, w_KxN):
+  if x_MxK.dtype == jnp.float32:
+    d_x = (kernels.matmul(g_MxN, w_KxN, transpose_b=True) if _on_kernel(x_MxK, w_KxN)
+           else _dot_f32(g_MxN, w_KxN, (1, 1)))
+    return d_x, _dot_f32(x_MxK, g_MxN, (0, 0))
+  if _on_kernel(x_MxK, w_KxN):
     return (kernels.matmul(g_MxN, w_KxN, transpose_b=True),
             kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=w_KxN.dtype))
   return (_dot_f32(g_MxN, w_KxN, (1, 1)).astype(x_MxK.dtype),
           _dot_f32(_transposed_copy(x_MxK), g_MxN, (1, 0)).astype(w_KxN.dtype))
 
 
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                 preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """`jax.lax.dot_general` as `nnx.Linear` calls it, with bfloat16 products on XLA:CPU's fast
-  path (`_bf16_matmul`): for a bfloat16 x [..., K] and kernel [K, N] on the CPU; any other
-  call is `jax.lax.dot_general` itself (accelerators run bfloat16 dots natively)."""
+  """`jax.lax.dot_general` as `nnx.Linear` calls it, with a dense layer's products on ftjax's
+  CPU path (`_matmul`): for an x [..., K] and kernel [K, N] on the CPU, both bfloat16, or both
+  float32 where the matmul kernel serves them (`kernels.f32_matmul_on_kernel`); any other call
+  is `jax.lax.dot_general` itself (accelerators run these dots natively)."""
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  if (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
+  if (lhs.dtype == rhs.dtype and rhs.ndim == 2
       and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
       and not lhs_batch and precision is None and preferred_element_type is None
-      and out_sharding is None and jax.default_backend() == 'cpu'):
-    y = _bf16_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+      and out_sharding is None and jax.default_backend() == 'cpu'
+      and (lhs.dtype == jnp.bfloat16
+           or (lhs.dtype == jnp.float32
+               and kernels.f32_matmul_on_kernel(math.prod(lhs.shape[:-1]), *rhs.shape)))):
+    y = _matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
     return y.reshape(*lhs.shape[:-1], rhs.shape[1])
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type,
@@ -664,7 +681,7 @@ def _attention_fwd(q, k, v, bias, seeds, scale, rate, dtype):
   normaliser = jnp.sum(jnp.exp(logits - maximum), axis=-1, keepdims=True)
   dropped, _, _ = _probs(logits, maximum, normaliser, seeds, rate, dtype)
   # float32 accumulation: the bf16 x bf16 -> f32 form that XLA:CPU runs on YNNPACK (see
-  # `_bf16_matmul`), rounded once.
+  # `_matmul`), rounded once.
   out = jnp.einsum('bgqs,bgsk->bgqk', dropped, v, preferred_element_type=jnp.float32).astype(dtype)
   return out, (q, k, v, bias, seeds, maximum, normaliser, out)
 

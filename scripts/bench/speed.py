@@ -517,14 +517,21 @@ def peak_jax(spec: dict) -> dict:
                                      time_product),
             'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
   from ftjax import kernels  # pylint: disable=g-import-not-at-top
-  if kernels.bf16_matmul_on_kernel(sizes[0], sizes[0], sizes[0]):
-    # ftjax's bfloat16 dense layers run on its matmul kernel on this machine: its speed is the
-    # bfloat16 peak ftjax can reach (the MFU denominator takes the faster of the two).
+  # Where ftjax's dense layers run on its matmul kernel on this machine, its speed is a peak
+  # ftjax can reach too (the MFU denominator takes the faster of the two).
+  on_kernel = {name: dtype for name, dtype, used in (
+      ('float32', jnp.float32, kernels.f32_matmul_on_kernel(sizes[0], sizes[0], sizes[0])),
+      ('bfloat16', jnp.bfloat16, kernels.bf16_matmul_on_kernel(sizes[0], sizes[0], sizes[0])))
+               if used}
+  if on_kernel:
     time_kernel = timer(jax.jit(kernels.matmul))
-    by_size = {n: 2 * n**3 / time_kernel(jnp.bfloat16, (n, n), (n, n)) / 1e9 for n in sizes}
-    result['kernel'] = {'bfloat16': {'gflops': max(by_size.values()), 'by_size': by_size,
-                                     'variant': kernels.bf16_matmul_plan()['variant']}}
-    result['kernel_shaped'] = _shaped_gflops(spec, {'bfloat16': jnp.bfloat16}, time_kernel)
+    result['kernel'] = {}
+    for name, dtype in on_kernel.items():
+      by_size = {n: 2 * n**3 / time_kernel(dtype, (n, n), (n, n)) / 1e9 for n in sizes}
+      result['kernel'][name] = {'gflops': max(by_size.values()), 'by_size': by_size,
+                                'variant': ('fma' if name == 'float32'
+                                            else kernels.bf16_matmul_plan()['variant'])}
+    result['kernel_shaped'] = _shaped_gflops(spec, on_kernel, time_kernel)
   return result
 
 
@@ -710,10 +717,9 @@ def _markdown(result: dict) -> str:
       f'transformers {v["transformers"]}, peft {v["peft"]}. Matmul peak through XLA ({sizes}'
       f'-square, bfloat16 with float32 accumulation): float32 {xla["float32"]["gflops"]:,.0f} '
       f'GFLOP/s, bfloat16 {xla["bfloat16"]["gflops"]:,.0f} GFLOP/s'
-      + (f'; ftjax\'s matmul kernel ({peaks["jax"]["kernel"]["bfloat16"].get("variant", "?")} '
-         'variant), which its bfloat16 dense layers use on this machine: bfloat16 '
-         f'{peaks["jax"]["kernel"]["bfloat16"]["gflops"]:,.0f} GFLOP/s'
-         if peaks['jax'].get('kernel') else '')
+      + ''.join(f'; ftjax\'s matmul kernel ({k.get("variant", "?")} variant), which its '
+                f'{name} dense layers use on this machine: {name} {k["gflops"]:,.0f} GFLOP/s'
+                for name, k in peaks['jax'].get('kernel', {}).items())
       + f' (torch.matmul: float32 '
       f'{torch_mm["float32"]["gflops"]:,.0f}, bfloat16 {torch_mm["bfloat16"]["gflops"]:,.0f}).',
       '',
@@ -786,7 +792,7 @@ def matmul_shapes(shapes: dict, small: bool) -> list[dict]:
 
 
 def _matmul_table(jax_runs: list[dict], torch_runs: list[dict], dtypes: list[str]) -> list[str]:
-  """Markdown rows: XLA's, ftjax's kernel's (where its bfloat16 layers use it) and torch's
+  """Markdown rows: XLA's, ftjax's kernel's (where its dense layers use it) and torch's
   GFLOP/s per shape and product (median over the runs)."""
   lines = ['| dtype | MiniLM FFN layer [m, 384] x [384, 1536] | product | XLA GFLOP/s | '
            'ftjax kernel GFLOP/s | torch GFLOP/s | torch / XLA |',

@@ -46,7 +46,8 @@ _BOOKKEEPING = ('ThunkExecutor', 'ThreadpoolListener', 'end: ')
 
 def hlo_ops(hlo: str) -> dict[str, dict]:
   """The entry computation's instructions: name -> {'kind', 'part', 'flops'}, where 'flops'
-  counts a dot's multiply-adds twice (for a YNNPACK fusion, those of the dot inside it)."""
+  counts a dot's multiply-adds twice (for a YNNPACK fusion, those of the dot inside it; for
+  ftjax's matmul kernel, those of its product)."""
   shapes, bodies, ops = {}, {}, {}
   computation = None
   for line in hlo.splitlines():
@@ -58,10 +59,17 @@ def hlo_ops(hlo: str) -> dict[str, dict]:
       continue
     name, shape, opcode, rest = m.groups()
     shapes[name] = [int(d) for d in re.findall(r'\d+', shape.split('{')[0].split('[', 1)[-1])]
+    flops = None
     if opcode == 'dot':
       lhs = re.match(r'%([\w.-]+)', rest).group(1)
       contract = int(re.search(r'lhs_contracting_dims=\{(\d+)', rest).group(1))
       flops = 2 * math.prod(shapes[name]) * shapes[lhs][contract]
+    elif 'custom_call_target="ftjax_matmul"' in rest:
+      # op(a) @ op(b): a is [K, M] with transpose_a, else [M, K].
+      lhs = re.match(r'%([\w.-]+)', rest).group(1)
+      contract = 0 if 'transpose_a = true' in rest else 1
+      flops = 2 * math.prod(shapes[name]) * shapes[lhs][contract]
+    if flops is not None:
       if computation == 'ENTRY':
         ops.setdefault(name, {})['flops'] = flops
       else:
