@@ -360,12 +360,14 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 
 
 #if defined(__AVX512F__)
-// float32 operands (the `fma` variant's own dtype) take a path of their own, which reads A where
-// it lies instead of packing it. A row-major A is read down kRows row pointers, a transposed one
-// along one row per word (kRows consecutive values); either way the tile's kRows x kDirectDepth
-// block of A stays in L1 while the tile walks all of a column block's B panels (packed as in
-// Block, streaming from L2), so the transposing copy that packing A makes is not needed: it took
-// ~10% of the packed path's time in MiniLM's float32 step. Rows of C in blocks of kBlockRows,
+// float32 operands (the `fma` variant's own dtype) take a path of their own, which reads a
+// row-major A where it lies instead of packing it: down kRows row pointers, the tile's
+// kRows x kDirectDepth block of A staying in L1 while the tile walks all of a column block's B
+// panels (packed as in Block, streaming from L2), so the transposing copy that packing A makes
+// is not needed (it took ~10% of the packed path's time in MiniLM's float32 step). A transposed
+// A holds a panel's kRows values of each word side by side already; its panels are copied
+// (no transpose) to be contiguous, since its rows can be pages apart (read in place, a
+// [2048, 2048]^T A ran at 178 GFLOP/s, copied at 287). Rows of C in blocks of kBlockRows,
 // columns in blocks of kDirectCols (a column block's packed B, kDirectDepth x kDirectCols float32
 // values, stays in the core's L2 cache).
 constexpr int64_t kDirectDepth = 384;  // at most this many values of K per pass over C
@@ -414,8 +416,9 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
   const int64_t passes = (part + kDirectDepth - 1) / kDirectDepth;
   const int64_t depth = (part + passes - 1) / passes;
   const float* a = static_cast<const float*>(pr.a.p);
-  const int64_t step = pr.a.transposed ? pr.a.ld : 1;
-  Scratch b_scratch(0);
+  const int64_t step = pr.a.transposed ? kRows : 1;
+  Scratch b_scratch(0), a_scratch(1);
+  float* ap = a_scratch.Get(kRows * kDirectDepth + 16);
   float* bp = b_scratch.Get(RoundUp(std::min(n1 - n0, kDirectCols), kCols) * part);
   for (int64_t j0 = n0; j0 < n1; j0 += kDirectCols) {
     const int64_t width = std::min(kDirectCols, n1 - j0), panels = (width + kCols - 1) / kCols;
@@ -430,9 +433,18 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
           for (int64_t p = 0; p * kRows < rows; ++p) {
             const int64_t height = std::min(kRows, rows - p * kRows);
             const float* rows_a[kRows];
-            for (int64_t i = 0; i < kRows; ++i) {
-              const int64_t r = i0 + p * kRows + std::min(i, height - 1);
-              rows_a[i] = pr.a.transposed ? a + k0 * pr.a.ld + r : a + r * pr.a.ld + k0;
+            if (pr.a.transposed) {
+              // A's panel, word t = row k0 + t of a from column i0 + p kRows: kRows values in a
+              // row, copied to be contiguous (a is read once; its rows can be a page apart).
+              const __mmask16 lanes = FirstLanes(height);
+              const float* src = a + k0 * pr.a.ld + i0 + p * kRows;
+              for (int64_t t = 0; t < d; ++t)
+                _mm512_mask_storeu_ps(ap + t * kRows, FirstLanes(kRows),
+                                      _mm512_maskz_loadu_ps(lanes, src + t * pr.a.ld));
+              for (int64_t i = 0; i < kRows; ++i) rows_a[i] = ap + i;
+            } else {
+              for (int64_t i = 0; i < kRows; ++i)
+                rows_a[i] = a + (i0 + p * kRows + std::min(i, height - 1)) * pr.a.ld + k0;
             }
             for (int64_t q = 0; q < panels; ++q)
               TileDirect(d, rows_a, step, bp + (q * part_depth + (k0 - p0)) * kCols,
