@@ -345,3 +345,72 @@ def test_lora_gradients_match_autodiff_of_the_plain_product(dtype):
   if dtype == jnp.float32:
     assert re.search(r'dot_general[^\n]*-> tensor<4x32xf32>', hlo)
     assert not re.search(r'dot_general[^\n]*-> tensor<32x4xf32>', hlo)
+
+
+def test_fused_float32_lora_layer_matches_the_plain_product(monkeypatch):
+  """On the matmul kernel, a float32 LoRA layer runs as one product with its adapter added in
+  (`lora._lora_product`): autodiff's values of the plain x W + b + s (x A) B for the output and
+  the gradients of x, A, B and (when asked) the kernel; with a frozen kernel, x^T g is never
+  computed. The other settings take the unfused layer."""
+  monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
+  base = layers.Linear(96, 80, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  layer = lora.LoRALinear(base)
+  layer.add_adapter('default', rank=4, scaling=2.0, rngs=nnx.Rngs(1))
+  layer.active = 'default'
+  layer.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(2), layer.lora_b.shape)
+  layer.bias[...] = jax.random.normal(jax.random.key(5), layer.bias.shape)
+  x = jax.random.normal(jax.random.key(3), (3, 50, 96))
+  cotangent = jax.random.normal(jax.random.key(4), (3, 50, 80))
+  graphdef, factors, rest = nnx.split(layer, lora.lora_filter, ...)
+  assert layer._fused(x, None, True)
+
+  def ours(factors, rest, x):
+    return jnp.sum(nnx.merge(graphdef, factors, rest)(x) * cotangent)
+
+  def plain(a, b, kernel, x):
+    y = x @ kernel + layer.bias[...] + (x @ a @ b) * 2.0
+    return jnp.sum(y * cotangent)
+
+  d_factors, d_rest, d_x = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(factors, rest, x)
+  want = jax.jit(jax.grad(plain, argnums=(0, 1, 2, 3)))(
+      factors['lora_a'][...], factors['lora_b'][...], layer.kernel[...], x)
+  got = (d_factors['lora_a'][...], d_factors['lora_b'][...], d_rest['kernel'][...], d_x)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+  np.testing.assert_allclose(nnx.merge(graphdef, factors, rest)(x),
+                             x @ layer.kernel[...] + layer.bias[...]
+                             + (x @ layer.lora_a[...] @ layer.lora_b[...]) * 2.0,
+                             rtol=1e-5, atol=1e-5)
+  # The loss and the gradients of the factors and x, the kernel frozen: the two fused products
+  # (output, input gradient), and no [96, 80] dot (x^T g).
+  hlo = jax.jit(jax.value_and_grad(ours, argnums=(0, 2))).lower(
+      factors, rest, x).compile().as_text()
+  assert hlo.count('custom_call_target="ftjax_matmul_plus"') == 2
+  assert not re.search(r'f32\[96,80\]\{[01,]+\} dot\(', hlo)
+  # Unfused: dropout on the branch while training, DoRA, bfloat16, or XLA's dots chosen.
+  layer.dropout = layers.Dropout(0.1)
+  assert not layer._fused(x, None, False) and layer._fused(x, None, True)
+  layer.dropout = layers.Dropout(0.0)
+  assert not layer._fused(x.astype(jnp.bfloat16), None, True)
+  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
+  assert not layer._fused(x, None, True)
+
+
+def test_matmul_plus_adds_the_low_rank_product():
+  """kernels.matmul_plus against float64, with both transposes and sizes off every block."""
+  from ftjax import kernels  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for m, k, n, r, tb, tb2 in [(97, 385, 70, 8, False, False), (13, 17, 450, 3, True, True),
+                              (5, 7, 9, 1, True, False), (30, 4501, 33, 16, False, True)]:
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    a2 = rng.standard_normal((m, r)).astype(np.float32)
+    b2 = rng.standard_normal((n, r) if tb2 else (r, n)).astype(np.float32)
+    got = jax.jit(lambda *ops, tb=tb, tb2=tb2: kernels.matmul_plus(
+        *ops, transpose_b=tb, transpose_b2=tb2))(a, b, a2, b2)
+    a64, a2_64 = a.astype(np.float64), a2.astype(np.float64)
+    want = a64 @ (b.T if tb else b) + a2_64 @ (b2.T if tb2 else b2)
+    scale = np.abs(a64) @ np.abs(b.T if tb else b) + np.abs(a2_64) @ np.abs(b2.T if tb2 else b2)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    assert (np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(k + r) * scale).all()

@@ -54,6 +54,7 @@ _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_attention_backward': 'FtjaxAttentionBackward',
             'ftjax_matmul': 'FtjaxMatmul',
+            'ftjax_matmul_plus': 'FtjaxMatmulPlus',
             'ftjax_adamw': 'FtjaxAdamW'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
@@ -268,6 +269,26 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
   call = jax.ffi.ffi_call('ftjax_matmul', out, vmap_method='sequential')
   return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
               variant=np.int32(VARIANTS.index(_variant(a.dtype, variant))))
+
+
+def matmul_plus(a: jax.Array, b: jax.Array, a2: jax.Array, b2: jax.Array, *,
+                transpose_b: bool = False, transpose_b2: bool = False) -> jax.Array:
+  """a @ op(b) + a2 @ op(b2) for float32 operands, in one pass over the result (see matmul).
+
+  a: [M, K], b: [K, N] (or [N, K] with transpose_b), a2: [M, R], b2: [R, N] (or [N, R] with
+  transpose_b2); float32, the result too. A LoRA layer's output x W + (s x A) B and its input
+  gradient g W^T + (s g B^T) A^T: the low-rank product is added to each block of the result
+  while it is in cache, instead of being written out and added in passes of its own.
+  """
+  if reason := _load():
+    raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
+  if any(x.dtype != jnp.float32 for x in (a, b, a2, b2)):
+    raise ValueError('matmul_plus takes float32 operands')
+  out = jax.ShapeDtypeStruct((a.shape[0], b.shape[0] if transpose_b else b.shape[1]),
+                             jnp.float32)
+  call = jax.ffi.ffi_call('ftjax_matmul_plus', out, vmap_method='sequential')
+  return call(a, b, a2, b2, transpose_a=False, transpose_b=bool(transpose_b),
+              transpose_b2=bool(transpose_b2))
 
 
 VARIANTS = ('fma', 'dot', 'amx')

@@ -309,6 +309,11 @@ struct Problem {
   int64_t m, n, k;
   void* c;       // [m, n] row-major
   bool c_bf16;
+  // matmul_plus's second product, added to C: a2 [m, rank] row-major float32 times b2
+  // [rank, n] (or [n, rank], transposed); rank 0 without one.
+  const float* a2 = nullptr;
+  Operand b2 = {};
+  int64_t rank = 0;
 };
 
 // C[m0:m1, n0:n1], over K in parts of at most kPackDepth words: each part's columns of B are
@@ -409,7 +414,8 @@ void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const f
 }
 
 // C[m0:m1, n0:n1] for float32 A, B and C (see TileDirect), K in parts of at most kPackDepth
-// (B's panels packed once per part and column block) and passes of at most kDirectDepth.
+// (B's panels packed once per part and column block) and passes of at most kDirectDepth; then
+// a2 b2 added to each block of rows while its C is still in cache.
 void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t K = pr.k;
   const int64_t parts = (K + kPackDepth - 1) / kPackDepth, part = (K + parts - 1) / parts;
@@ -417,11 +423,14 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
   const int64_t depth = (part + passes - 1) / passes;
   const float* a = static_cast<const float*>(pr.a.p);
   const int64_t step = pr.a.transposed ? kRows : 1;
-  Scratch b_scratch(0), a_scratch(1);
+  Scratch b_scratch(0), a_scratch(1), b2_scratch(2);
   float* ap = a_scratch.Get(kRows * kDirectDepth + 16);
+  float* b2p = pr.rank ? b2_scratch.Get(RoundUp(std::min(n1 - n0, kDirectCols), kCols) *
+                                        pr.rank) : nullptr;
   float* bp = b_scratch.Get(RoundUp(std::min(n1 - n0, kDirectCols), kCols) * part);
   for (int64_t j0 = n0; j0 < n1; j0 += kDirectCols) {
     const int64_t width = std::min(kDirectCols, n1 - j0), panels = (width + kCols - 1) / kCols;
+    if (pr.rank) PackB<false>(pr.b2, 0, pr.rank, j0, width, b2p);
     for (int64_t p0 = 0; p0 < K; p0 += part) {
       const int64_t part_depth = std::min(part, K - p0);
       PackB<false>(pr.b, p0, part_depth, j0, width, bp);
@@ -450,6 +459,18 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
               TileDirect(d, rows_a, step, bp + (q * part_depth + (k0 - p0)) * kCols,
                          c + p * kRows * pr.n + q * kCols, pr.n, height,
                          std::min(kCols, width - q * kCols), k0 > 0);
+          }
+        }
+        if (pr.rank && p0 + part >= K) {  // the last part: add a2 b2 to these rows
+          for (int64_t p = 0; p * kRows < rows; ++p) {
+            const int64_t height = std::min(kRows, rows - p * kRows);
+            const float* rows_a2[kRows];
+            for (int64_t i = 0; i < kRows; ++i)
+              rows_a2[i] = pr.a2 + (i0 + p * kRows + std::min(i, height - 1)) * pr.rank;
+            for (int64_t q = 0; q < panels; ++q)
+              TileDirect(pr.rank, rows_a2, 1, b2p + q * pr.rank * kCols,
+                         c + p * kRows * pr.n + q * kCols, pr.n, height,
+                         std::min(kCols, width - q * kCols), true);
           }
         }
       }
@@ -661,6 +682,48 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool
   return ffi::Error::Success();
 }
 
+// C = op(a) op(b) + a2 op(b2) for float32 operands on the direct path: a2 [m, rank], b2
+// [rank, n] (or [n, rank] with transpose_b2). A LoRA layer's output x W + (s x A) B, and its
+// input gradient g W^T + (s g B^T) A^T, in one pass over C.
+ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                      ffi::Buffer<ffi::F32> a2, ffi::Buffer<ffi::F32> b2, bool transpose_a,
+                      bool transpose_b, bool transpose_b2, ffi::Result<ffi::Buffer<ffi::F32>> c) {
+  const auto da = a.dimensions(), db = b.dimensions(), da2 = a2.dimensions(),
+             db2 = b2.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || da2.size() != 2 || db2.size() != 2 || dc.size() != 2)
+    return ffi::Error::InvalidArgument("matmul_plus operands and result must be matrices");
+  const int64_t m = transpose_a ? da[1] : da[0], k = transpose_a ? da[0] : da[1];
+  const int64_t kb = transpose_b ? db[1] : db[0], n = transpose_b ? db[0] : db[1];
+  const int64_t rank = da2[1];
+  const int64_t rb = transpose_b2 ? db2[1] : db2[0], n2 = transpose_b2 ? db2[0] : db2[1];
+  if (k != kb || dc[0] != m || dc[1] != n || da2[0] != m || rb != rank || n2 != n)
+    return ffi::Error::InvalidArgument("matmul_plus shapes do not match");
+  Problem pr{{a.typed_data(), da[1], transpose_a, false},
+             {b.typed_data(), db[1], transpose_b, false},
+             m, n, k, c->typed_data(), false, a2.typed_data(),
+             {b2.typed_data(), db2[1], transpose_b2, false}, rank};
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
+#if defined(__AVX512F__)
+  // BlockDirect adds the second product itself.
+  if (k > 0) {
+    Run(pool, pr, Variant::kFma);
+    return ffi::Error::Success();
+  }
+#else
+  if (k > 0) Run(pool, pr, Variant::kFma);
+#endif
+  // The second product on its own (a build without AVX-512, or an empty first product).
+  float* out = c->typed_data();
+  const Operand x{pr.a2, rank, false, false};
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t t = 0; t < rank; ++t) {
+      const float xv = x.At(i, t);
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] += xv * pr.b2.At(t, j);
+    }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // For the Python side (ctypes): whether the amx variant runs here (1) or falls back (0).
@@ -675,3 +738,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmul, Matmul,
                                   .Attr<bool>("transpose_b")
                                   .Attr<int32_t>("variant")  // 0 fma, 1 dot, 2 amx
                                   .Ret<ffi::AnyBuffer>());  // c
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmulPlus, MatmulPlus,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<bool>("transpose_b2")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c

@@ -222,7 +222,7 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
 
 
 @jax.custom_vjp
-def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   """y [..., N] + bias [N], whose bias gradient is summed over the tokens in float32.
 
   Autodiff of the broadcast add sums the gradient in its own dtype; for bfloat16 XLA:CPU runs
@@ -242,11 +242,11 @@ def _add_bias_bwd(bias, g):
   return g, jnp.sum(g.astype(jnp.float32), over_tokens).astype(bias.dtype)
 
 
-_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class Linear(nnx.Linear):
-  """`nnx.Linear` with the bias added by `_add_bias`: the same parameters and forward values,
+  """`nnx.Linear` with the bias added by `add_bias`: the same parameters and forward values,
   the bias gradient summed in float32."""
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
@@ -260,7 +260,7 @@ class Linear(nnx.Linear):
       kwargs['preferred_element_type'] = self.preferred_element_type
     y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                          precision=self.precision, **kwargs)
-    return _add_bias(y, bias)
+    return add_bias(y, bias)
 
 
 # The plain linear layers (PEFT surgery adapts exactly these): the ones the model families
