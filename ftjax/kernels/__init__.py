@@ -381,9 +381,10 @@ def f32_matmul_on_kernel(m: int, k: int, n: int) -> bool:
 
   `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where it measured faster than
   XLA's float32 dots on this machine (`f32_matmul_plan`); `kernel` wherever it applies; `xla`
-  never. The weight gradient x^T g stays XLA's either way: contracting thousands of tokens, the
-  kernel was slower than XLA there (0.7-0.85 of its speed at [2048, 768] x [.., 2048] on an
-  Intel Xeon with AMX) and made MiniLM's full fine-tuning step 1.044x as long.
+  never. The weight gradient x^T g stays XLA's either way: on the kernel it was faster alone at
+  most shapes (1.0-1.3x at MiniLM's, 0.93 at Llama's [2048, 2048]^T x [.., 768] on an Intel
+  Xeon with AMX), but MiniLM's full fine-tuning step took 1.003 and 0.989 of its time in two
+  runs (XLA runs its weight-gradient dots beside the other products).
   """
   return _matmul_on_kernel(m, k, n, f32_matmul_plan)
 

@@ -369,12 +369,12 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 // row-major A where it lies instead of packing it: down kRows row pointers, the tile's
 // kRows x kDirectDepth block of A staying in L1 while the tile walks all of a column block's B
 // panels (packed as in Block, streaming from L2), so the transposing copy that packing A makes
-// is not needed (it took ~10% of the packed path's time in MiniLM's float32 step). A transposed
-// A holds a panel's kRows values of each word side by side already; its panels are copied
-// (no transpose) to be contiguous, since its rows can be pages apart (read in place, a
+// is not needed (on the packed path it took ~7% of MiniLM's float32 LoRA step's cycles). A
+// transposed A holds a panel's kRows values of each word side by side already; its panels are
+// copied (no transpose) to be contiguous, since its rows can be pages apart (read in place, a
 // [2048, 2048]^T A ran at 178 GFLOP/s, copied at 287). Rows of C in blocks of kBlockRows,
-// columns in blocks of kDirectCols (a column block's packed B, kDirectDepth x kDirectCols float32
-// values, stays in the core's L2 cache).
+// columns in blocks of kDirectCols (a pass's slice of a column block's packed B, kDirectDepth x
+// kDirectCols float32 values, stays in the core's L2 cache).
 constexpr int64_t kDirectDepth = 384;  // at most this many values of K per pass over C
 constexpr int64_t kDirectCols = 384;   // columns of C per block
 

@@ -169,7 +169,6 @@ class LoRALinear(layers.Linear):
       return y + (scale - 1) * base + scale * update.astype(y.dtype)
     return y + update.astype(y.dtype)
 
-
   def _fused(self, inputs: jax.Array, out_sharding, deterministic: bool) -> bool:
     """Whether the layer's product and its adapter's run as one product on the matmul kernel
     (`_lora_product`): float32 throughout, plain LoRA (no DoRA), no dropout on the branch, and
