@@ -388,9 +388,10 @@ void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const f
   for (int i = 0; i < kRows; ++i) a[i] = rows_a[i];
   for (int64_t t = 0, o = 0; t < depth; ++t, o += step) {
     const __m512 b0 = _mm512_load_ps(b + t * kCols), b1 = _mm512_load_ps(b + t * kCols + 16);
-    // B's panels stream from L2 while A's block stays in L1: fetch 8 words ahead.
-    _mm_prefetch(reinterpret_cast<const char*>(b + (t + 8) * kCols), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b + (t + 8) * kCols + 16), _MM_HINT_T0);
+    // B's panels stream from L2 while A's block stays in L1: fetch 32 words (4 KB) ahead
+    // (8 words ahead: 5-10% slower at MiniLM's shapes).
+    _mm_prefetch(reinterpret_cast<const char*>(b + (t + 32) * kCols), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + (t + 32) * kCols + 16), _MM_HINT_T0);
 #pragma GCC unroll 12
     for (int i = 0; i < kRows; ++i) {
       const __m512 x = _mm512_set1_ps(a[i][o]);
