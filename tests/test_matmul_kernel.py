@@ -115,19 +115,27 @@ def _dense_step(monkeypatch, mode, x, w):
   return y, grads, 'ftjax_matmul' in step.lower(x, w).as_text()
 
 
-def test_the_bf16_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
-  """The same values both ways (float32 accumulation, one rounding to bfloat16): within one
-  bfloat16 rounding of each other (the two sum in different orders)."""
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.standard_normal((2, 70, 96)), jnp.bfloat16)
-  w = jnp.asarray(rng.standard_normal((96, 130)) * 0.1, jnp.bfloat16)
+def _kernel_matches_xla(monkeypatch, dtype, *, seed, tolerance):
+  """A dense layer's output and gradients with the kernel and with XLA's dots: the same dtypes
+  and shapes, values within `tolerance` (relative, and of the largest value); returns (x, w)."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((2, 70, 96)), dtype)
+  w = jnp.asarray(rng.standard_normal((96, 130)) * 0.1, dtype)
   y_kernel, grads_kernel, on_kernel = _dense_step(monkeypatch, 'kernel', x, w)
   y_xla, grads_xla, on_xla = _dense_step(monkeypatch, 'xla', x, w)
   assert on_kernel and not on_xla
   for ours, theirs in zip([y_kernel, *grads_kernel], [y_xla, *grads_xla]):
-    assert ours.dtype == theirs.dtype == jnp.bfloat16 and ours.shape == theirs.shape
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
     ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    np.testing.assert_allclose(ours, theirs, rtol=2.0**-7, atol=2.0**-7 * np.abs(theirs).max())
+    np.testing.assert_allclose(ours, theirs, rtol=tolerance,
+                               atol=tolerance * np.abs(theirs).max())
+  return x, w
+
+
+def test_the_bf16_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
+  """The same values both ways (float32 accumulation, one rounding to bfloat16): within one
+  bfloat16 rounding of each other (the two sum in different orders)."""
+  _kernel_matches_xla(monkeypatch, jnp.bfloat16, seed=3, tolerance=2.0**-7)
 
 
 def _compiled_dots(step, *args) -> tuple[int, int]:
@@ -158,15 +166,7 @@ def test_the_kernel_serves_only_wide_products(monkeypatch):
 def test_the_f32_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
   """A float32 dense layer's output and input gradient on the kernel, its weight gradient on
   XLA's dot: the same values as XLA's three dots to float32 rounding."""
-  rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.standard_normal((2, 70, 96)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((96, 130)) * 0.1, jnp.float32)
-  y_kernel, grads_kernel, on_kernel = _dense_step(monkeypatch, 'kernel', x, w)
-  y_xla, grads_xla, on_xla = _dense_step(monkeypatch, 'xla', x, w)
-  assert on_kernel and not on_xla
-  for ours, theirs in zip([y_kernel, *grads_kernel], [y_xla, *grads_xla]):
-    assert ours.dtype == theirs.dtype == jnp.float32 and ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+  x, w = _kernel_matches_xla(monkeypatch, jnp.float32, seed=4, tolerance=1e-5)
   # Forward and input gradient on the kernel, the weight gradient (x^T g) on XLA's dot.
   monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
   dims = (((2,), (0,)), ((), ()))

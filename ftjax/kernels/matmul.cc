@@ -212,6 +212,29 @@ void PackA(const Operand& a, int64_t m0, int64_t rows, int64_t k0, int64_t depth
   }
 }
 
+#if defined(__AVX512F__)
+// A register tile's rows < `rows` and columns < `cols` into c (ldc floats a row), added to what
+// c holds when `accumulate`. Always inlined: the tile must stay in registers.
+__attribute__((always_inline)) inline void StoreTile(const __m512 (&acc)[kRows][2], float* c,
+                                                     int64_t ldc, int64_t rows, int64_t cols,
+                                                     bool accumulate) {
+  const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
+  // A loop of compile-time length: indexing acc by a run-time row would keep it in memory.
+#pragma GCC unroll 12
+  for (int i = 0; i < kRows; ++i) {
+    if (i >= rows) break;
+    float* ci = c + i * ldc;
+    __m512 v0 = acc[i][0], v1 = acc[i][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, ci));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, ci + 16));
+    }
+    _mm512_mask_storeu_ps(ci, lo, v0);
+    _mm512_mask_storeu_ps(ci + 16, hi, v1);
+  }
+}
+#endif
+
 // c[i * ldc + j] (+)= sum_t a[t * kRows + i] b[t * kCols + j] for i < rows, j < cols, over
 // `words` packed words: float32 products (fma), or the dot products of bfloat16 pairs (dot).
 template <bool kDot>
@@ -242,20 +265,7 @@ void Tile(int64_t words, const float* a, const float* b, float* c, int64_t ldc, 
       acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
     }
   }
-  const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
-  // A loop of compile-time length: indexing acc by a run-time row would keep it in memory.
-#pragma GCC unroll 12
-  for (int i = 0; i < kRows; ++i) {
-    if (i >= rows) break;
-    float* ci = c + i * ldc;
-    __m512 v0 = acc[i][0], v1 = acc[i][1];
-    if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, ci));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, ci + 16));
-    }
-    _mm512_mask_storeu_ps(ci, lo, v0);
-    _mm512_mask_storeu_ps(ci + 16, hi, v1);
-  }
+  StoreTile(acc, c, ldc, rows, cols, accumulate);
 #else
   float acc[kRows][kCols] = {};
   for (int64_t t = 0; t < words; ++t)
@@ -399,19 +409,7 @@ void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const f
       acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
     }
   }
-  const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
-#pragma GCC unroll 12
-  for (int i = 0; i < kRows; ++i) {
-    if (i >= rows) break;
-    float* ci = c + i * ldc;
-    __m512 v0 = acc[i][0], v1 = acc[i][1];
-    if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, ci));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, ci + 16));
-    }
-    _mm512_mask_storeu_ps(ci, lo, v0);
-    _mm512_mask_storeu_ps(ci + 16, hi, v1);
-  }
+  StoreTile(acc, c, ldc, rows, cols, accumulate);
 }
 
 // C[m0:m1, n0:n1] for float32 A, B and C (see TileDirect), K in parts of at most kPackDepth
