@@ -135,11 +135,7 @@ def test_bfloat16_attention_takes_the_measured_variant(monkeypatch):
 def _attention_on(library, name: str, dtype, variant: str, rate: float, operands):
   """Output and q/k/v gradients of attention on another build's kernels (registered as
   `name`_forward / _backward), called as `kernels.attention_forward` calls them."""
-  q, k, v, bias = operands  # Heads-major, as `layers.attend` passes them: q [B, G, R * L, K].
-  (batch, length, heads, head_dim), groups = q.shape, k.shape[2]
-  q = q.reshape(batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
-  q = q.reshape(batch, groups, -1, head_dim)
-  k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))
+  q, k, v, bias = operands  # Token-major, as `layers.attend` passes them: q [B, L, H, K].
   for suffix, symbol in [('forward', 'FtjaxAttentionForward'),
                          ('backward', 'FtjaxAttentionBackward')]:
     jax.ffi.register_ffi_target(f'{name}_{suffix}', jax.ffi.pycapsule(getattr(library, symbol)),
@@ -147,8 +143,9 @@ def _attention_on(library, name: str, dtype, variant: str, rate: float, operands
   attrs = kernels._attrs(0.3, rate, jnp.float32, 'fma') | {'dot': variant == 'dot',  # pylint: disable=protected-access
                                                            'amx': variant == 'amx'}
   seeds = jnp.array([3, 4], jnp.uint32)
-  rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
-  words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
+  stats = (q.shape[0], k.shape[2], q.shape[2] // k.shape[2] * q.shape[1])
+  rows = jax.ShapeDtypeStruct((*stats, 1), jnp.float32)
+  words = (*stats, -(-k.shape[1] // 16)) if rate else (1,)
   out, *stats = jax.ffi.ffi_call(f'{name}_forward', (
       jax.ShapeDtypeStruct(q.shape, dtype), rows, rows,
       jax.ShapeDtypeStruct(words, jnp.uint16)))(q, k, v, bias, seeds, **attrs)

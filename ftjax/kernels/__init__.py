@@ -191,7 +191,8 @@ def _warn_once(reason: str) -> None:
 
 
 def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> bool:
-  """Whether attention on these heads-major operands should run on the fused kernel.
+  """Whether attention on these operands (q [B, L, H, K], k and v [B, S, G, K]) should run on
+  the fused kernel.
 
   Only on a single CPU device (`_on_one_cpu`). The kernel takes float32 or bfloat16 operands of
   one dtype.
@@ -226,14 +227,18 @@ def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
                       variant: str | None = None):
   """(out, maximum, normaliser, keep) of the fused kernel: see attention.cc for the layouts.
 
-  `keep` holds the dropout keep-mask as uint16 words ([B, G, Q, ceil(S / 16)]; one word when
-  `rate` is 0), hashed once here and read back by the backward pass. `variant`, for bfloat16
+  q [B, L, H, K], k and v [B, S, G, K] (H % G == 0), out like q: token-major, as the projections
+  produce them. The softmax's row statistics are [B, G, Q, 1] with Q = H / G * L query rows per
+  (batch, kv head); `keep` holds the dropout keep-mask as uint16 words ([B, G, Q, ceil(S / 16)];
+  one word when `rate` is 0), hashed once here and read back by the backward pass. `variant`, for bfloat16
   operands, as in `matmul`: its products on float32 FMAs ('fma') or on the CPU's bfloat16 dot
   instruction ('dot') or on Intel AMX's tiles ('amx'); None takes the one that the matmul
   measurement found fastest here (the instructions' speeds decide both).
   """
-  rows = jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)
-  words = (*q.shape[:3], -(-k.shape[2] // 16)) if rate else (1,)
+  (batch, length, heads, _), (keys, groups) = q.shape, k.shape[1:3]
+  stats = (batch, groups, heads // groups * length)
+  rows = jax.ShapeDtypeStruct((*stats, 1), jnp.float32)
+  words = (*stats, -(-keys // 16)) if rate else (1,)
   call = jax.ffi.ffi_call('ftjax_attention_forward',
                           (jax.ShapeDtypeStruct(q.shape, q.dtype), rows, rows,
                            jax.ShapeDtypeStruct(words, jnp.uint16)),

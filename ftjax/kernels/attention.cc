@@ -19,10 +19,14 @@
 // the backward pass recomputes logits and probabilities from the saved row maximum and
 // normaliser, as that path does, and rounds d_logits to q's dtype before the dq and dk products.
 //
-// Layouts (row-major): q [B, G, Q, K]; k, v [B, G, S, K]; out [B, G, Q, K]; row statistics
-// [B, G, Q, 1]; bias float32 [Bb, Gb, Qb, Sb] with Bb in {1, B}, Gb in {1, G}, Sb in {1, S} and
-// Q % Qb == 0 (query row r reads bias row r % Qb: grouped-query heads stacked along the query
-// axis share their bias rows without tiling it). q, k, v share one dtype, float32 or bfloat16.
+// Layouts (row-major), token-major as the model's projections produce them, so that no
+// transposing copy runs before or after the kernel: q [B, L, H, K] with H = G * R query heads,
+// R of them per key/value head; k, v [B, S, G, K]; out [B, L, H, K]. Each (batch, kv head) pair
+// sees its Q = R * L query rows stacked along one axis: row r is head g * R + r / L at token
+// r % L. The row statistics are [B, G, Q, 1] in that order; the bias is float32
+// [Bb, Gb, Qb, Sb] with Bb in {1, B}, Gb in {1, G}, Sb in {1, S} and Q % Qb == 0 (query row r
+// reads bias row r % Qb: the R heads of a kv head share their bias rows without tiling it).
+// q, k, v share one dtype, float32 or bfloat16.
 // The forward pass also returns the dropout keep-mask as uint16 words [B, G, Q, ceil(S / 16)]
 // (bit i of word w: key 16 w + i; a single unused word without dropout), which the backward
 // pass reads instead of hashing again.
@@ -417,8 +421,18 @@ float RowMax(const float* x, int64_t n) {
 
 struct Shape {
   int64_t batch, groups, queries, keys, head_dim;
+  int64_t repeats, length;  // query heads per kv head and tokens: queries = repeats * length
   // Bias strides (0 where it broadcasts) and its number of query rows.
   int64_t bias_b, bias_g, bias_q, bias_s, bias_rows;
+
+  // Element offsets, in q [B, L, H, K], of (batch b, kv head g)'s query row r; in k or v
+  // [B, S, G, K], of its key row s (rows of one pair are groups * head_dim apart).
+  int64_t QueryRow(int64_t b, int64_t g, int64_t r) const {
+    return ((b * length + r % length) * groups * repeats + g * repeats + r / length) * head_dim;
+  }
+  int64_t KeyRow(int64_t b, int64_t g, int64_t s) const {
+    return ((b * keys + s) * groups + g) * head_dim;
+  }
 };
 
 ffi::Error ReadShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
@@ -432,12 +446,13 @@ ffi::Error ReadShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi
     return ffi::Error::InvalidArgument("attention supports float32 and bfloat16");
   for (int i = 0; i < 4; ++i)
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("k and v shapes differ");
-  if (qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3])
+  if (qd[0] != kd[0] || qd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
     return ffi::Error::InvalidArgument("q and k shapes do not match");
-  *shape = {qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, 0, bd[2]};
-  const int64_t want[4] = {qd[0], qd[1], qd[2], kd[2]};
+  const int64_t repeats = qd[2] / kd[2];
+  *shape = {qd[0], kd[2], repeats * qd[1], kd[1], qd[3], repeats, qd[1], 0, 0, 0, 0, bd[2]};
+  const int64_t want[4] = {qd[0], kd[2], repeats * qd[1], kd[1]};
   for (int i = 0; i < 4; ++i)
-    if (bd[i] != 1 && bd[i] != want[i] && !(i == 2 && qd[2] % bd[2] == 0))
+    if (bd[i] != 1 && bd[i] != want[i] && !(i == 2 && want[2] % bd[2] == 0))
       return ffi::Error::InvalidArgument("bias does not broadcast to the logits");
   shape->bias_s = bd[3] == 1 ? 0 : 1;
   shape->bias_q = bd[2] == 1 ? 0 : bd[3];
@@ -464,25 +479,39 @@ struct Scratch {
   }
 };
 
-// One row of `cols` values of T into float32 (the rest of dst untouched), and back, times
-// `scale` and rounded to T.
-template <typename T>
-inline void LoadRow(const T* src, int64_t cols, float* dst) {
-  int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  for (; c < cols; c += kLanes) {
-    const __mmask16 live = cols - c >= kLanes ? 0xffff : (1u << (cols - c)) - 1;
-    __m512 x;
-    if constexpr (sizeof(T) == 2) {
-      x = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src + c)), 16));
-    } else {
-      x = _mm512_maskz_loadu_ps(live, src + c);
-    }
-    _mm512_mask_storeu_ps(dst + c, live, x);
+constexpr bool kMaskedLanes = true;  // LoadLanes and StoreRow's masked stores of bfloat16
+// The `live` lanes of 16 values of T from p as float32, 0 elsewhere (nothing else is read).
+template <typename T>
+inline __m512 LoadLanes(const T* p, __mmask16 live) {
+  if constexpr (sizeof(T) == 2) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(live, p);
   }
+}
+
+// The lanes of 16 from `c` on that a row of `cols` values has.
+inline __mmask16 Live(int64_t cols, int64_t c) {
+  return cols - c >= kLanes ? 0xffff : cols <= c ? 0 : (1u << (cols - c)) - 1;
+}
+#else
+constexpr bool kMaskedLanes = false;
 #endif
-  for (; c < cols; ++c) dst[c] = Load(src, c);
+
+// One row of `cols` values of T into float32 dst[0, width) (width a multiple of kLanes, at least
+// cols; zero past cols), and back, times `scale` and rounded to T.
+template <typename T>
+inline void LoadRow(const T* src, int64_t cols, int64_t width, float* dst) {
+  if constexpr (kMaskedLanes) {
+#if defined(__AVX512F__)
+    for (int64_t c = 0; c < width; c += kLanes)
+      _mm512_storeu_ps(dst + c, LoadLanes(src + c, Live(cols, c)));
+    return;
+#endif
+  }
+  for (int64_t c = 0; c < width; ++c) dst[c] = c < cols ? Load(src, c) : 0.0f;
 }
 
 template <typename T>
@@ -490,7 +519,7 @@ inline void StoreRow(const float* src, int64_t cols, float scale, T* dst) {
   int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   for (; c < cols; c += kLanes) {
-    const __mmask16 live = cols - c >= kLanes ? 0xffff : (1u << (cols - c)) - 1;
+    const __mmask16 live = Live(cols, c);
     __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + c), _mm512_set1_ps(scale));
     if constexpr (sizeof(T) == 2) {
       __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(RoundV<T>(x)), 16);
@@ -503,43 +532,87 @@ inline void StoreRow(const float* src, int64_t cols, float scale, T* dst) {
   for (; c < cols; ++c) Store(dst, c, src[c] * scale);
 }
 
-// One (batch, kv head) pair's padded sizes and offsets; sizes the thread's scratch for either
-// pass (the backward pass's accumulators zeroed).
+// One (batch, kv head) pair's padded sizes; sizes the thread's scratch for either pass (the
+// backward pass's accumulators zeroed).
 struct Task {
-  int64_t kp, sp, block, b, g, kv_offset;
-  Task(const Shape& sh, int64_t n, Scratch& s)
+  int64_t kp, sp, block, b, g;
+  Task(const Shape& sh, int64_t n, bool backward, Scratch& s)
       : kp(RoundUp(sh.head_dim, kLanes)), sp(RoundUp(sh.keys, kLanes)),
         block(std::min(kRowBlock, RoundUp(sh.queries, kRowTile))), b(n / sh.groups),
-        g(n % sh.groups), kv_offset(n * sh.keys * sh.head_dim) {
+        g(n % sh.groups) {
     for (auto* kv : {&s.k_t, &s.v, &s.k, &s.v_t}) kv->resize(kp * sp);
     for (auto* rows : {&s.q, &s.g, &s.o}) rows->resize(block * kp);
     for (auto* scores : {&s.logits, &s.probs, &s.d_probs}) scores->resize(block * sp);
-    s.d_k.assign(sp * kp, 0.0f);
-    s.d_v.assign(sp * kp, 0.0f);
+    if (backward) {
+      s.d_k.assign(sp * kp, 0.0f);
+      s.d_v.assign(sp * kp, 0.0f);
+    }
   }
 };
 
-// rows x cols of src (row-major, ld cols) into dst [rows_pad][ld_dst], float32, zero-padded.
+// The rows of a pair lie a row of all heads apart (e.g. 1.5 KiB for 12 heads of 32 floats), a
+// stride that the hardware prefetchers follow poorly: each row is fetched this many rows ahead.
+constexpr int64_t kRowsAhead = 8;
+
+// Prefetches row r (cols values of T from p) into the cache, for writing where `write`.
 template <typename T>
-void LoadRows(const T* src, int64_t rows, int64_t cols, int64_t rows_pad, float* dst,
-              int64_t ld_dst) {
-  std::fill(dst, dst + rows_pad * ld_dst, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) LoadRow(src + r * cols, cols, dst + r * ld_dst);
+inline void PrefetchRow(const T* p, int64_t cols, bool write = false) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < cols * static_cast<int64_t>(sizeof(T)); i += 64) {
+    if (write) __builtin_prefetch(bytes + i, 1);
+    else __builtin_prefetch(bytes + i, 0);
+  }
 }
 
-// rows x cols of src [rows][ld_src] (float32) times `scale` into dst (row-major, ld cols) as T.
-template <typename T>
-void StoreRows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float scale,
-               T* dst) {
-  for (int64_t r = 0; r < rows; ++r) StoreRow(src + r * ld_src, cols, scale, dst + r * cols);
+// rows x cols of the rows at(r) (r < rows; T values) into dst [rows_pad][ld_dst], float32,
+// zero-padded (ld_dst a multiple of kLanes).
+template <typename T, typename At>
+void LoadRows(At at, int64_t rows, int64_t cols, int64_t rows_pad, float* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < std::min(rows, kRowsAhead); ++r) PrefetchRow(at(r), cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kRowsAhead < rows) PrefetchRow(at(r + kRowsAhead), cols);
+    LoadRow<T>(at(r), cols, ld_dst, dst + r * ld_dst);
+  }
+  std::fill(dst + rows * ld_dst, dst + rows_pad * ld_dst, 0.0f);
 }
 
-// The transpose of rows x cols of src into dst [cols][ld_dst], float32, zero-padded.
-template <typename T>
-void LoadTransposed(const T* src, int64_t rows, int64_t cols, int64_t ld_dst, float* dst) {
-  std::fill(dst, dst + cols * ld_dst, 0.0f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = Load(src, r * cols + c);
+// rows x cols of src [rows][ld_src] (float32) times `scale` into the rows at(r) as T.
+template <typename T, typename At>
+void StoreRows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float scale, At at) {
+  for (int64_t r = 0; r < std::min(rows, kRowsAhead); ++r) PrefetchRow(at(r), cols, true);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kRowsAhead < rows) PrefetchRow(at(r + kRowsAhead), cols, true);
+    StoreRow<T>(src + r * ld_src, cols, scale, at(r));
+  }
+}
+
+// The transpose of rows x cols of the rows at(r) into dst [cols_pad][ld_dst], float32,
+// zero-padded to rows_pad columns (rows_pad and cols_pad multiples of kLanes).
+template <typename T, typename At>
+void LoadTransposed(At at, int64_t rows, int64_t cols, int64_t rows_pad, int64_t cols_pad,
+                    float* dst, int64_t ld_dst) {
+  if constexpr (kMaskedLanes) {
+#if defined(__AVX512F__)
+    // 16 x 16 blocks, transposed in registers; the next 16 rows prefetched.
+    for (int64_t r = 0; r < std::min(rows, kLanes); ++r) PrefetchRow(at(r), cols);
+    for (int64_t r0 = 0; r0 < rows_pad; r0 += kLanes) {
+      for (int64_t r = r0 + kLanes; r < std::min(rows, r0 + 2 * kLanes); ++r)
+        PrefetchRow(at(r), cols);
+      for (int64_t c0 = 0; c0 < cols_pad; c0 += kLanes) {
+        __m512 x[kLanes];
+        const __mmask16 live = Live(cols, c0);
+        for (int64_t i = 0; i < kLanes; ++i)
+          x[i] = r0 + i < rows ? LoadLanes(at(r0 + i) + c0, live) : _mm512_setzero_ps();
+        Transpose16(x);
+        for (int64_t j = 0; j < kLanes; ++j) _mm512_storeu_ps(dst + (c0 + j) * ld_dst + r0, x[j]);
+      }
+    }
+    return;
+#endif
+  }
+  for (int64_t c = 0; c < cols_pad; ++c)
+    for (int64_t r = 0; r < rows_pad; ++r)
+      dst[c * ld_dst + r] = r < rows && c < cols ? Load(at(r), c) : 0.0f;
 }
 
 // The scaled, biased logits of `rows` query rows from `row0` on, into s.logits [rows][Sp];
@@ -576,14 +649,20 @@ inline uint16_t KeepWord(uint32_t index, const Dropout& drop) {
 #endif
 }
 
-// The dropped probabilities of one row: round(p) to T, then dropout. The forward pass hashes
-// the keep-mask (index: the row's first element in the [B, G, Q, S] probabilities) and writes
-// its words to `words_out`; the backward pass reads them from `words`. Padded columns have p = 0 and
-// stay 0.
+// One row's probabilities p = e / l (e: its exponentials, replaced by p) and their dropped
+// copy: round(p) to T, then dropout. The forward pass hashes the keep-mask (index: the row's
+// first element in the [B, G, Q, S] probabilities) and writes its words to `words_out`; the
+// backward pass reads them from `words`. Padded columns have e = 0 and stay 0.
 template <typename T>
-void DropRow(const float* p, float* dropped, int64_t sp, uint32_t index, const Dropout& drop,
+void DropRow(float* p, float l, float* dropped, int64_t sp, uint32_t index, const Dropout& drop,
              const uint16_t* words, uint16_t* words_out) {
   const float kept = Round<T>(drop.keep_scale);
+#if defined(__AVX512F__)
+  // The quotient correctly rounded, as a division gives it, without vdivps (a quarter of the
+  // forward task's own time): q = e * (1 / l), then one correction by its exact residual
+  // e - q l (Markstein's theorem: 1 / l correctly rounded makes q + residual / l so).
+  const __m512 divisor = _mm512_set1_ps(l), reciprocal = _mm512_set1_ps(1.0f / l);
+#endif
   for (int64_t j = 0; j < sp; j += kLanes) {
     uint16_t word = 0xffff;
     if (drop.rate > 0.0f) {
@@ -591,12 +670,17 @@ void DropRow(const float* p, float* dropped, int64_t sp, uint32_t index, const D
                        : words[j / kLanes];
     }
 #if defined(__AVX512F__)
-    __m512 d = RoundV<T>(_mm512_loadu_ps(p + j));
+    const __m512 e = _mm512_loadu_ps(p + j);
+    const __m512 q = _mm512_mul_ps(e, reciprocal);
+    const __m512 quotient = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, divisor, e), reciprocal, q);
+    _mm512_storeu_ps(p + j, quotient);
+    __m512 d = RoundV<T>(quotient);
     if (drop.rate > 0.0f)
       d = _mm512_maskz_mov_ps(word, RoundV<T>(_mm512_mul_ps(d, _mm512_set1_ps(kept))));
     _mm512_storeu_ps(dropped + j, d);
 #else
     for (int64_t i = 0; i < kLanes; ++i) {
+      p[j + i] /= l;
       float d = Round<T>(p[j + i]);
       if (drop.rate > 0.0f) d = (word >> i) & 1 ? Round<T>(d * kept) : 0.0f;
       dropped[j + i] = d;
@@ -640,15 +724,14 @@ void Probabilities(const Shape& sh, int64_t n, int64_t row0, int64_t rows, int64
                    const uint16_t* words, uint16_t* words_out, Scratch& s) {
   const bool fill = maximum_out != nullptr;
   const int64_t row_words = sp / kLanes;
-  std::fill(s.probs.begin(), s.probs.begin() + rows_pad * sp, 0.0f);
+  std::fill(s.probs.begin() + rows * sp, s.probs.begin() + rows_pad * sp, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* logit = s.logits.data() + r * sp;
     float* dropped = s.probs.data() + r * sp;
     const float m = fill ? (maximum_out[r] = RowMax(logit, sp)) : maximum[r];
     const float total = ExpRowAndSum(logit, sp, m);  // Padded columns: exp(-inf) = 0.
     const float l = fill ? (normaliser_out[r] = total) : normaliser[r];
-    for (int64_t j = 0; j < sp; ++j) logit[j] /= l;
-    DropRow<T>(logit, dropped, sp, static_cast<uint32_t>((n * sh.queries + row0 + r) * sh.keys),
+    DropRow<T>(logit, l, dropped, sp, static_cast<uint32_t>((n * sh.queries + row0 + r) * sh.keys),
                drop, fill ? nullptr : words + r * row_words,
                fill ? words_out + r * row_words : nullptr);
   }
@@ -661,23 +744,27 @@ void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
                  float* normaliser, uint16_t* keep) {
   constexpr int64_t u = kUnit<kDot>;
   Scratch& s = Scratch::Get();
-  const Task t(sh, n, s);
-  const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g, kv_offset = t.kv_offset;
-  LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
-  LoadRows(v + kv_offset, sh.keys, sh.head_dim, sp, s.v.data(), kp);
+  const Task t(sh, n, false, s);
+  const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g;
+  const auto key = [&](int64_t j) { return k + sh.KeyRow(b, g, j); };
+  const auto value = [&](int64_t j) { return v + sh.KeyRow(b, g, j); };
+  LoadTransposed<T>(key, sh.keys, sh.head_dim, sp, kp, s.k_t.data(), sp);
+  LoadRows<T>(value, sh.keys, sh.head_dim, sp, s.v.data(), kp);
   const float* k_t = RowPairs<kDot>(s.k_t.data(), kp, sp, s.k_t2);
   const float* v_rows = RowPairs<kDot>(s.v.data(), sp, kp, s.v2);
   for (int64_t row0 = 0; row0 < sh.queries; row0 += block) {
     const int64_t rows = std::min(block, sh.queries - row0);
     const int64_t rows_pad = RoundUp(rows, kRowTile);
     const int64_t first = n * sh.queries + row0;  // The block's first row of all B * G * Q.
-    LoadRows(q + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.q.data(), kp);
+    const auto query = [&](int64_t r) { return sh.QueryRow(b, g, row0 + r); };
+    LoadRows<T>([&](int64_t r) { return q + query(r); }, rows, sh.head_dim, rows_pad, s.q.data(),
+                kp);
     Logits<kDot>(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, k_t, s);
     Probabilities<T>(sh, n, row0, rows, rows_pad, sp, nullptr, nullptr, maximum + first,
                      normaliser + first, drop, nullptr, keep + first * (sp / kLanes), s);
     const float* p = ColumnPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_cols);
     Gemm<kDot>(rows_pad, kp, sp / u, p, sp / u, 1, v_rows, kp, s.o.data(), kp, false);
-    StoreRows(s.o.data(), kp, rows, sh.head_dim, 1.0f, out + first * sh.head_dim);
+    StoreRows<T>(s.o.data(), kp, rows, sh.head_dim, 1.0f, [&](int64_t r) { return out + query(r); });
   }
 }
 
@@ -688,11 +775,14 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
                   const Dropout& drop, T* d_q, T* d_k, T* d_v) {
   constexpr int64_t u = kUnit<kDot>;
   Scratch& s = Scratch::Get();
-  const Task t(sh, n, s);
-  const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g, kv_offset = t.kv_offset;
-  LoadTransposed(k + kv_offset, sh.keys, sh.head_dim, sp, s.k_t.data());
-  LoadRows(k + kv_offset, sh.keys, sh.head_dim, sp, s.k.data(), kp);
-  LoadTransposed(v + kv_offset, sh.keys, sh.head_dim, sp, s.v_t.data());
+  const Task t(sh, n, true, s);
+  const int64_t kp = t.kp, sp = t.sp, block = t.block, b = t.b, g = t.g;
+  const auto key_row = [&](int64_t j) { return sh.KeyRow(b, g, j); };
+  const auto key = [&](int64_t j) { return k + key_row(j); };
+  LoadTransposed<T>(key, sh.keys, sh.head_dim, sp, kp, s.k_t.data(), sp);
+  LoadRows<T>(key, sh.keys, sh.head_dim, sp, s.k.data(), kp);
+  LoadTransposed<T>([&](int64_t j) { return v + key_row(j); }, sh.keys, sh.head_dim, sp, kp,
+                    s.v_t.data(), sp);
   const float* k_t = RowPairs<kDot>(s.k_t.data(), kp, sp, s.k_t2);
   const float* k_rows = RowPairs<kDot>(s.k.data(), sp, kp, s.k2);
   const float* v_t = RowPairs<kDot>(s.v_t.data(), kp, sp, s.v_t2);
@@ -701,9 +791,13 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
     const int64_t rows_pad = RoundUp(rows, kRowTile);
     const int64_t first = n * sh.queries + row0;
     const uint16_t* words = keep + first * (sp / kLanes);
-    LoadRows(q + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.q.data(), kp);
-    LoadRows(d_out + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.g.data(), kp);
-    LoadRows(out + first * sh.head_dim, rows, sh.head_dim, rows_pad, s.o.data(), kp);
+    const auto query = [&](int64_t r) { return sh.QueryRow(b, g, row0 + r); };
+    LoadRows<T>([&](int64_t r) { return q + query(r); }, rows, sh.head_dim, rows_pad, s.q.data(),
+                kp);
+    LoadRows<T>([&](int64_t r) { return d_out + query(r); }, rows, sh.head_dim, rows_pad,
+                s.g.data(), kp);
+    LoadRows<T>([&](int64_t r) { return out + query(r); }, rows, sh.head_dim, rows_pad,
+                s.o.data(), kp);
     Logits<kDot>(sh, b, g, row0, rows, rows_pad, kp, sp, scale, bias, k_t, s);
     Probabilities<T>(sh, n, row0, rows, rows_pad, sp, maximum + first, normaliser + first,
                      nullptr, nullptr, drop, words, nullptr, s);
@@ -713,7 +807,7 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
     Gemm<kDot>(sp, kp, rows_pad / u, p, 1, sp, g_rows, kp, s.d_v.data(), kp, true);
     const float* g_cols = ColumnPairs<kDot>(s.g.data(), rows_pad, kp, s.g_cols);
     Gemm<kDot>(rows_pad, sp, kp / u, g_cols, kp / u, 1, v_t, sp, s.d_probs.data(), sp, false);
-    std::fill(s.probs.begin(), s.probs.begin() + rows_pad * sp, 0.0f);
+    std::fill(s.probs.begin() + rows * sp, s.probs.begin() + rows_pad * sp, 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
       // sum_s probs * d_probs of the row, as sum_k g * out (the reference's form).
       float row_sum = 0.0f;
@@ -724,13 +818,16 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
     // d_q = d_logits k * scale; d_k += d_logits^T q.
     const float* d_logits = ColumnPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_cols);
     Gemm<kDot>(rows_pad, kp, sp / u, d_logits, sp / u, 1, k_rows, kp, s.o.data(), kp, false);
-    StoreRows(s.o.data(), kp, rows, sh.head_dim, scale, d_q + first * sh.head_dim);
+    StoreRows<T>(s.o.data(), kp, rows, sh.head_dim, scale,
+                 [&](int64_t r) { return d_q + query(r); });
     const float* d_logits_t = RowPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_rows);
     const float* q_rows = RowPairs<kDot>(s.q.data(), rows_pad, kp, s.q_rows);
     Gemm<kDot>(sp, kp, rows_pad / u, d_logits_t, 1, sp, q_rows, kp, s.d_k.data(), kp, true);
   }
-  StoreRows(s.d_k.data(), kp, sh.keys, sh.head_dim, scale, d_k + kv_offset);
-  StoreRows(s.d_v.data(), kp, sh.keys, sh.head_dim, 1.0f, d_v + kv_offset);
+  StoreRows<T>(s.d_k.data(), kp, sh.keys, sh.head_dim, scale,
+               [&](int64_t j) { return d_k + key_row(j); });
+  StoreRows<T>(s.d_v.data(), kp, sh.keys, sh.head_dim, 1.0f,
+               [&](int64_t j) { return d_v + key_row(j); });
 }
 
 Dropout MakeDropout(float rate, float keep_scale, const ffi::Buffer<ffi::U32>& seeds,

@@ -595,15 +595,8 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
   batch, length, heads, head_dim = q_BxLxHxK.shape
   groups = k_BxSxGxK.shape[2]
   repeats = heads // groups
-  # Heads-major operands, [B, G, R * L, K] and [B, G, S, K]: batch dims first and the contracted
-  # head_dim last, the layout XLA's batched matmul takes without copying the operands again
-  # (the transposes fuse into the producers, e.g. the rotary embedding). The query heads that
-  # share a key/value head are stacked along the query axis, so grouped-query attention is one
-  # batched matmul per group.
-  q_BxGxRLxK = q_BxLxHxK.reshape(batch, length, groups, repeats, head_dim).transpose(
-      0, 2, 3, 1, 4).reshape(batch, groups, repeats * length, head_dim)
-  k_BxGxSxK = k_BxSxGxK.astype(q_BxLxHxK.dtype).transpose(0, 2, 1, 3)
-  v_BxGxSxK = v_BxSxGxK.astype(dtype).transpose(0, 2, 1, 3)
+  k_BxSxGxK = k_BxSxGxK.astype(q_BxLxHxK.dtype)
+  v_BxSxGxK = v_BxSxGxK.astype(dtype)
   scale = head_dim**-0.5 if scale is None else scale
   rate, seeds = 0.0, jnp.zeros((2,), jnp.uint32)
   if dropout is not None and not dropout.drops_nothing(deterministic):
@@ -611,16 +604,34 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
       return jnp.zeros((batch, length, heads * head_dim), dtype)
     rate, seeds = dropout.rate, _seeds(dropout.draw_key(rngs))
   bias = bias_Bx1xLxS.astype(jnp.float32)
-  if kernels.fused_attention_applies(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, dtype):
-    # The kernel reads query row r * L + l's bias from row l (it takes a bias whose query rows
-    # divide R * L): no tiled copy.
-    out_BxGxRLxK = _fused_attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK, bias, seeds, scale, rate,
-                                    dtype)
-  else:
-    out_BxGxRLxK = _attention(q_BxGxRLxK, k_BxGxSxK, v_BxGxSxK,
-                              _tiled_bias(bias, repeats * length), seeds, scale, rate, dtype)
-  return out_BxGxRLxK.reshape(batch, groups, repeats, length, head_dim).transpose(
-      0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
+  if kernels.fused_attention_applies(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, dtype):
+    # The kernel takes the operands token-major, as they are (no transposing copies), and reads
+    # query row r * L + l's bias from row l (it takes a bias whose query rows divide R * L).
+    out_BxLxHxK = _fused_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, bias, seeds, scale, rate,
+                                   dtype)
+    return out_BxLxHxK.reshape(batch, length, heads * head_dim)
+  operands = (_heads_major(x, groups) for x in (q_BxLxHxK, k_BxSxGxK, v_BxSxGxK))
+  out_BxGxRLxK = _attention(*operands, _tiled_bias(bias, repeats * length), seeds, scale, rate,
+                            dtype)
+  return _token_major(out_BxGxRLxK, length).reshape(batch, length, heads * head_dim)
+
+
+def _heads_major(x_BxLxHxK: jax.Array, groups: int) -> jax.Array:
+  """[B, L, G * R, K] -> [B, G, R * L, K], XLA's attention layout: batch dims first and the
+  contracted head_dim last, the layout XLA's batched matmul takes without copying the operands
+  again (the transposes fuse into the producers, e.g. the rotary embedding). The R query heads
+  that share a key/value head are stacked along the query axis, so grouped-query attention is
+  one batched matmul per group; keys and values (R = 1) become [B, G, S, K]."""
+  batch, length, heads, head_dim = x_BxLxHxK.shape
+  return x_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim).transpose(
+      0, 2, 3, 1, 4).reshape(batch, groups, -1, head_dim)
+
+
+def _token_major(x_BxGxRLxK: jax.Array, length: int) -> jax.Array:
+  """The inverse of `_heads_major`: [B, G, R * L, K] -> [B, L, G * R, K]."""
+  batch, groups, rows, head_dim = x_BxGxRLxK.shape
+  return x_BxGxRLxK.reshape(batch, groups, rows // length, length, head_dim).transpose(
+      0, 3, 1, 2, 4).reshape(batch, length, -1, head_dim)
 
 
 def _tiled_bias(bias: jax.Array, rows: int) -> jax.Array:
@@ -739,7 +750,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _fused_attention(q, k, v, bias, seeds, scale, rate, dtype):
-  """`_attention` on the fused CPU kernel (ftjax/kernels/attention.cc), same semantics.
+  """`_attention` on the fused CPU kernel (ftjax/kernels/attention.cc), same semantics, on
+  token-major operands (q [B, L, H, K], k and v [B, S, G, K]; the output like q).
 
   The kernel keeps each (batch, kv head) pair's keys, values and a block of logits in cache and
   never writes the [B, G, R * L, S] logits or probabilities to memory, in either pass. It takes
@@ -766,12 +778,15 @@ def _fused_attention_bwd(scale, rate, dtype, residuals, g):
     return None, None, None, None, None
   if 'xla' in residuals:
     q, k, v, bias, seeds, maximum, normaliser, out = residuals['xla']
+    groups, length, keys = k.shape[2], q.shape[1], k.shape[1]
+    q, k, v, out, g = (_heads_major(x, groups) for x in (q, k, v, out, g))
     d_q, d_k, d_v, d_tiled, _ = _attention_bwd(
         scale, rate, dtype, (q, k, v, _tiled_bias(bias, q.shape[2]), seeds, maximum, normaliser,
                              out), g)
     # Tiled rows r * L + l back onto bias row l.
     d_bias = d_tiled.reshape(*bias.shape[:2], -1, *bias.shape[2:]).sum(2)
-    return d_q, d_k, d_v, d_bias, None
+    return (_token_major(d_q, length), _token_major(d_k, keys), _token_major(d_v, keys), d_bias,
+            None)
   q, k, v, bias, seeds, maximum, normaliser, keep, out = residuals['fused']
   d_q, d_k, d_v = kernels.attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep,
                                              out, g.astype(q.dtype), scale, rate)
