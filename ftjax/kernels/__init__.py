@@ -10,6 +10,8 @@
   (Sapphire Rapids and later).
 - `adamw.cc`: AdamW's whole update of a parameter group in one call, each parameter, gradient
   and moment read once and the parameter and moments written back in place (`optim.adamw`).
+- `gelu.cc`: a dense layer's bias add and exact GELU (BERT's FFN), forward and backward (with
+  the bias gradient), on all threads (`layers.bias_gelu`).
 
 All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -22,7 +24,8 @@ tested against.
 where it builds), `xla` (never the kernel) or `fused` (the kernel wherever it applies; an error
 if it cannot be built). `FTJAX_MATMUL` likewise: `auto` (bfloat16 dense layers on the matmul
 kernel where it measured faster than XLA's bfloat16 dot on this machine, and float32 ones where
-it measured faster than XLA's float32 dots), `xla` or `kernel`.
+it measured faster than XLA's float32 dots), `xla` or `kernel`; `xla` also keeps float32 GELU
+layers' bias and activation on XLA.
 `FTJAX_ADAMW`: `auto` (float32 AdamW updates on the kernel on a single CPU device), `xla` or
 `kernel`.
 """
@@ -48,14 +51,16 @@ from ftjax import launch
 from ftjax.errors import FtjaxError
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / 'attention.cc', _HERE / 'matmul.cc', _HERE / 'adamw.cc')
+_SOURCES = (_HERE / 'attention.cc', _HERE / 'matmul.cc', _HERE / 'adamw.cc', _HERE / 'gelu.cc')
 _HEADERS = (_HERE / 'common.h',)
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_attention_backward': 'FtjaxAttentionBackward',
             'ftjax_matmul': 'FtjaxMatmul',
             'ftjax_matmul_plus': 'FtjaxMatmulPlus',
-            'ftjax_adamw': 'FtjaxAdamW'}
+            'ftjax_adamw': 'FtjaxAdamW',
+            'ftjax_bias_gelu': 'FtjaxBiasGelu',
+            'ftjax_bias_gelu_grad': 'FtjaxBiasGeluGrad'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
 ADAMW_CHOICES = ('auto', 'xla', 'kernel')
@@ -254,6 +259,30 @@ def attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_o
                           vmap_method='sequential')
   return call(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_out,
               **_attrs(scale, rate, q.dtype, variant))
+
+
+def bias_gelu_applies(y: jax.Array, bias: jax.Array) -> bool:
+  """Whether gelu(y + bias) should run on the kernel: float32, on a single CPU device, unless
+  FTJAX_MATMUL=xla."""
+  return (y.dtype == jnp.float32 and bias.dtype == jnp.float32 and bias.ndim == 1
+          and _on_one_cpu(matmul_choice()) and not _load())
+
+
+def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """gelu(y + bias), exact GELU (see gelu.cc), for float32 y [..., N] and bias [N]."""
+  call = jax.ffi.ffi_call('ftjax_bias_gelu', jax.ShapeDtypeStruct(y.shape, jnp.float32),
+                          vmap_method='sequential')
+  return call(y.reshape(-1, y.shape[-1]), bias).reshape(y.shape)
+
+
+def bias_gelu_grad(y: jax.Array, bias: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(d(y + bias), d bias) of `bias_gelu` for the output cotangent g (float32, y's shape)."""
+  call = jax.ffi.ffi_call('ftjax_bias_gelu_grad', (jax.ShapeDtypeStruct(y.shape, jnp.float32),
+                                                   jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
+                          vmap_method='sequential')
+  flat = (-1, y.shape[-1])
+  d, d_bias = call(y.reshape(flat), bias, g.reshape(flat))
+  return d.reshape(y.shape), d_bias
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,

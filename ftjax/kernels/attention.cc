@@ -374,26 +374,8 @@ float ExpRowAndSum(float* x, int64_t n, float shift) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   __m512 sum = _mm512_setzero_ps();
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
   for (; j + kLanes <= n; j += kLanes) {
-    // exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln 2 / 2; a degree-6 polynomial for
-    // exp(r) (Cephes' expf coefficients), then scalef. Inputs below -104 underflow to 0 (and
-    // -inf, a masked logit, gives 0 instead of a NaN from -inf - -inf).
-    __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(shift)),
-                             _mm512_set1_ps(-104.0f));
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, ln2_hi, v);
-    r = _mm512_fnmadd_ps(k, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    p = _mm512_scalef_ps(p, k);
+    const __m512 p = ExpV(_mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(shift)));
     _mm512_storeu_ps(x + j, p);
     sum = _mm512_add_ps(sum, p);
   }

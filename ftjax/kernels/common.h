@@ -1,6 +1,6 @@
-// Pieces shared by ftjax's XLA FFI kernels (attention.cc, matmul.cc): bfloat16 conversion,
-// a parallel loop over XLA's intra-op thread pool, typed views of FFI buffers, a 16 x 16
-// register transpose and the set-up of Intel AMX's tiles. Each kernel
+// Pieces shared by ftjax's XLA FFI kernels (attention.cc, matmul.cc, gelu.cc): bfloat16
+// conversion, a parallel loop over XLA's intra-op thread pool, typed views of FFI buffers, a
+// vector exp, a 16 x 16 register transpose and the set-up of Intel AMX's tiles. Each kernel
 // source includes it inside its own anonymous namespace.
 #ifndef FTJAX_KERNELS_COMMON_H_
 #define FTJAX_KERNELS_COMMON_H_
@@ -96,6 +96,25 @@ template <typename T> T* Out(ffi::Result<ffi::AnyBuffer>& x) {
 }
 
 #if defined(__AVX512F__)
+// exp(v) for 16 float32 values: 2^k exp(r), k = round(v / ln 2), |r| <= ln 2 / 2, a degree-6
+// polynomial for exp(r) (Cephes' expf coefficients), then scalef. Inputs below -104 underflow
+// to 0 (and -inf, a masked logit, gives 0 instead of a NaN).
+inline __m512 ExpV(__m512 v) {
+  v = _mm512_max_ps(v, _mm512_set1_ps(-104.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, k);
+}
+
 // In-register transpose of 16 x 16 32-bit words: r[i] lane j -> r[j] lane i.
 inline void Transpose16(__m512 r[16]) {
   __m512 t[16];

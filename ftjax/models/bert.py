@@ -249,7 +249,7 @@ class BertLayer(nnx.Module):
     attn_BxLxD = self.attention(x_BxLxD, mask_bias_Bx1x1xL, prefix_kv=prefix_kv, **kw)
     attn_BxLxD = self.dropout(attn_BxLxD, **kw)
     x_BxLxD = self.attention_norm(x_BxLxD + attn_BxLxD)
-    h_BxLxF = _ACTIVATIONS[self.hidden_act](dense(self.intermediate, x_BxLxD, kw))
+    h_BxLxF = dense(self.intermediate, x_BxLxD, kw, activation=_ACTIVATIONS[self.hidden_act])
     h_BxLxD = self.dropout(dense(self.output, h_BxLxF, kw), **kw)
     return self.output_norm(x_BxLxD + h_BxLxD)
 

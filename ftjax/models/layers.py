@@ -71,6 +71,27 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
+
+@jax.custom_vjp
+def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """gelu(y + bias) for float32 y [..., N] and bias [N] on ftjax's kernel (`kernels/gelu.cc`,
+  where `kernels.bias_gelu_applies`): a dense layer's bias and activation in one pass on all
+  threads; the backward pass recomputes y + bias and returns the bias gradient with d(y + bias),
+  in one pass too. Same values as `gelu(add_bias(y, bias))` to float32 rounding."""
+  return kernels.bias_gelu(y, bias)
+
+
+def _bias_gelu_fwd(y, bias):
+  return kernels.bias_gelu(y, bias), (y, bias)
+
+
+def _bias_gelu_bwd(residuals, g):
+  y, bias = residuals
+  return kernels.bias_gelu_grad(y, bias, g.astype(jnp.float32))
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': gelu,
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
@@ -247,11 +268,14 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 class Linear(nnx.Linear):
   """`nnx.Linear` with the bias added by `add_bias`: the same parameters and forward values,
-  the bias gradient summed in float32."""
+  the bias gradient summed in float32. `activation`, if given, is applied to the output; exact
+  GELU after a float32 bias runs fused with it on ftjax's kernel (`bias_gelu`)."""
 
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding=None,
+               activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     if self.bias is None:
-      return super().__call__(inputs, out_sharding)
+      y = super().__call__(inputs, out_sharding)
+      return y if activation is None else activation(y)
     # nnx.Linear.__call__ (flax 0.12) up to its bias add.
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]),
                                               dtype=self.dtype)
@@ -260,7 +284,10 @@ class Linear(nnx.Linear):
       kwargs['preferred_element_type'] = self.preferred_element_type
     y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                          precision=self.precision, **kwargs)
-    return add_bias(y, bias)
+    if activation is gelu and kernels.bias_gelu_applies(y, bias):
+      return bias_gelu(y, bias)
+    y = add_bias(y, bias)
+    return y if activation is None else activation(y)
 
 
 # The plain linear layers (PEFT surgery adapts exactly these): the ones the model families
@@ -450,17 +477,25 @@ class Dropout(nnx.Dropout):
         rngs() if isinstance(rngs, nnx.RngStream) else rngs)
 
 
-def dense(layer: nnx.Module, x: jax.Array, kw: dict) -> jax.Array:
-  """Calls a linear layer, passing dropout's call-time randomness to those that take it.
+def dense(layer: nnx.Module, x: jax.Array, kw: dict,
+          activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """Calls a linear layer, passing dropout's call-time randomness to those that take it, and
+  applies `activation` (one of ACTIVATIONS) to its output.
 
   Plain `nnx.Linear` has no randomness; PEFT layers that wrap it (LoRA with dropout) set
   `takes_rngs` and receive `deterministic` and `rngs` like every other dropout in the model.
+  ftjax's own `Linear` takes the activation itself, so that it can fuse it with its bias add
+  (`bias_gelu`).
   """
   lead = x.shape[:-1]
   # Flattened to [tokens, features]: the weight gradient is then one plain 2-D matmul that
   # contracts the token axis (XLA CPU's fast path) instead of a dot over two batch-like axes.
   x = x.reshape(-1, x.shape[-1])
-  y = layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+  if activation is not None and type(layer) is Linear:  # pylint: disable=unidiomatic-typecheck
+    y = layer(x, activation=activation)
+  else:
+    y = layer(x, **kw) if getattr(layer, 'takes_rngs', False) else layer(x)
+    y = y if activation is None else activation(y)
   return y.reshape(*lead, y.shape[-1])
 
 
