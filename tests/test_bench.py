@@ -116,8 +116,10 @@ def test_ab_builds_the_base_step_from_the_base_layers():
   code = (f'import json, sys; sys.path.insert(0, {str(speed_py.parent)!r}); import speed; '
           f'spec = json.loads(sys.stdin.read()); spec["checkpoint"] = speed._minilm_checkpoint(); '
           'print(json.dumps(speed.ab(spec)))')
+  # FTJAX_MATMUL=xla: float32 GELU layers run that expression, not the bias + GELU kernel.
   out = subprocess.run([sys.executable, '-c', code], input=json.dumps(spec), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, FTJAX_MATMUL='xla'))
   assert out.returncode == 0, out.stderr[-3000:]
   loss = json.loads(out.stdout.splitlines()[-1])['first_loss']
   assert abs(loss['base'] - loss['current']) > 1e-4, loss

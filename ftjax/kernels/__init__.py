@@ -12,6 +12,8 @@
   and moment read once and the parameter and moments written back in place (`optim.adamw`).
 - `gelu.cc`: a dense layer's bias add and exact GELU (BERT's FFN), forward and backward (with
   the bias gradient), on all threads (`layers.bias_gelu`).
+- `layer_norm.cc`: LayerNorm over the last axis, forward and backward (with the scale and bias
+  gradients), each one pass over its rows on all threads (`layers.LayerNorm`).
 
 All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -25,7 +27,7 @@ where it builds), `xla` (never the kernel) or `fused` (the kernel wherever it ap
 if it cannot be built). `FTJAX_MATMUL` likewise: `auto` (bfloat16 dense layers on the matmul
 kernel where it measured faster than XLA's bfloat16 dot on this machine, and float32 ones where
 it measured faster than XLA's float32 dots), `xla` or `kernel`; `xla` also keeps float32 GELU
-layers' bias and activation on XLA.
+layers' bias and activation, and float32 LayerNorms, on XLA.
 `FTJAX_ADAMW`: `auto` (float32 AdamW updates on the kernel on a single CPU device), `xla` or
 `kernel`.
 """
@@ -51,7 +53,8 @@ from ftjax import launch
 from ftjax.errors import FtjaxError
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / 'attention.cc', _HERE / 'matmul.cc', _HERE / 'adamw.cc', _HERE / 'gelu.cc')
+_SOURCES = tuple(_HERE / f'{name}.cc'
+                 for name in ('attention', 'matmul', 'adamw', 'gelu', 'layer_norm'))
 _HEADERS = (_HERE / 'common.h',)
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
@@ -60,7 +63,9 @@ _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_matmul_plus': 'FtjaxMatmulPlus',
             'ftjax_adamw': 'FtjaxAdamW',
             'ftjax_bias_gelu': 'FtjaxBiasGelu',
-            'ftjax_bias_gelu_grad': 'FtjaxBiasGeluGrad'}
+            'ftjax_bias_gelu_grad': 'FtjaxBiasGeluGrad',
+            'ftjax_layer_norm': 'FtjaxLayerNorm',
+            'ftjax_layer_norm_grad': 'FtjaxLayerNormGrad'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
 ADAMW_CHOICES = ('auto', 'xla', 'kernel')
@@ -235,10 +240,10 @@ def attention_forward(q, k, v, bias, seeds, scale: float, rate: float,
   q [B, L, H, K], k and v [B, S, G, K] (H % G == 0), out like q: token-major, as the projections
   produce them. The softmax's row statistics are [B, G, Q, 1] with Q = H / G * L query rows per
   (batch, kv head); `keep` holds the dropout keep-mask as uint16 words ([B, G, Q, ceil(S / 16)];
-  one word when `rate` is 0), hashed once here and read back by the backward pass. `variant`, for bfloat16
-  operands, as in `matmul`: its products on float32 FMAs ('fma') or on the CPU's bfloat16 dot
-  instruction ('dot') or on Intel AMX's tiles ('amx'); None takes the one that the matmul
-  measurement found fastest here (the instructions' speeds decide both).
+  one word when `rate` is 0), hashed once here and read back by the backward pass. `variant`,
+  for bfloat16 operands, as in `matmul`: its products on float32 FMAs ('fma') or on the CPU's
+  bfloat16 dot instruction ('dot') or on Intel AMX's tiles ('amx'); None takes the one that the
+  matmul measurement found fastest here (the instructions' speeds decide both).
   """
   (batch, length, heads, _), (keys, groups) = q.shape, k.shape[1:3]
   stats = (batch, groups, heads // groups * length)
@@ -261,15 +266,21 @@ def attention_backward(q, k, v, bias, seeds, maximum, normaliser, keep, out, d_o
               **_attrs(scale, rate, q.dtype, variant))
 
 
-def bias_gelu_applies(y: jax.Array, bias: jax.Array) -> bool:
-  """Whether gelu(y + bias) should run on the kernel: float32, on a single CPU device, unless
-  FTJAX_MATMUL=xla."""
-  return (y.dtype == jnp.float32 and bias.dtype == jnp.float32 and bias.ndim == 1
-          and _on_one_cpu(matmul_choice()) and not _load())
+def _require(what: str) -> None:
+  if reason := _load():
+    raise KernelUnavailable(f'the {what} kernel is unavailable: {reason}')
+
+
+def float32_kernel_applies(*operands: jax.Array) -> bool:
+  """Whether a float32 elementwise-and-row kernel (bias_gelu, layer_norm) should take these
+  operands: all float32, on a single CPU device, unless FTJAX_MATMUL=xla."""
+  return (all(x.dtype == jnp.float32 for x in operands) and _on_one_cpu(matmul_choice())
+          and not _load())
 
 
 def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
   """gelu(y + bias), exact GELU (see gelu.cc), for float32 y [..., N] and bias [N]."""
+  _require('bias_gelu')
   call = jax.ffi.ffi_call('ftjax_bias_gelu', jax.ShapeDtypeStruct(y.shape, jnp.float32),
                           vmap_method='sequential')
   return call(y.reshape(-1, y.shape[-1]), bias).reshape(y.shape)
@@ -277,12 +288,33 @@ def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
 
 def bias_gelu_grad(y: jax.Array, bias: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(d(y + bias), d bias) of `bias_gelu` for the output cotangent g (float32, y's shape)."""
+  _require('bias_gelu_grad')
   call = jax.ffi.ffi_call('ftjax_bias_gelu_grad', (jax.ShapeDtypeStruct(y.shape, jnp.float32),
                                                    jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
                           vmap_method='sequential')
   flat = (-1, y.shape[-1])
   d, d_bias = call(y.reshape(flat), bias, g.reshape(flat))
   return d.reshape(y.shape), d_bias
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(y, mean, rstd) of LayerNorm over the last axis of float32 x [M, D] (see layer_norm.cc);
+  mean and rstd [M] are what `layer_norm_grad` takes."""
+  _require('layer_norm')
+  rows = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+  call = jax.ffi.ffi_call('ftjax_layer_norm', (jax.ShapeDtypeStruct(x.shape, jnp.float32), rows,
+                                               rows), vmap_method='sequential')
+  return call(x, scale, bias, eps=np.float32(eps))
+
+
+def layer_norm_grad(x, mean, rstd, scale, g) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx, d_scale, d_bias) of `layer_norm` for the output cotangent g [M, D] (float32)."""
+  _require('layer_norm_grad')
+  params = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  call = jax.ffi.ffi_call('ftjax_layer_norm_grad', (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                                    params, params), vmap_method='sequential')
+  return call(x, mean, rstd, scale, g)
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,

@@ -75,9 +75,9 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 @jax.custom_vjp
 def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
   """gelu(y + bias) for float32 y [..., N] and bias [N] on ftjax's kernel (`kernels/gelu.cc`,
-  where `kernels.bias_gelu_applies`): a dense layer's bias and activation in one pass on all
-  threads; the backward pass recomputes y + bias and returns the bias gradient with d(y + bias),
-  in one pass too. Same values as `gelu(add_bias(y, bias))` to float32 rounding."""
+  where `kernels.float32_kernel_applies`): a dense layer's bias and activation in one pass on
+  all threads; the backward pass recomputes y + bias and returns the bias gradient with
+  d(y + bias), in one pass too. Same values as `gelu(add_bias(y, bias))` to float32 rounding."""
   return kernels.bias_gelu(y, bias)
 
 
@@ -284,7 +284,7 @@ class Linear(nnx.Linear):
       kwargs['preferred_element_type'] = self.preferred_element_type
     y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                          precision=self.precision, **kwargs)
-    if activation is gelu and kernels.bias_gelu_applies(y, bias):
+    if activation is gelu and bias.ndim == 1 and kernels.float32_kernel_applies(y, bias):
       return bias_gelu(y, bias)
     y = add_bias(y, bias)
     return y if activation is None else activation(y)
@@ -363,11 +363,38 @@ def _normalize_bwd(eps, residuals, g):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize_on_kernel(x, scale, bias, eps):
+  """`_normalize` for float32 on ftjax's kernel (`kernels/layer_norm.cc`): each pass one read of
+  its rows, on all threads, the parameters' gradients summed in the backward's pass."""
+  return _normalize_on_kernel_fwd(x, scale, bias, eps)[0]
+
+
+def _normalize_on_kernel_fwd(x, scale, bias, eps):
+  flat = x.reshape(-1, x.shape[-1])
+  y, mean, rstd = kernels.layer_norm(flat, scale, jnp.zeros_like(scale) if bias is None else bias,
+                                     eps)
+  return y.reshape(x.shape), (flat, mean, rstd, scale, bias)
+
+
+def _normalize_on_kernel_bwd(eps, residuals, g):
+  del eps
+  flat, mean, rstd, scale, bias = residuals
+  dx, d_scale, d_bias = kernels.layer_norm_grad(flat, mean, rstd, scale,
+                                                g.astype(jnp.float32).reshape(flat.shape))
+  return dx.reshape(g.shape), d_scale, None if bias is None else d_bias
+
+
+_normalize_on_kernel.defvjp(_normalize_on_kernel_fwd, _normalize_on_kernel_bwd)
+
+
 class LayerNorm(nnx.LayerNorm):
   """`nnx.LayerNorm` over the last axis with a hand-written backward pass (less memory).
 
   Same parameters, same forward values; the backward pass keeps the input and per-token mean and
-  1/std instead of the full-size float32 intermediates autodiff would store.
+  1/std instead of the full-size float32 intermediates autodiff would store. Float32 ones run
+  on ftjax's kernel where it applies (`kernels.float32_kernel_applies`), the same values to
+  float32 rounding.
   """
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -376,6 +403,8 @@ class LayerNorm(nnx.LayerNorm):
     scale = self.scale[...] if self.scale else jnp.ones((x.shape[-1],), jnp.float32)
     bias = self.bias[...] if self.bias else None
     x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+    if kernels.float32_kernel_applies(x, scale, *([] if bias is None else [bias])):
+      return _normalize_on_kernel(x, scale, bias, self.epsilon)
     return _normalize(x, scale, bias, self.epsilon)
 
 

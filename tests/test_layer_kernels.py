@@ -1,4 +1,5 @@
-"""The fused bias + exact GELU kernel (ftjax/kernels/gelu.cc) against XLA's and the exact values."""
+"""The float32 layer kernels against XLA's ops and exact values: bias + exact GELU (gelu.cc) and
+LayerNorm (layer_norm.cc)."""
 
 import math
 import re
@@ -38,7 +39,7 @@ def _reference(y, b):
 # Rows over and under one task (256), widths in and out of whole 16-lane vectors.
 @pytest.mark.parametrize('m,n', [(600, 1536), (7, 40), (300, 5)])
 def test_bias_gelu_matches_xla_and_the_exact_values(m, n):
-  assert kernels.bias_gelu_applies(jnp.zeros((1, n)), jnp.zeros((n,)))
+  assert kernels.float32_kernel_applies(jnp.zeros((1, n)), jnp.zeros((n,)))
   y, b, g = _operands(m, n)
   out, pullback = jax.vjp(jax.jit(layers.bias_gelu), y, b)
   d_y, d_b = pullback(g)
@@ -106,3 +107,84 @@ def test_builds_for_other_cpus_compute_the_same_gelu(march, needs, kernels_built
   want_d_y, want_d_b = kernels.bias_gelu_grad(y, b, g)
   np.testing.assert_allclose(d_y, want_d_y, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(d_b, want_d_b, rtol=1e-5, atol=1e-5)
+
+
+def _layer_norm_operands(m, d, seed=0):
+  rng = np.random.default_rng(seed)
+  # A large offset: the two-pass variance keeps it exact where sum(x^2) - mean^2 would not.
+  x = jnp.asarray(rng.normal(size=(m, d)) * 3 + 100, jnp.float32)
+  scale, bias = (jnp.asarray(rng.normal(size=(d,)), jnp.float32) for _ in range(2))
+  return x, scale, bias, jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+
+
+def _layer_norm_float64(x, scale, bias, g, eps):
+  x, scale, bias, g = (np.asarray(t, np.float64) for t in (x, scale, bias, g))
+  mean = x.mean(-1, keepdims=True)
+  rstd = 1 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+  xhat = (x - mean) * rstd
+  gs = g * scale
+  dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+  return xhat * scale + bias, dx, (g * xhat).sum(0), g.sum(0)
+
+
+# Rows over and under one task (128), widths in and out of whole 16-lane vectors.
+@pytest.mark.parametrize('m,d', [(300, 384), (5, 40), (130, 7)])
+def test_layer_norm_matches_float64_and_xla(m, d):
+  x, scale, bias, g = _layer_norm_operands(m, d)
+  eps = 1e-5
+  ours = jax.vjp(lambda *a: layers._normalize_on_kernel(*a, eps), x, scale, bias)  # pylint: disable=protected-access
+  xla = jax.vjp(lambda *a: layers._normalize(*a, eps), x, scale, bias)  # pylint: disable=protected-access
+  want = _layer_norm_float64(x, scale, bias, g, eps)
+  for got, ref in [(ours, want), (xla, want)]:
+    y, (dx, d_scale, d_bias) = got[0], got[1](g)
+    for value, exact in zip((y, dx, d_scale, d_bias), ref):
+      value = np.asarray(value, np.float64)
+      np.testing.assert_allclose(value, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+  # And to each other, within float32's rounding of x - mean at x ~ 100 (ulp 7.6e-6).
+  np.testing.assert_allclose(ours[0], xla[0], rtol=1e-4, atol=1e-4)
+  for a, b in zip(ours[1](g), xla[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())
+
+
+def test_layer_norms_take_the_kernel_only_in_float32(monkeypatch):
+  """ftjax's LayerNorm runs on the kernel's two calls in float32 (with and without a bias), as
+  flax's LayerNorm computes it; bfloat16 and FTJAX_MATMUL=xla stay on XLA."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 24)), jnp.float32)
+
+  def compiled(dtype, use_bias=True):
+    norm = layers.layer_norm(24, eps=1e-6, dtype=dtype, rngs=nnx.Rngs(0), use_bias=use_bias)
+    loss = lambda norm, x: jnp.sum(norm(x).astype(jnp.float32) ** 2)
+    return jax.jit(nnx.value_and_grad(loss, argnums=(0, 1))).lower(norm, x.astype(dtype)).as_text()
+
+  for use_bias in (True, False):
+    norm = layers.layer_norm(24, eps=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0), use_bias=use_bias)
+    flax_norm = nnx.LayerNorm(24, epsilon=1e-6, use_bias=use_bias, use_fast_variance=False,
+                              rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(norm(x), flax_norm(x), rtol=1e-5, atol=1e-5)
+    assert re.findall(r'ftjax_layer_norm\w*', compiled(jnp.float32, use_bias)) == [
+        'ftjax_layer_norm', 'ftjax_layer_norm_grad']
+  assert 'ftjax_layer_norm' not in compiled(jnp.bfloat16)
+  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
+  assert 'ftjax_layer_norm' not in compiled(jnp.float32)
+
+
+@pytest.mark.parametrize('march,needs', OTHER_CPUS)
+def test_builds_for_other_cpus_compute_the_same_layer_norm(march, needs, kernels_built_for):
+  if not needs <= cpu_flags():
+    pytest.skip(f'this CPU cannot run a -march={march} build')
+  library = kernels_built_for(march)
+  name = f'ftjax_layer_norm_{march.replace("-", "_")}'
+  for suffix, symbol in [('', 'FtjaxLayerNorm'), ('_grad', 'FtjaxLayerNormGrad')]:
+    jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  x, scale, bias, g = _layer_norm_operands(130, 40)
+  rows = jax.ShapeDtypeStruct((130,), jnp.float32)
+  theirs = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct(x.shape, jnp.float32), rows, rows))(
+      x, scale, bias, eps=np.float32(1e-5))
+  ours = kernels.layer_norm(x, scale, bias, 1e-5)
+  params = jax.ShapeDtypeStruct((40,), jnp.float32)
+  theirs += tuple(jax.ffi.ffi_call(name + '_grad', (
+      jax.ShapeDtypeStruct(x.shape, jnp.float32), params, params))(x, *theirs[1:], scale, g))
+  ours += kernels.layer_norm_grad(x, ours[1], ours[2], scale, g)
+  for a, b in zip(theirs, ours):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
