@@ -357,3 +357,23 @@ def test_bf16_linear_step_keeps_every_product_in_bfloat16():
   plain_fn, plain_params = _linear_loss_and_grads(plain, x)
   plain_dots = _dot_operand_types(jax.jit(plain_fn).lower(plain_params, x).compile().as_text())
   assert ('f32', 'f32') in plain_dots, plain_dots
+
+
+@pytest.mark.parametrize('x_shape,y_shape,dtype', [
+    ((8, 16, 24), (1, 16, 24), jnp.float32),   # position embeddings on a [B, L, D] stream
+    ((8, 16, 24), (16, 24), jnp.float32), ((8, 16, 24), (1, 1, 1), jnp.float32),
+    ((8, 16, 24), (8, 1, 24), jnp.float32),    # not a leading-axes broadcast: the plain sum
+    ((8, 16, 24), (8, 16, 24), jnp.float32), ((8, 16, 24), (1, 16, 24), jnp.bfloat16)])
+def test_add_broadcast_sums_the_gradient_over_the_broadcast_axes(x_shape, y_shape, dtype):
+  rng = np.random.default_rng(0)
+  x, y, g = (jnp.asarray(rng.normal(size=s), dtype) for s in (x_shape, y_shape, x_shape))
+  out, pullback = jax.vjp(layers.add_broadcast, x, y)
+  d_x, d_y = pullback(g)
+  np.testing.assert_array_equal(out, x + y)
+  np.testing.assert_array_equal(d_x, g)
+  assert d_y.shape == y.shape and d_y.dtype == y.dtype
+  axes = tuple(i for i in range(len(x_shape))
+               if i < len(x_shape) - len(y_shape) or y_shape[i - len(x_shape) + len(y_shape)] == 1)
+  want = np.sum(np.asarray(g, np.float64), axes, keepdims=True).reshape(y_shape)
+  np.testing.assert_allclose(np.asarray(d_y, np.float64), want,
+                             rtol=1e-5 if dtype == jnp.float32 else 1e-2, atol=1e-5)

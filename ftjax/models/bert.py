@@ -167,11 +167,8 @@ class BertEmbeddings(nnx.Module):
       )
     if position_ids_BxL is None:
       position_ids_BxL = jnp.arange(position_offset, seq_len)[None]
-    x_BxLxD = (
-        words_BxLxD
-        + self.token_type_embeddings(token_type_ids_BxL)
-        + self.position_embeddings(position_ids_BxL)
-    )
+    x_BxLxD = layers.add_broadcast(words_BxLxD + self.token_type_embeddings(token_type_ids_BxL),
+                                   self.position_embeddings(position_ids_BxL))
     x_BxLxD = self.layer_norm(x_BxLxD)
     return self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
 

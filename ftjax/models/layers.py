@@ -266,6 +266,38 @@ def _add_bias_bwd(bias, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+@jax.custom_vjp
+def add_broadcast(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x + y for a y that broadcasts over x's leading axes (e.g. position embeddings [1, L, D]
+  added to a [B, L, D] stream), whose gradient sums g over those axes as a product with a row
+  of ones, accumulated in float32.
+
+  Autodiff's reduction over a leading axis runs on XLA:CPU ~20x slower than that product (a
+  [32, 128, 384] float32 gradient: 6.6 against 0.28 ms; ~0.8% of MiniLM's full step).
+  """
+  return x + y
+
+
+def _add_broadcast_fwd(x, y):
+  return x + y, y
+
+
+def _add_broadcast_bwd(y, g):
+  offset = g.ndim - y.ndim
+  # y is [1, ..., 1, *g.shape[lead:]]: the sum runs over g's first `lead` axes.
+  lead = offset + next((i for i, n in enumerate(y.shape) if n != 1), y.ndim)
+  if y.shape[lead - offset:] != g.shape[lead:]:  # It broadcasts elsewhere too: a plain sum.
+    axes = tuple(i for i in range(g.ndim) if i < offset or y.shape[i - offset] == 1)
+    return g, jnp.sum(g.astype(jnp.float32), axes, keepdims=True).reshape(y.shape).astype(y.dtype)
+  rows = g.reshape(math.prod(g.shape[:lead]), -1)
+  total = jnp.dot(jnp.ones((1, rows.shape[0]), g.dtype), rows,
+                  preferred_element_type=jnp.float32)
+  return g, total.reshape(y.shape).astype(y.dtype)
+
+
+add_broadcast.defvjp(_add_broadcast_fwd, _add_broadcast_bwd)
+
+
 class Linear(nnx.Linear):
   """`nnx.Linear` with the bias added by `add_bias`: the same parameters and forward values,
   the bias gradient summed in float32. `activation`, if given, is applied to the output; exact

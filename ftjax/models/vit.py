@@ -164,7 +164,7 @@ class ViTEmbeddings(nnx.Module):
     patches_BxNxD = patches_BxhxwxD.reshape(batch, -1, d)
     cls_Bx1xD = jnp.broadcast_to(self.cls_token[...].astype(patches_BxNxD.dtype), (batch, 1, d))
     x_BxLxD = jnp.concatenate([cls_Bx1xD, patches_BxNxD], axis=1)
-    x_BxLxD = x_BxLxD + self.position_embeddings[...].astype(x_BxLxD.dtype)
+    x_BxLxD = layers.add_broadcast(x_BxLxD, self.position_embeddings[...].astype(x_BxLxD.dtype))
     return self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
 
 
