@@ -195,9 +195,9 @@ def _on_one_cpu(mode: str) -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-  # One library holds both kernels: whichever asks first, neither is there.
-  logging.warning('ftjax: CPU kernels (attention, matmul) unavailable (%s); using XLA for both',
-                  reason)
+  # One library holds all the kernels: whichever asks first, none is there.
+  logging.warning('ftjax: CPU kernels (attention, matmul, AdamW, GELU, LayerNorm) unavailable '
+                  '(%s); using XLA for all', reason)
 
 
 def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> bool:
@@ -272,10 +272,11 @@ def _require(what: str) -> None:
 
 
 def float32_kernel_applies(*operands: jax.Array) -> bool:
-  """Whether a float32 elementwise-and-row kernel (bias_gelu, layer_norm) should take these
+  """Whether a float32 layer kernel (bias_gelu, layer_norm) should take these
   operands: all float32, on a single CPU device, unless FTJAX_MATMUL=xla."""
-  return (all(x.dtype == jnp.float32 for x in operands) and _on_one_cpu(matmul_choice())
-          and not _load())
+  mode = matmul_choice()
+  return (all(x.dtype == jnp.float32 for x in operands) and _on_one_cpu(mode)
+          and _loaded('FTJAX_MATMUL', mode, 'kernel', 'layer kernels'))
 
 
 def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
-// Pieces shared by ftjax's XLA FFI kernels (attention.cc, matmul.cc, gelu.cc): bfloat16
-// conversion, a parallel loop over XLA's intra-op thread pool, typed views of FFI buffers, a
-// vector exp, a 16 x 16 register transpose and the set-up of Intel AMX's tiles. Each kernel
+// Pieces shared by ftjax's XLA FFI kernels: bfloat16 conversion, a parallel loop over XLA's
+// intra-op thread pool and the sum of its tasks' partial column sums, typed views of FFI
+// buffers, a vector exp, a 16 x 16 register transpose and the set-up of Intel AMX's tiles. Each kernel
 // source includes it inside its own anonymous namespace.
 #ifndef FTJAX_KERNELS_COMMON_H_
 #define FTJAX_KERNELS_COMMON_H_
@@ -93,6 +93,15 @@ template <typename T> const T* In(const ffi::AnyBuffer& x) {
 }
 template <typename T> T* Out(ffi::Result<ffi::AnyBuffer>& x) {
   return reinterpret_cast<T*>(x->untyped_data());
+}
+
+// out[c] = the sum over t < tasks of partial[t * stride + c], for c < n, in task order: the
+// column sums that the row-parallel kernels (gelu.cc, layer_norm.cc) collect per task,
+// combined so that their value does not depend on which thread ran which task.
+inline void SumTasks(const float* partial, int64_t tasks, int64_t stride, int64_t n, float* out) {
+  std::fill(out, out + n, 0.0f);
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t c = 0; c < n; ++c) out[c] += partial[t * stride + c];
 }
 
 #if defined(__AVX512F__)

@@ -155,10 +155,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<f
       }
     }
   });
-  float* out = db->typed_data();
-  std::fill(out, out + n, 0.0f);
-  for (int64_t t = 0; t < tasks; ++t)
-    for (int64_t c = 0; c < n; ++c) out[c] += partial[t * n + c];
+  SumTasks(partial.data(), tasks, n, n, db->typed_data());
   return ffi::Error::Success();
 }
 

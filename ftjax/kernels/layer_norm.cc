@@ -177,14 +177,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       }
     }
   });
-  float *ds = d_scale->typed_data(), *db = d_bias->typed_data();
-  std::fill(ds, ds + n, 0.0f);
-  std::fill(db, db + n, 0.0f);
-  for (int64_t t = 0; t < tasks; ++t)
-    for (int64_t c = 0; c < n; ++c) {
-      ds[c] += partial[t * 2 * n + c];
-      db[c] += partial[t * 2 * n + n + c];
-    }
+  SumTasks(partial.data(), tasks, 2 * n, n, d_scale->typed_data());
+  SumTasks(partial.data() + n, tasks, 2 * n, n, d_bias->typed_data());
   return ffi::Error::Success();
 }
 
