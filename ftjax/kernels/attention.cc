@@ -473,11 +473,6 @@ inline __m512 LoadLanes(const T* p, __mmask16 live) {
     return _mm512_maskz_loadu_ps(live, p);
   }
 }
-
-// The lanes of 16 from `c` on that a row of `cols` values has.
-inline __mmask16 Live(int64_t cols, int64_t c) {
-  return cols - c >= kLanes ? 0xffff : cols <= c ? 0 : (1u << (cols - c)) - 1;
-}
 #else
 constexpr bool kMaskedLanes = false;
 #endif
@@ -746,7 +741,8 @@ void ForwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v,
                      normaliser + first, drop, nullptr, keep + first * (sp / kLanes), s);
     const float* p = ColumnPairs<kDot>(s.probs.data(), rows_pad, sp, s.p_cols);
     Gemm<kDot>(rows_pad, kp, sp / u, p, sp / u, 1, v_rows, kp, s.o.data(), kp, false);
-    StoreRows<T>(s.o.data(), kp, rows, sh.head_dim, 1.0f, [&](int64_t r) { return out + query(r); });
+    StoreRows<T>(s.o.data(), kp, rows, sh.head_dim, 1.0f,
+                 [&](int64_t r) { return out + query(r); });
   }
 }
 

@@ -1,6 +1,7 @@
 // Pieces shared by ftjax's XLA FFI kernels: bfloat16 conversion, a parallel loop over XLA's
 // intra-op thread pool and the sum of its tasks' partial column sums, typed views of FFI
-// buffers, a vector exp, a 16 x 16 register transpose and the set-up of Intel AMX's tiles. Each kernel
+// buffers, lane masks for a row's tail, a vector exp, a 16 x 16 register transpose and the
+// set-up of Intel AMX's tiles. Each kernel
 // source includes it inside its own anonymous namespace.
 #ifndef FTJAX_KERNELS_COMMON_H_
 #define FTJAX_KERNELS_COMMON_H_
@@ -105,6 +106,11 @@ inline void SumTasks(const float* partial, int64_t tasks, int64_t stride, int64_
 }
 
 #if defined(__AVX512F__)
+// The lanes of the 16 values from `c` on that a row of `cols` values has (0 from its end on).
+inline __mmask16 Live(int64_t cols, int64_t c) {
+  return cols - c >= 16 ? 0xffff : cols <= c ? 0 : static_cast<__mmask16>((1u << (cols - c)) - 1);
+}
+
 // exp(v) for 16 float32 values: 2^k exp(r), k = round(v / ln 2), |r| <= ln 2 / 2, a degree-6
 // polynomial for exp(r) (Cephes' expf coefficients), then scalef. Inputs below -104 underflow
 // to 0 (and -inf, a masked logit, gives 0 instead of a NaN).

@@ -12,8 +12,9 @@
 //   backward  d = g (Phi(z) + z phi(z)),  Phi(z) = 0.5 (1 + erf(z / sqrt 2)),
 //             phi(z) = exp(-z^2 / 2) / sqrt(2 pi);  db = sum of d over the rows (float32)
 // erf is a rational approximation x P(x^2) / Q(x^2) on |x| < 3.8325 (from there on erf(x) is
-// +-1, as it rounds in float32), its coefficients fitted here for the least maximum absolute error: at
-// most 3.7e-7 against the exact erf, XLA:CPU's own float32 erf 3.1e-7 (GELU: 1.0e-6 and 1.1e-6).
+// +-1, as it rounds in float32), its coefficients fitted here for the least maximum absolute
+// error: at most 3.7e-7 against the exact erf, XLA:CPU's own float32 erf 3.1e-7 (GELU: 1.0e-6
+// and 1.1e-6).
 //
 // Layouts: y, g, out, d [M, N] row-major float32; b, db [N].
 

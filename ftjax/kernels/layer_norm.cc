@@ -36,17 +36,12 @@ using namespace ftjax;  // NOLINT: the shared helpers of common.h
 // their values do not depend on which thread ran what.
 constexpr int64_t kRows = 128;
 
-#if defined(__AVX512F__)
-inline __mmask16 Live(int64_t n, int64_t c) {
-  return n - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - c)) - 1);
-}
-#endif
-
 // sum(x) and sum((x - shift)^2) of one row (n values; nothing past them is read).
 inline float RowSum(const float* x, int64_t n) {
 #if defined(__AVX512F__)
   __m512 s = _mm512_setzero_ps();
-  for (int64_t c = 0; c < n; c += 16) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(Live(n, c), x + c));
+  for (int64_t c = 0; c < n; c += 16)
+    s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(Live(n, c), x + c));
   return _mm512_reduce_add_ps(s);
 #else
   float s = 0.0f;
@@ -74,7 +69,8 @@ inline float RowSquares(const float* x, int64_t n, float shift) {
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, float eps, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                   ffi::Result<ffi::Buffer<ffi::F32>> mean, ffi::Result<ffi::Buffer<ffi::F32>> rstd) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                   ffi::Result<ffi::Buffer<ffi::F32>> rstd) {
   if (x.dimensions().size() != 2 || scale.element_count() != x.dimensions()[1] ||
       bias.element_count() != x.dimensions()[1])
     return ffi::Error::InvalidArgument("layer_norm takes x [M, D], scale [D] and bias [D]");

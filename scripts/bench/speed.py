@@ -69,8 +69,10 @@ of the ratios of neighbouring steps, next to the ratio of their matmul FLOPs.
 builds ftjax's step with `ftjax/models/layers.py` as it was at git revision REV and with the
 working tree's, and runs the two alternately (`ab`); it reports both medians, their ratio and the
 median of the paired ratios, and each step's first loss (equal when the change keeps the maths).
-Only the layers module differs between the two steps (models, PEFT and the train step are the
-working tree's), so REV must be a revision whose layers fit them.
+Only the layers module differs between the two steps (models, PEFT, the kernels and the train
+step are the working tree's), so REV must be a revision whose layers fit them: e.g. layers
+before 2d57d1c pass the attention kernel heads-major operands, which its token-major form
+misreads.
 
 MFU = model FLOPs per step / median step time / the machine's matmul peak of that dtype, the
 peak measured at the start of the run in its own fresh process: the median time of a jitted
