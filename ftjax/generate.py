@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from ftjax import tasks
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import FtjaxError
 
@@ -27,7 +28,9 @@ _BUCKET = 16  # Prompt lengths round up to a multiple of this: one compilation p
 def _sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float):
   """Greedy (temperature 0) or nucleus sampling from the last position's logits."""
   if temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    # The block search of `tasks.argmax`: XLA:CPU's argmax over a 32000-token vocabulary is a
+    # variadic reduction it does not vectorise (the same first-maximum index).
+    return tasks.argmax(logits_BxV).astype(jnp.int32)
   logits_BxV = logits_BxV.astype(jnp.float32) / temperature
   if top_p < 1.0:
     # Keep the smallest set of most likely tokens whose probability reaches top_p.

@@ -335,3 +335,16 @@ def test_argmax_gives_jnp_argmax_indices(size):
     # largest other value's.
     picked = x[nan_row][np.arange(nan_row.sum()), got[nan_row]]
     assert (np.isnan(picked) | (picked == np.nanmax(x[nan_row], -1))).all()
+
+
+def test_greedy_decoding_takes_the_first_maximum_token():
+  """Greedy generation picks its token with `tasks.argmax` (the block search, at a 32000-token
+  vocabulary): the first maximum, as jnp.argmax and transformers' greedy search do."""
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 4, size=(3, 32000)).astype(np.float32)
+  logits[1, [70, 31999]] = 9.0  # Tied maxima: the first.
+  sample = lambda x: generate._sample(x, jax.random.key(0), 0.0, 1.0)  # pylint: disable=protected-access
+  got = jax.jit(sample)(jnp.asarray(logits))
+  assert got.dtype == jnp.int32 and got[1] == 70
+  assert '3,250,128' in str(jax.make_jaxpr(sample)(logits))  # The blocks of the search.
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
