@@ -88,17 +88,24 @@ def test_gelu_layers_take_the_kernel_only_in_float32(monkeypatch):
   np.testing.assert_array_equal(relu, jax.nn.relu(layers.dense(layer, x, {})))
 
 
+def _register_other_build(march, needs, kernels_built_for, target: str, symbol: str) -> str:
+  """Registers the -march=`march` build's `symbol` and `symbol`Grad as `target`_`march` and
+  its `_grad` (skipping where this CPU cannot run that build); returns the target's name."""
+  if not needs <= cpu_flags():
+    pytest.skip(f'this CPU cannot run a -march={march} build')
+  library = kernels_built_for(march)
+  name = f'{target}_{march.replace("-", "_")}'
+  for suffix, entry in [('', symbol), ('_grad', symbol + 'Grad')]:
+    jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, entry)),
+                                platform='cpu')
+  return name
+
+
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)
 def test_builds_for_other_cpus_compute_the_same_gelu(march, needs, kernels_built_for):
   """The portable loops (no AVX-512, std::erf-free: the same rational erf) and AVX-512 builds
   give what this machine's build gives."""
-  if not needs <= cpu_flags():
-    pytest.skip(f'this CPU cannot run a -march={march} build')
-  library = kernels_built_for(march)
-  name = f'ftjax_bias_gelu_{march.replace("-", "_")}'
-  for suffix, symbol in [('', 'FtjaxBiasGelu'), ('_grad', 'FtjaxBiasGeluGrad')]:
-    jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform='cpu')
+  name = _register_other_build(march, needs, kernels_built_for, 'ftjax_bias_gelu', 'FtjaxBiasGelu')
   y, b, g = _operands(300, 40)
   out = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(y.shape, jnp.float32))(y, b)
   d_y, d_b = jax.ffi.ffi_call(name + '_grad', (jax.ShapeDtypeStruct(y.shape, jnp.float32),
@@ -170,13 +177,8 @@ def test_layer_norms_take_the_kernel_only_in_float32(monkeypatch):
 
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)
 def test_builds_for_other_cpus_compute_the_same_layer_norm(march, needs, kernels_built_for):
-  if not needs <= cpu_flags():
-    pytest.skip(f'this CPU cannot run a -march={march} build')
-  library = kernels_built_for(march)
-  name = f'ftjax_layer_norm_{march.replace("-", "_")}'
-  for suffix, symbol in [('', 'FtjaxLayerNorm'), ('_grad', 'FtjaxLayerNormGrad')]:
-    jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform='cpu')
+  name = _register_other_build(march, needs, kernels_built_for, 'ftjax_layer_norm',
+                               'FtjaxLayerNorm')
   x, scale, bias, g = _layer_norm_operands(130, 40)
   rows = jax.ShapeDtypeStruct((130,), jnp.float32)
   theirs = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct(x.shape, jnp.float32), rows, rows))(

@@ -328,8 +328,7 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
   (`bf16_matmul_plan`). float32 operands always run on 'fma'. Where the CPU lacks what a
   variant needs, the kernel runs the next one down (amx -> dot -> fma), with the same values.
   """
-  if reason := _load():
-    raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
+  _require('matmul')
   m = a.shape[1] if transpose_a else a.shape[0]
   n = b.shape[0] if transpose_b else b.shape[1]
   out = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or a.dtype))
@@ -347,8 +346,7 @@ def matmul_plus(a: jax.Array, b: jax.Array, a2: jax.Array, b2: jax.Array, *,
   gradient g W^T + (s g B^T) A^T: the low-rank product is added to each block of the result
   while it is in cache, instead of being written out and added in passes of its own.
   """
-  if reason := _load():
-    raise KernelUnavailable(f'the matmul kernel is unavailable: {reason}')
+  _require('matmul')
   if any(x.dtype != jnp.float32 for x in (a, b, a2, b2)):
     raise ValueError('matmul_plus takes float32 operands')
   out = jax.ShapeDtypeStruct((a.shape[0], b.shape[0] if transpose_b else b.shape[1]),
@@ -573,8 +571,7 @@ def adamw_update(params: list, grads: list, mu: list, nu: list, *, lr, grad_scal
   train state donated XLA allocates nothing). `lr`, `grad_scale` and the bias corrections
   `bc1`, `bc2` (1 - b^t) are scalars traced in the step; the arithmetic is `optim.adamw`'s.
   """
-  if reason := _load():
-    raise KernelUnavailable(f'the AdamW kernel is unavailable: {reason}')
+  _require('AdamW')
   n = len(params)
   if not n:
     return [], [], []
