@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import hub
+from ftjax import hub, kernels
 from ftjax.errors import FtjaxError
 from ftjax.models import bert, heads, layers
 from ftjax.peft import lora
@@ -367,14 +367,15 @@ def test_fused_float32_lora_layer_matches_the_plain_product(monkeypatch):
   def ours(factors, rest, x):
     return jnp.sum(nnx.merge(graphdef, factors, rest)(x) * cotangent)
 
-  def plain(a, b, kernel, x):
-    y = x @ kernel + layer.bias[...] + (x @ a @ b) * 2.0
+  def plain(a, b, kernel, bias, x):
+    y = x @ kernel + bias + (x @ a @ b) * 2.0
     return jnp.sum(y * cotangent)
 
   d_factors, d_rest, d_x = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(factors, rest, x)
-  want = jax.jit(jax.grad(plain, argnums=(0, 1, 2, 3)))(
-      factors['lora_a'][...], factors['lora_b'][...], layer.kernel[...], x)
-  got = (d_factors['lora_a'][...], d_factors['lora_b'][...], d_rest['kernel'][...], d_x)
+  want = jax.jit(jax.grad(plain, argnums=(0, 1, 2, 3, 4)))(
+      factors['lora_a'][...], factors['lora_b'][...], layer.kernel[...], layer.bias[...], x)
+  got = (d_factors['lora_a'][...], d_factors['lora_b'][...], d_rest['kernel'][...],
+         d_rest['bias'][...], d_x)
   for g, w in zip(got, want):
     assert g.shape == w.shape
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
@@ -388,6 +389,10 @@ def test_fused_float32_lora_layer_matches_the_plain_product(monkeypatch):
       factors, rest, x).compile().as_text()
   assert hlo.count('custom_call_target="ftjax_matmul_plus"') == 2
   assert not re.search(r'f32\[96,80\]\{[01,]+\} dot\(', hlo)
+  # The bias is the product's start: with B = 0 the output is the plain layer's, bit for bit.
+  layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
+  plain_layer = kernels.matmul_bias(x.reshape(-1, 96), layer.kernel[...], layer.bias[...])
+  np.testing.assert_array_equal(layer(x), plain_layer.reshape(3, 50, 80))
   # Unfused: dropout on the branch while training, DoRA, bfloat16, or XLA's dots chosen.
   layer.dropout = layers.Dropout(0.1)
   assert not layer._fused(x, None, False) and layer._fused(x, None, True)
@@ -398,19 +403,24 @@ def test_fused_float32_lora_layer_matches_the_plain_product(monkeypatch):
 
 
 def test_matmul_plus_adds_the_low_rank_product():
-  """kernels.matmul_plus against float64, with both transposes and sizes off every block."""
-  from ftjax import kernels  # pylint: disable=g-import-not-at-top
+  """kernels.matmul_plus against float64, with both transposes and sizes off every block, with
+  and without a bias; an empty contraction gives the bias plus the low-rank product."""
   rng = np.random.default_rng(0)
-  for m, k, n, r, tb, tb2 in [(97, 385, 70, 8, False, False), (13, 17, 450, 3, True, True),
-                              (5, 7, 9, 1, True, False), (30, 4501, 33, 16, False, True)]:
+  for m, k, n, r, tb, tb2, with_bias in [
+      (97, 385, 70, 8, False, False, True), (13, 17, 450, 3, True, True, False),
+      (5, 7, 9, 1, True, False, True), (30, 4501, 33, 16, False, True, True),
+      (4, 0, 6, 2, False, False, True)]:
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
     a2 = rng.standard_normal((m, r)).astype(np.float32)
     b2 = rng.standard_normal((n, r) if tb2 else (r, n)).astype(np.float32)
+    bias = (rng.standard_normal(n) * 10).astype(np.float32) if with_bias else None
     got = jax.jit(lambda *ops, tb=tb, tb2=tb2: kernels.matmul_plus(
-        *ops, transpose_b=tb, transpose_b2=tb2))(a, b, a2, b2)
+        *ops, transpose_b=tb, transpose_b2=tb2))(a, b, a2, b2, bias)
     a64, a2_64 = a.astype(np.float64), a2.astype(np.float64)
     want = a64 @ (b.T if tb else b) + a2_64 @ (b2.T if tb2 else b2)
     scale = np.abs(a64) @ np.abs(b.T if tb else b) + np.abs(a2_64) @ np.abs(b2.T if tb2 else b2)
+    if with_bias:
+      want, scale = want + bias, scale + np.abs(bias)
     assert got.shape == (m, n) and got.dtype == jnp.float32
-    assert (np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(k + r) * scale).all()
+    assert (np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(k + r + 1) * scale).all()

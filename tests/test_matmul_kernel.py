@@ -69,6 +69,55 @@ def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dty
   assert (error <= tolerance).all(), float((error / np.maximum(tolerance, 1e-30)).max())
 
 
+def _dense_operands(m, k, n, transpose_b, seed=1):
+  a, b = _operands(m, k, n, False, transpose_b, jnp.float32, seed)
+  bias = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(n) * 10, jnp.float32)
+  return a, b, bias
+
+
+def _check_dense(got_c, got_sums, a, b, bias, transpose_b):
+  """C = a op(b) + bias (if any) and the column sums of a (if any) against float64."""
+  k = a.shape[1]
+  want = _reference(a, b, False, transpose_b)
+  scale = _reference(jnp.abs(a), jnp.abs(b), False, transpose_b)
+  if bias is not None:
+    want, scale = want + np.asarray(bias, np.float64), scale + np.abs(np.asarray(bias))
+  error = np.abs(np.asarray(got_c, np.float64) - want)
+  assert (error <= 4 * np.finfo(np.float32).eps * np.sqrt(k + 1) * scale).all()
+  if got_sums is not None:
+    a64 = np.asarray(a, np.float64)
+    # Summed in row order within a task: a float32 sum's error bound, rows - 1 roundings.
+    bound = np.finfo(np.float32).eps * max(a.shape[0], 1) * np.abs(a64).sum(0)
+    assert got_sums.shape == (k,) and (np.abs(got_sums - a64.sum(0)) <= bound).all()
+
+
+@pytest.mark.parametrize('transpose_b', [False, True])
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_dense_adds_the_bias_and_sums_the_rows(shape, transpose_b):
+  """`matmul_bias` (the bias as the accumulators' start) and `matmul_sums` (a's column sums
+  read in the product's pass: with more rows than columns each task sums its own rows, with
+  fewer only the tasks of the first columns sum) against float64."""
+  m, k, n = shape
+  a, b, bias = _dense_operands(m, k, n, transpose_b)
+  if not transpose_b:
+    _check_dense(jax.jit(kernels.matmul_bias)(a, b, bias), None, a, b, bias, False)
+  c, sums = jax.jit(lambda a, b: kernels.matmul_sums(a, b, transpose_b=transpose_b))(a, b)
+  _check_dense(c, sums, a, b, None, transpose_b)
+
+
+def test_dense_without_a_product():
+  """An empty contraction gives the bias; no rows give zero sums."""
+  bias = jnp.arange(5, dtype=jnp.float32)
+  np.testing.assert_array_equal(kernels.matmul_bias(jnp.ones((3, 0)), jnp.ones((0, 5)), bias),
+                                np.broadcast_to(np.arange(5, dtype=np.float32), (3, 5)))
+  c, sums = kernels.matmul_sums(jnp.ones((0, 4)), jnp.ones((4, 5)))
+  assert c.shape == (0, 5)
+  np.testing.assert_array_equal(sums, np.zeros(4, np.float32))
+  with pytest.raises(ValueError, match='float32 operands'):
+    kernels.matmul_bias(jnp.ones((3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16),
+                        jnp.ones(5, jnp.bfloat16))
+
+
 def test_bfloat16_products_take_the_measured_variant(monkeypatch):
   """Without `variant`, a bfloat16 product runs on the variant this machine measured fastest
   (the custom call's `variant` attribute: fma 0, dot 1, amx 2); float32 ones always on fma."""
@@ -176,6 +225,43 @@ def test_the_f32_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
   # A frozen weight (no weight gradient asked for): no weight-gradient dot at all.
   frozen = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot_general(x, w, dims)))))
   assert _compiled_dots(frozen, x, w) == (2, 0)
+
+
+def _linear_step(monkeypatch, mode, dtype=jnp.float32):
+  """A linear layer's (with bias) output and gradients (input, kernel, bias), and its compiled
+  step's text."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('FTJAX_MATMUL', mode)
+  layer = layers.linear(96, 130, ('embed', 'mlp'), std=0.1, dtype=dtype, rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.linspace(-1, 1, 130)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 70, 96)), dtype)
+
+  def loss(layer, x):
+    y = layers.dense(layer, x, {})
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+  step = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (_, y), (d_layer, d_x) = step(layer, x)
+  values = [y, d_x, d_layer.kernel[...], d_layer.bias[...]]
+  return values, step.lower(layer, x).compile().as_text()
+
+
+def test_the_f32_linear_layer_folds_its_bias_into_the_kernel(monkeypatch):
+  """A float32 linear layer with a bias on the kernel: the forward product starts from the
+  bias, and the input gradient's pass returns the bias gradient (`_matmul_bias`): two dense
+  calls, no other reduction over the tokens, and XLA's values to float32 rounding."""
+  ours, text = _linear_step(monkeypatch, 'kernel')
+  theirs, xla_text = _linear_step(monkeypatch, 'xla')
+  assert text.count('custom_call_target="ftjax_dense"') == 2 and 'ftjax_dense' not in xla_text
+  # XLA's step sums the bias gradient over the tokens; the kernel's has no such reduction.
+  bias_sum = re.compile(r'f32\[130\]\{0\} reduce\(')
+  assert bias_sum.search(xla_text) and not bias_sum.search(text)
+  for got, want in zip(ours, theirs):
+    assert got.shape == want.shape and got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # bfloat16 layers keep their bias on XLA (add_bias).
+  _, text = _linear_step(monkeypatch, 'kernel', jnp.bfloat16)
+  assert 'ftjax_dense' not in text
 
 
 def test_ftjax_matmul_is_checked(monkeypatch):
@@ -374,3 +460,13 @@ def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_b
     scale = _reference(jnp.abs(a), jnp.abs(b), transpose_a, transpose_b)
     error = np.abs(np.asarray(got, np.float64) - want)
     assert (error <= 4 * np.finfo(np.float32).eps * np.sqrt(k) * scale).all(), (m, k, n)
+  # The dense products: bias and column sums (on the portable path, loops after the product).
+  dense = f'ftjax_dense_{march.replace("-", "_")}'
+  jax.ffi.register_ffi_target(dense, jax.ffi.pycapsule(kernels_built_for(march).FtjaxDense),
+                              platform='cpu')
+  for (m, k, n), transpose_b in [((37, 200, 70), True), ((97, 385, 64), False)]:
+    a, b, bias = _dense_operands(m, k, n, transpose_b)
+    c, sums = jax.ffi.ffi_call(dense, (jax.ShapeDtypeStruct((m, n), jnp.float32),
+                                       jax.ShapeDtypeStruct((k,), jnp.float32)))(
+                                           a, b, bias, transpose_b=transpose_b)
+    _check_dense(c, sums, a, b, bias, transpose_b)

@@ -2,10 +2,11 @@
 
 - `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU,
   its bfloat16 products in the matmul kernel's fastest variant (below) on the machine.
-- `matmul.cc`: a dense matrix product for dense layers, in three variants: `fma` multiplies
-  with float32 FMAs (float32 layers; and bfloat16 ones on CPUs whose bfloat16 dot instruction
-  is slow, converting their operands to float32 as it packs them), `dot` packs pairs of
-  bfloat16 and multiplies with that instruction (for CPUs where it is fast and XLA's dot leaves
+- `matmul.cc`: a dense matrix product for dense layers (float32 ones with their bias folded in:
+  the forward product starts from it, the input gradient returns its gradient), in three variants:
+  `fma` multiplies with float32 FMAs (float32 layers; and bfloat16 ones on CPUs whose bfloat16 dot
+  instruction is slow, converting their operands to float32 as it packs them), `dot` packs pairs
+  of bfloat16 and multiplies with that instruction (for CPUs where it is fast and XLA's dot leaves
   part of it unused), `amx` multiplies the same packed pairs on Intel AMX's tile registers
   (Sapphire Rapids and later).
 - `adamw.cc`: AdamW's whole update of a parameter group in one call, each parameter, gradient
@@ -61,6 +62,7 @@ _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_attention_backward': 'FtjaxAttentionBackward',
             'ftjax_matmul': 'FtjaxMatmul',
             'ftjax_matmul_plus': 'FtjaxMatmulPlus',
+            'ftjax_dense': 'FtjaxDense',
             'ftjax_adamw': 'FtjaxAdamW',
             'ftjax_bias_gelu': 'FtjaxBiasGelu',
             'ftjax_bias_gelu_grad': 'FtjaxBiasGeluGrad',
@@ -337,23 +339,57 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
               variant=np.int32(VARIANTS.index(_variant(a.dtype, variant))))
 
 
-def matmul_plus(a: jax.Array, b: jax.Array, a2: jax.Array, b2: jax.Array, *,
-                transpose_b: bool = False, transpose_b2: bool = False) -> jax.Array:
-  """a @ op(b) + a2 @ op(b2) for float32 operands, in one pass over the result (see matmul).
+def matmul_plus(a: jax.Array, b: jax.Array, a2: jax.Array, b2: jax.Array,
+                bias: jax.Array | None = None, *, transpose_b: bool = False,
+                transpose_b2: bool = False) -> jax.Array:
+  """a @ op(b) + a2 @ op(b2) (+ bias) for float32 operands, in one pass over the result (see
+  matmul).
 
   a: [M, K], b: [K, N] (or [N, K] with transpose_b), a2: [M, R], b2: [R, N] (or [N, R] with
-  transpose_b2); float32, the result too. A LoRA layer's output x W + (s x A) B and its input
-  gradient g W^T + (s g B^T) A^T: the low-rank product is added to each block of the result
-  while it is in cache, instead of being written out and added in passes of its own.
+  transpose_b2), bias [N] (the product's starting value, as in `matmul_bias`); float32, the
+  result too. A LoRA layer's output x W + b + (s x A) B and its input gradient
+  g W^T + (s g B^T) A^T: the low-rank product is added to each block of the result while it is
+  in cache, instead of being written out and added in passes of its own.
   """
   _require('matmul')
-  if any(x.dtype != jnp.float32 for x in (a, b, a2, b2)):
+  if any(x.dtype != jnp.float32 for x in (a, b, a2, b2, *([] if bias is None else [bias]))):
     raise ValueError('matmul_plus takes float32 operands')
   out = jax.ShapeDtypeStruct((a.shape[0], b.shape[0] if transpose_b else b.shape[1]),
                              jnp.float32)
   call = jax.ffi.ffi_call('ftjax_matmul_plus', out, vmap_method='sequential')
-  return call(a, b, a2, b2, transpose_a=False, transpose_b=bool(transpose_b),
-              transpose_b2=bool(transpose_b2))
+  return call(a, b, a2, b2, _no_bias() if bias is None else bias, transpose_a=False,
+              transpose_b=bool(transpose_b), transpose_b2=bool(transpose_b2))
+
+
+def _no_bias() -> jax.Array:
+  """The [0] operand that tells the dense kernels there is no bias."""
+  return jnp.zeros((0,), jnp.float32)
+
+
+def _dense(a: jax.Array, b: jax.Array, bias: jax.Array | None, *, transpose_b: bool,
+           sums: bool) -> tuple[jax.Array, jax.Array]:
+  _require('matmul')
+  if any(x.dtype != jnp.float32 for x in (a, b, *([] if bias is None else [bias]))):
+    raise ValueError('the dense kernel takes float32 operands')
+  m, k = a.shape
+  n = b.shape[0] if transpose_b else b.shape[1]
+  call = jax.ffi.ffi_call('ftjax_dense', (jax.ShapeDtypeStruct((m, n), jnp.float32),
+                                          jax.ShapeDtypeStruct((k if sums else 0,), jnp.float32)),
+                          vmap_method='sequential')
+  return call(a, b, _no_bias() if bias is None else bias, transpose_b=bool(transpose_b))
+
+
+def matmul_bias(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
+  """a @ b + bias for float32 a [M, K], b [K, N], bias [N]: a dense layer's output, the bias
+  the product's starting value (no pass over the result of its own)."""
+  return _dense(a, b, bias, transpose_b=False, sums=False)[0]
+
+
+def matmul_sums(a: jax.Array, b: jax.Array, *, transpose_b: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """(a @ op(b), a's column sums [K]) for float32 a [M, K], b [K, N] (or [N, K] with
+  transpose_b): a dense layer's input gradient g W^T and its bias gradient, g read once."""
+  return _dense(a, b, None, transpose_b=transpose_b, sums=True)
 
 
 VARIANTS = ('fma', 'dot', 'amx')
@@ -461,8 +497,9 @@ def f32_matmul_plan() -> dict:
   1 s on 2 cores) and kept beside the library, as `bf16_matmul_plan` is.
 
   The kernel must take at most _F32_KERNEL_MARGIN of XLA's time: on an Intel Xeon with AMX
-  (family 6 model 167, 2 cores) it took 0.85-0.95 at MiniLM's shapes, and MiniLM's float32 LoRA
-  step 0.96 of its time.
+  (family 6 model 167, 2 cores) the products alone took 0.85-0.95 at MiniLM's shapes (0.96 on a
+  slower day, at the margin), and MiniLM's float32 LoRA step 0.96 of its time. The measurement
+  times the layer's work as the kernel does it, bias and bias gradient included: 0.78-0.87.
   """
   def measure():
     times = measure_f32_matmul()
@@ -478,22 +515,24 @@ def f32_matmul_plan() -> dict:
 
 
 def measure_f32_matmul(m: int = 4096, rounds: int = 7) -> dict:
-  """Best seconds of the kernel ('kernel') and of XLA's dots ('xla'), taking turns, for what a
-  float32 dense layer hands the kernel: y = x w and dx = g w^T, at MiniLM's attention and FFN
-  shapes with m tokens (x [m, 384], w [384, 384], [384, 1536] and [1536, 384]).
+  """Best seconds of the kernel ('kernel') and of XLA's ops ('xla'), taking turns, for what a
+  float32 dense layer hands the kernel: y = x w + b, and dx = g w^T with the bias gradient (g's
+  column sums), at MiniLM's attention and FFN shapes with m tokens (x [m, 384], w [384, 384],
+  [384, 1536] and [1536, 384]).
   """
   rng = np.random.default_rng(0)
   shapes = ((384, 384), (384, 1536), (1536, 384))
   operands = [tuple(jnp.asarray(rng.standard_normal(s), jnp.float32)
-                    for s in ((m, k), (k, n), (m, n))) for k, n in shapes]
+                    for s in ((m, k), (k, n), (n,), (m, n))) for k, n in shapes]
 
   @jax.jit
   def on_kernel(operands):
-    return [(matmul(x, w), matmul(g, w, transpose_b=True)) for x, w, g in operands]
+    return [(matmul_bias(x, w, b), matmul_sums(g, w, transpose_b=True))
+            for x, w, b, g in operands]
 
   @jax.jit
   def on_xla(operands):
-    return [(x @ w, g @ w.T) for x, w, g in operands]
+    return [(x @ w + b, g @ w.T, g.sum(0)) for x, w, b, g in operands]
 
   return _best_of(rounds, {'kernel': on_kernel, 'xla': on_xla}, operands)
 

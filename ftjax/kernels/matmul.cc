@@ -17,7 +17,9 @@
 // C[M, N] = op(A) op(B): A is [M, K] row-major, or [K, M] with transpose_a; B is [K, N], or
 // [N, K] with transpose_b. A and B share one dtype (float32 or bfloat16); C is float32 or
 // bfloat16. The three products of a dense layer's training step take these forms without
-// copies: x w, dy w^T (transpose_b) and x^T dy (transpose_a).
+// copies: x w, dy w^T (transpose_b) and x^T dy (transpose_a). A float32 layer's bias rides along
+// (Dense): x w + b with b as the accumulators' start, and dy w^T with dy's column sums (the bias
+// gradient) taken while the product reads dy.
 //
 // The structure is that of the GotoBLAS/BLIS family: B packed into panels of kCols columns for
 // at most kPackDepth of the contracted dimension, A into panels of kRows rows per block of
@@ -324,6 +326,10 @@ struct Problem {
   const float* a2 = nullptr;
   Operand b2 = {};
   int64_t rank = 0;
+  // Dense's extras (float32 A, B and C, A row-major): C = A B + `bias` [n], and `sums` [k]
+  // set to the column sums of A (over its m rows), read while the product reads A.
+  const float* bias = nullptr;
+  float* sums = nullptr;
 };
 
 // C[m0:m1, n0:n1], over K in parts of at most kPackDepth words: each part's columns of B are
@@ -388,12 +394,20 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 constexpr int64_t kDirectDepth = 384;  // at most this many values of K per pass over C
 constexpr int64_t kDirectCols = 384;   // columns of C per block
 
-// C[i][0:cols] (+)= sum_t rows_a[i][t * step] b[t * kCols + 0:cols] for i < rows, t < depth.
-// rows_a holds kRows pointers (rows past `rows` repeat a valid one; their results are dropped).
+// C[i][0:cols] (+)= init[0:cols] + sum_t rows_a[i][t * step] b[t * kCols + 0:cols] for
+// i < rows, t < depth; `init` (a bias) may be null (zeros). rows_a holds kRows pointers (rows
+// past `rows` repeat a valid one; their results are dropped).
 void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const float* b,
-                float* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+                float* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate,
+                const float* init = nullptr) {
   __m512 acc[kRows][2];
-  for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const __m512 init0 = init ? _mm512_maskz_loadu_ps(FirstLanes(cols), init) : _mm512_setzero_ps();
+  const __m512 init1 =
+      init ? _mm512_maskz_loadu_ps(FirstLanes(cols - 16), init + 16) : _mm512_setzero_ps();
+  for (int i = 0; i < kRows; ++i) {
+    acc[i][0] = init0;
+    acc[i][1] = init1;
+  }
   const float* a[kRows];
   for (int i = 0; i < kRows; ++i) a[i] = rows_a[i];
   for (int64_t t = 0, o = 0; t < depth; ++t, o += step) {
@@ -412,10 +426,25 @@ void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const f
   StoreTile(acc, c, ldc, rows, cols, accumulate);
 }
 
+// sums[0:width] += the `rows` rows of a (ld floats apart) over their first `width` values, row
+// after row (each column summed in row order).
+void AddRows(const float* a, int64_t ld, int64_t rows, int64_t width, float* sums) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < width; c += 16) {
+      const __mmask16 lanes = FirstLanes(width - c);
+      _mm512_mask_storeu_ps(sums + c, lanes,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, sums + c),
+                                          _mm512_maskz_loadu_ps(lanes, a + i * ld + c)));
+    }
+}
+
 // C[m0:m1, n0:n1] for float32 A, B and C (see TileDirect), K in parts of at most kPackDepth
-// (B's panels packed once per part and column block) and passes of at most kDirectDepth; then
-// a2 b2 added to each block of rows while its C is still in cache.
-void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+// (B's panels packed once per part and column block) and passes of at most kDirectDepth, the
+// first pass's accumulators starting from pr.bias where there is one; then a2 b2 added to each
+// block of rows while its C is still in cache. With `sums` (a row-major A), the column sums of
+// A's rows m0 .. m1 are added to it, each 12-row panel just before its tiles read it.
+void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                 float* sums = nullptr) {
   const int64_t K = pr.k;
   const int64_t parts = (K + kPackDepth - 1) / kPackDepth, part = (K + parts - 1) / parts;
   const int64_t passes = (part + kDirectDepth - 1) / kDirectDepth;
@@ -453,11 +482,13 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
             } else {
               for (int64_t i = 0; i < kRows; ++i)
                 rows_a[i] = a + (i0 + p * kRows + std::min(i, height - 1)) * pr.a.ld + k0;
+              if (sums && j0 == n0) AddRows(rows_a[0], pr.a.ld, height, d, sums + k0);
             }
             for (int64_t q = 0; q < panels; ++q)
               TileDirect(d, rows_a, step, bp + (q * part_depth + (k0 - p0)) * kCols,
                          c + p * kRows * pr.n + q * kCols, pr.n, height,
-                         std::min(kCols, width - q * kCols), k0 > 0);
+                         std::min(kCols, width - q * kCols), k0 > 0,
+                         pr.bias && k0 == 0 ? pr.bias + j0 + q * kCols : nullptr);
           }
         }
         if (pr.rank && p0 + part >= K) {  // the last part: add a2 b2 to these rows
@@ -631,7 +662,11 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
   const int64_t col_step = RoundUp((pr.n + col_parts - 1) / col_parts, kCols);
   row_parts = (pr.m + row_step - 1) / row_step;
   col_parts = (pr.n + col_step - 1) / col_step;
-  ParallelFor(pool, row_parts * col_parts, [&](int64_t task) {
+  const int64_t tasks = row_parts * col_parts;
+  // Dense's column sums of A: each task that computes C's first columns sums its own rows; the
+  // partial sums are combined in task order (the same value whichever thread ran a task).
+  std::vector<float> partial(pr.sums ? tasks * pr.k : 0, 0.0f);
+  ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t m0 = (task / col_parts) * row_step, n0 = (task % col_parts) * col_step;
     const int64_t m1 = std::min(pr.m, m0 + row_step), n1 = std::min(pr.n, n0 + col_step);
 #if defined(FTJAX_AMX)
@@ -641,10 +676,19 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
     if (variant != Variant::kFma) return Block<true>(pr, m0, m1, n0, n1);
 #endif
 #if defined(__AVX512F__)
-    if (!pr.a.bf16 && !pr.c_bf16) return BlockDirect(pr, m0, m1, n0, n1);
+    if (!pr.a.bf16 && !pr.c_bf16)
+      return BlockDirect(pr, m0, m1, n0, n1,
+                         pr.sums && n0 == 0 ? partial.data() + task * pr.k : nullptr);
 #endif
     Block<false>(pr, m0, m1, n0, n1);
   });
+#if !defined(__AVX512F__)  // Block, the portable path, leaves Dense's extras to these loops.
+  for (int64_t i = 0; pr.bias && i < pr.m; ++i)
+    for (int64_t j = 0; j < pr.n; ++j) static_cast<float*>(pr.c)[i * pr.n + j] += pr.bias[j];
+  for (int64_t i = 0; pr.sums && i < pr.m; ++i)
+    for (int64_t t = 0; t < pr.k; ++t) partial[t] += pr.a.At(i, t);
+#endif
+  if (pr.sums) SumTasks(partial.data(), tasks, pr.k, pr.k, pr.sums);
 }
 
 bool Supported(ffi::DataType t) { return t == ffi::F32 || t == ffi::BF16; }
@@ -681,28 +725,35 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool
   return ffi::Error::Success();
 }
 
-// C = op(a) op(b) + a2 op(b2) for float32 operands on the direct path: a2 [m, rank], b2
-// [rank, n] (or [n, rank] with transpose_b2). A LoRA layer's output x W + (s x A) B, and its
-// input gradient g W^T + (s g B^T) A^T, in one pass over C.
+// C = op(a) op(b) + a2 op(b2) (+ bias) for float32 operands on the direct path: a2 [m, rank],
+// b2 [rank, n] (or [n, rank] with transpose_b2), bias [n] or [0] (none). A LoRA layer's output
+// x W + b + (s x A) B, and its input gradient g W^T + (s g B^T) A^T, in one pass over C.
 ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                      ffi::Buffer<ffi::F32> a2, ffi::Buffer<ffi::F32> b2, bool transpose_a,
-                      bool transpose_b, bool transpose_b2, ffi::Result<ffi::Buffer<ffi::F32>> c) {
+                      ffi::Buffer<ffi::F32> a2, ffi::Buffer<ffi::F32> b2,
+                      ffi::Buffer<ffi::F32> bias, bool transpose_a, bool transpose_b,
+                      bool transpose_b2, ffi::Result<ffi::Buffer<ffi::F32>> c) {
   const auto da = a.dimensions(), db = b.dimensions(), da2 = a2.dimensions(),
              db2 = b2.dimensions(), dc = c->dimensions();
-  if (da.size() != 2 || db.size() != 2 || da2.size() != 2 || db2.size() != 2 || dc.size() != 2)
+  if (da.size() != 2 || db.size() != 2 || da2.size() != 2 || db2.size() != 2 || dc.size() != 2 ||
+      bias.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("matmul_plus operands and result must be matrices");
   const int64_t m = transpose_a ? da[1] : da[0], k = transpose_a ? da[0] : da[1];
   const int64_t kb = transpose_b ? db[1] : db[0], n = transpose_b ? db[0] : db[1];
   const int64_t rank = da2[1];
   const int64_t rb = transpose_b2 ? db2[1] : db2[0], n2 = transpose_b2 ? db2[0] : db2[1];
-  if (k != kb || dc[0] != m || dc[1] != n || da2[0] != m || rb != rank || n2 != n)
+  const int64_t bias_n = bias.dimensions()[0];
+  if (k != kb || dc[0] != m || dc[1] != n || da2[0] != m || rb != rank || n2 != n ||
+      (bias_n != 0 && bias_n != n))
     return ffi::Error::InvalidArgument("matmul_plus shapes do not match");
   Problem pr{{a.typed_data(), da[1], transpose_a, false},
              {b.typed_data(), db[1], transpose_b, false},
              m, n, k, c->typed_data(), false, a2.typed_data(),
              {b2.typed_data(), db2[1], transpose_b2, false}, rank};
+  pr.bias = bias_n ? bias.typed_data() : nullptr;
   if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
+  if (k == 0)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c->typed_data()[i * n + j] = pr.bias ? pr.bias[j] : 0.0f;
 #if defined(__AVX512F__)
   // BlockDirect adds the second product itself.
   if (k > 0) {
@@ -720,6 +771,43 @@ ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
       const float xv = x.At(i, t);
       for (int64_t j = 0; j < n; ++j) out[i * n + j] += xv * pr.b2.At(t, j);
     }
+  return ffi::Error::Success();
+}
+
+// A float32 dense layer's products with their bias terms: C = A op(B) + bias (the forward, with
+// the bias as the accumulators' start instead of a pass of its own) and, with `sums` set, also
+// the column sums of A (the backward's input gradient g W^T, whose g's column sums are the
+// bias gradient). A [m, k] row-major; B [k, n] or, transposed, [n, k]; bias [n] or [0] (none);
+// sums [k] or [0] (not asked for).
+ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                 ffi::Buffer<ffi::F32> bias, bool transpose_b, ffi::Result<ffi::Buffer<ffi::F32>> c,
+                 ffi::Result<ffi::Buffer<ffi::F32>> sums) {
+  const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1 ||
+      sums->dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("dense: operands must be matrices, bias and sums vectors");
+  const int64_t m = da[0], k = da[1];
+  const int64_t kb = transpose_b ? db[1] : db[0], n = transpose_b ? db[0] : db[1];
+  const int64_t bias_n = bias.dimensions()[0], sums_k = sums->dimensions()[0];
+  if (k != kb || dc[0] != m || dc[1] != n || (bias_n != 0 && bias_n != n) ||
+      (sums_k != 0 && sums_k != k))
+    return ffi::Error::InvalidArgument("dense shapes do not match");
+  Problem pr{{a.typed_data(), k, false, false}, {b.typed_data(), db[1], transpose_b, false},
+             m, n, k, c->typed_data(), false};
+  pr.bias = bias_n ? bias.typed_data() : nullptr;
+  pr.sums = sums_k ? sums->typed_data() : nullptr;
+  if (m == 0 || n == 0 || k == 0) {  // No product to run: C is the bias, the sums are A's.
+    float* out = c->typed_data();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] = pr.bias ? pr.bias[j] : 0.0f;
+    if (pr.sums) {
+      std::fill(pr.sums, pr.sums + k, 0.0f);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t t = 0; t < k; ++t) pr.sums[t] += pr.a.At(i, t);
+    }
+    return ffi::Error::Success();
+  }
+  Run(pool, pr, Variant::kFma);
   return ffi::Error::Success();
 }
 
@@ -745,7 +833,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmulPlus, MatmulPlus,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a2
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b2
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias, [n] or [0]
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Attr<bool>("transpose_b2")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxDense, Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias, [n] or [0]
+                                  .Attr<bool>("transpose_b")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // c
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // sums, [k] or [0]

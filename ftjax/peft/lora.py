@@ -152,10 +152,10 @@ class LoRALinear(layers.Linear):
     a_attr, b_attr = _attr_names(self.active)
     if self._fused(inputs, out_sharding, deterministic):
       lora_a, lora_b = getattr(self, a_attr)[...], getattr(self, b_attr)[...]
+      bias = None if self.bias is None else self.bias[...]
       y = _lora_product(inputs.reshape(-1, inputs.shape[-1]), self.kernel[...], lora_a, lora_b,
-                        dict(self.adapters)[self.active])
-      y = y.reshape(*inputs.shape[:-1], y.shape[-1])
-      return y if self.bias is None else layers.add_bias(y, self.bias[...])
+                        bias, dict(self.adapters)[self.active])
+      return y.reshape(*inputs.shape[:-1], y.shape[-1])
     y = super().__call__(inputs, out_sharding)
     dropped = self.dropout(inputs, deterministic=deterministic, rngs=rngs)
     x, lora_a, lora_b = self.promote_dtype(
@@ -185,34 +185,38 @@ class LoRALinear(layers.Linear):
                                              *self.kernel.shape))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _lora_product(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
-                  scaling: float) -> jax.Array:
-  """x W + scaling (x A) B for [M, in] float32 x, as one product on the matmul kernel.
+                  bias: jax.Array | None, scaling: float) -> jax.Array:
+  """x W + b + scaling (x A) B for [M, in] float32 x, as one product on the matmul kernel.
 
   The low-rank term is added to each block of the output while the kernel has it in cache
   (`kernels.matmul_plus`), and the input gradient g W^T + (scaling g B^T) A^T likewise, where
   the unfused layer ran the rank-r products as [M, r] x [r, out] dots of their own (XLA:CPU:
   ~40 GFLOP/s at MiniLM's 4096 x 8 x 384) and added their outputs in passes over memory. The
-  gradients of A and B are the unfused layer's: A's as g^T x-shaped [r, in] (see `_down`), and
-  the frozen kernel's, x^T g, is never computed unless something asks for it.
+  bias (None: none) is the product's starting value, as in the plain layer's `_matmul_bias`:
+  with B = 0 the output is the plain layer's, bit for bit. The gradients of A and B are the
+  unfused layer's: A's as g^T x-shaped [r, in] (see `_down`), and the frozen kernel's, x^T g,
+  and the bias's, g's column sums, are never computed unless something asks for them.
   """
-  return kernels.matmul_plus(x, kernel, (x @ lora_a) * scaling, lora_b)
+  return kernels.matmul_plus(x, kernel, (x @ lora_a) * scaling, lora_b, bias)
 
 
-def _lora_product_fwd(x, kernel, lora_a, lora_b, scaling):
+def _lora_product_fwd(x, kernel, lora_a, lora_b, bias, scaling):
   u = x @ lora_a
-  return kernels.matmul_plus(x, kernel, u * scaling, lora_b), (x, kernel, lora_a, lora_b, u)
+  return (kernels.matmul_plus(x, kernel, u * scaling, lora_b, bias),
+          (x, kernel, lora_a, lora_b, u, bias))
 
 
 def _lora_product_bwd(scaling, residuals, g):
-  x, kernel, lora_a, lora_b, u = residuals
+  x, kernel, lora_a, lora_b, u, bias = residuals
   v = (g @ lora_b.T) * scaling  # the gradient of x A
   d_x = kernels.matmul_plus(g, kernel, v, lora_a, transpose_b=True, transpose_b2=True)
   d_a = jax.lax.optimization_barrier(jax.lax.dot_general(v, x, (((0,), (0,)), ((), ())))).T
   d_b = jax.lax.dot_general(u, g, (((0,), (0,)), ((), ()))) * scaling
   d_kernel = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
-  return d_x, d_kernel, d_a, d_b
+  d_bias = None if bias is None else jnp.sum(g, 0)
+  return d_x, d_kernel, d_a, d_b, d_bias
 
 
 _lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)

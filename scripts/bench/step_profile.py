@@ -47,7 +47,7 @@ _BOOKKEEPING = ('ThunkExecutor', 'ThreadpoolListener', 'end: ')
 def hlo_ops(hlo: str) -> dict[str, dict]:
   """The entry computation's instructions: name -> {'kind', 'part', 'flops'}, where 'flops'
   counts a dot's multiply-adds twice (for a YNNPACK fusion, those of the dot inside it; for
-  ftjax's matmul kernel, those of its product)."""
+  ftjax's matmul kernels, those of their products)."""
   shapes, bodies, ops = {}, {}, {}
   computation = None
   for line in hlo.splitlines():
@@ -64,11 +64,15 @@ def hlo_ops(hlo: str) -> dict[str, dict]:
       lhs = re.match(r'%([\w.-]+)', rest).group(1)
       contract = int(re.search(r'lhs_contracting_dims=\{(\d+)', rest).group(1))
       flops = 2 * math.prod(shapes[name]) * shapes[lhs][contract]
-    elif 'custom_call_target="ftjax_matmul"' in rest:
-      # op(a) @ op(b): a is [K, M] with transpose_a, else [M, K].
-      lhs = re.match(r'%([\w.-]+)', rest).group(1)
+    elif target := re.search(r'custom_call_target="ftjax_(matmul|dense|matmul_plus)"', rest):
+      # op(a) @ op(b): a is [K, M] with transpose_a, else [M, K]; the result [M, N] (dense's
+      # first). matmul_plus adds a2 [M, R] @ op(b2).
+      operands = re.findall(r'%([\w.-]+)', rest.split(')', 1)[0])
       contract = 0 if 'transpose_a = true' in rest else 1
-      flops = 2 * math.prod(shapes[name]) * shapes[lhs][contract]
+      out = math.prod(shapes[name][:2])
+      flops = 2 * out * shapes[operands[0]][contract]
+      if target.group(1) == 'matmul_plus':
+        flops += 2 * out * shapes[operands[2]][1]
     if flops is not None:
       if computation == 'ENTRY':
         ops.setdefault(name, {})['flops'] = flops
