@@ -190,3 +190,75 @@ def test_builds_for_other_cpus_compute_the_same_layer_norm(march, needs, kernels
   ours += kernels.layer_norm_grad(x, ours[1], ours[2], scale, g)
   for a, b in zip(theirs, ours):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
+
+
+def _residual_norm_step(monkeypatch, matmul: str, rate: float, deterministic: bool,
+                        use_bias: bool = True):
+  """residual_norm's output and its gradients (x, y, scale, bias) for one key, and the
+  compiled step's text."""
+  monkeypatch.setenv('FTJAX_MATMUL', matmul)
+  rng = np.random.default_rng(2)
+  # 3 x 50 rows (over and under a task of 128), D = 40 (a tail of 8 lanes).
+  x, y, g = (jnp.asarray(rng.normal(size=(3, 50, 40)) * 3 + 1, jnp.float32) for _ in range(3))
+  norm = layers.layer_norm(40, eps=1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0), use_bias=use_bias)
+  norm.scale[...] = jnp.asarray(rng.normal(size=40), jnp.float32)
+  if use_bias:
+    norm.bias[...] = jnp.asarray(rng.normal(size=40), jnp.float32)
+  dropout = layers.Dropout(rate)
+
+  def loss(norm, x, y):
+    out = layers.residual_norm(norm, dropout, x, y, deterministic=deterministic,
+                               rngs=nnx.Rngs(dropout=7))
+    return jnp.sum(out * g), out
+
+  step = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, out), (d_norm, d_x, d_y) = step(norm, x, y)
+  values = [out, d_x, d_y, d_norm.scale[...]] + ([d_norm.bias[...]] if use_bias else [])
+  return values, step.lower(norm, x, y).as_text()
+
+
+@pytest.mark.parametrize('rate,deterministic,use_bias', [(0.1, False, True), (0.5, False, False),
+                                                         (0.1, True, True)])
+def test_residual_norm_matches_the_xla_path(monkeypatch, rate, deterministic, use_bias):
+  """LayerNorm(x + dropout(y)) on the kernel (`kernels.add_layer_norm`): the XLA path's values
+  and gradients to float32 rounding, with the same keep-mask (the branch's gradient is zero at
+  the same elements); a deterministic call has no mask and dy = ds."""
+  ours, text = _residual_norm_step(monkeypatch, 'auto', rate, deterministic, use_bias)
+  theirs, xla_text = _residual_norm_step(monkeypatch, 'xla', rate, deterministic, use_bias)
+  calls = re.findall(r'ftjax_\w*layer_norm\w*', text)
+  if deterministic:
+    assert calls == ['ftjax_add_layer_norm', 'ftjax_layer_norm_grad']
+  else:
+    assert calls == ['ftjax_add_layer_norm', 'ftjax_add_layer_norm_grad']
+  assert 'ftjax_' not in xla_text
+  for got, want in zip(ours, theirs):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(want)).max())
+  d_y, want_d_y = np.asarray(ours[2]), np.asarray(theirs[2])
+  np.testing.assert_array_equal(d_y == 0, want_d_y == 0)
+  dropped = (want_d_y == 0).mean()
+  assert (dropped == 0) if deterministic else abs(dropped - rate) < 0.05
+  if deterministic:
+    np.testing.assert_array_equal(d_y, np.asarray(ours[1]))
+
+
+@pytest.mark.parametrize('march,needs', OTHER_CPUS)
+def test_builds_for_other_cpus_compute_the_same_residual_norm(march, needs, kernels_built_for):
+  """The portable loops (no AVX-512) hash the same keep-mask and give this build's values."""
+  name = _register_other_build(march, needs, kernels_built_for, 'ftjax_add_layer_norm',
+                               'FtjaxAddLayerNorm')
+  x, scale, bias, g = _layer_norm_operands(130, 40)
+  y = jnp.flip(x, 0) - 100
+  seeds = jnp.asarray([12345, 678], jnp.uint32)
+  ours = kernels.add_layer_norm(x, y, scale, bias, seeds, 1e-5, 0.25)
+  stream = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  rows = jax.ShapeDtypeStruct((130,), jnp.float32)
+  theirs = jax.ffi.ffi_call(name, (stream, stream, rows, rows, jax.ShapeDtypeStruct(
+      ours[4].shape, jnp.uint16)))(x, y, scale, bias, seeds, eps=np.float32(1e-5),
+                                   **kernels._dropout_attrs(0.25))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(theirs[4], ours[4])  # The same keep-mask bits.
+  params = jax.ShapeDtypeStruct((40,), jnp.float32)
+  theirs += tuple(jax.ffi.ffi_call(name + '_grad', (stream, stream, params, params))(
+      theirs[1], theirs[2], theirs[3], scale, g, theirs[4], keep_scale=np.float32(1 / 0.75)))
+  ours += kernels.add_layer_norm_grad(ours[1], ours[2], ours[3], scale, g, ours[4], 0.25)
+  for a, b in zip(theirs, ours):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())

@@ -14,7 +14,8 @@
 - `gelu.cc`: a dense layer's bias add and exact GELU (BERT's FFN), forward and backward (with
   the bias gradient), on all threads (`layers.bias_gelu`).
 - `layer_norm.cc`: LayerNorm over the last axis, forward and backward (with the scale and bias
-  gradients), each one pass over its rows on all threads (`layers.LayerNorm`).
+  gradients), each one pass over its rows on all threads (`layers.LayerNorm`); and with a
+  post-LayerNorm block's residual add and branch dropout folded in (`layers.residual_norm`).
 
 All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -67,7 +68,9 @@ _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_bias_gelu': 'FtjaxBiasGelu',
             'ftjax_bias_gelu_grad': 'FtjaxBiasGeluGrad',
             'ftjax_layer_norm': 'FtjaxLayerNorm',
-            'ftjax_layer_norm_grad': 'FtjaxLayerNormGrad'}
+            'ftjax_layer_norm_grad': 'FtjaxLayerNormGrad',
+            'ftjax_add_layer_norm': 'FtjaxAddLayerNorm',
+            'ftjax_add_layer_norm_grad': 'FtjaxAddLayerNormGrad'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
 ADAMW_CHOICES = ('auto', 'xla', 'kernel')
@@ -217,11 +220,16 @@ def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> 
   return available()
 
 
-def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
+def _dropout_attrs(rate: float) -> dict:
+  """A dropout rate's attributes for the kernels' keep-mask (see `layers.keep_mask`)."""
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+  return {'rate': np.float32(rate), 'keep_scale': np.float32(1.0 / (1.0 - rate)),
+          'threshold': np.int64(threshold)}
+
+
+def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
   chosen = _variant(dtype, variant)
-  return {'scale': np.float32(scale), 'rate': np.float32(rate),
-          'keep_scale': np.float32(1.0 / (1.0 - rate)), 'threshold': np.int64(threshold),
+  return {'scale': np.float32(scale), **_dropout_attrs(rate),
           'dot': chosen == 'dot', 'amx': chosen == 'amx'}
 
 
@@ -318,6 +326,36 @@ def layer_norm_grad(x, mean, rstd, scale, g) -> tuple[jax.Array, jax.Array, jax.
   call = jax.ffi.ffi_call('ftjax_layer_norm_grad', (jax.ShapeDtypeStruct(x.shape, jnp.float32),
                                                     params, params), vmap_method='sequential')
   return call(x, mean, rstd, scale, g)
+
+
+def add_layer_norm(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Array,
+                   seeds: jax.Array, eps: float, rate: float) -> tuple[jax.Array, ...]:
+  """(out, s, mean, rstd, keep) for s = x + dropout(y) and out = LayerNorm(s) over the last
+  axis, float32 x and y [M, D] (see layer_norm.cc): a post-LayerNorm block's residual add, in
+  one pass with its LayerNorm. The dropout (rate > 0) hashes the keep-mask of `layers.keep_mask`
+  from the key's two uint32 `seeds` and keeps its bits for the backward pass: keep [M,
+  ceil(D / 16)] uint16 (one word when rate is 0)."""
+  _require('add_layer_norm')
+  rows = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+  stream = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  words = (x.shape[0], -(-x.shape[1] // 16)) if rate else (1,)
+  call = jax.ffi.ffi_call('ftjax_add_layer_norm',
+                          (stream, stream, rows, rows, jax.ShapeDtypeStruct(words, jnp.uint16)),
+                          vmap_method='sequential')
+  attrs = _dropout_attrs(rate)
+  return call(x, y, scale, bias, seeds.astype(jnp.uint32), eps=np.float32(eps), **attrs)
+
+
+def add_layer_norm_grad(s, mean, rstd, scale, g, keep, rate: float
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(ds, dy, d_scale, d_bias) of `add_layer_norm` with dropout (rate > 0) for the output
+  cotangent g [M, D] (float32): ds is the residual's gradient, dy = dropout's backward of ds."""
+  _require('add_layer_norm_grad')
+  stream = jax.ShapeDtypeStruct(s.shape, jnp.float32)
+  params = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  call = jax.ffi.ffi_call('ftjax_add_layer_norm_grad', (stream, stream, params, params),
+                          vmap_method='sequential')
+  return call(s, mean, rstd, scale, g, keep, keep_scale=_dropout_attrs(rate)['keep_scale'])
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,

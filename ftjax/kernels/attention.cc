@@ -84,22 +84,8 @@ template <> inline void Store<uint16_t>(uint16_t* p, int64_t i, float x) { p[i] 
 template <typename T> inline float Round(float x) { return x; }
 template <> inline float Round<uint16_t>(float x) { return RoundBf16(x); }
 
-// MurmurHash3's finaliser, as layers._mix32.
-inline uint32_t Mix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  return h ^ (h >> 16);
-}
-
-// layers._keep for the element at flat index `index` of the [B, G, Q, S] probabilities.
-inline bool Keep(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t threshold) {
-  return Mix32(Mix32(index * 0x9E3779B1u + seed0) ^ seed1) >= threshold;
-}
-
 #if defined(__AVX512F__)
-// Vector forms of Round<T>, Mix32 and Keep for 16 consecutive columns.
+// The vector form of Round<T> for 16 consecutive columns.
 template <typename T> inline __m512 RoundV(__m512 x) { return x; }
 template <> inline __m512 RoundV<uint16_t>(__m512 x) {
   // Round to nearest even on the bits (the operands here are finite).
@@ -109,22 +95,6 @@ template <> inline __m512 RoundV<uint16_t>(__m512 x) {
   return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff0000u)));
 }
 
-inline __m512i Mix32V(__m512i h) {
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x85EBCA6Bu));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0xC2B2AE35u));
-  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-}
-
-inline __mmask16 KeepV(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t threshold) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i h = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index)), lanes);
-  h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(0x9E3779B1u)),
-                       _mm512_set1_epi32(static_cast<int>(seed0)));
-  h = Mix32V(_mm512_xor_si512(Mix32V(h), _mm512_set1_epi32(static_cast<int>(seed1))));
-  return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32(static_cast<int>(threshold)));
-}
 #endif
 
 // Words of the contracted dimension per element of a Gemm operand: float32 values (fma), or
@@ -443,12 +413,6 @@ ffi::Error ReadShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi
   return ffi::Error::Success();
 }
 
-struct Dropout {
-  float rate;        // 0: no dropout.
-  float keep_scale;  // float32(1 / (1 - rate)), as the reference rounds it.
-  uint32_t seed0, seed1, threshold;
-};
-
 // Scratch of one task, reused across the tasks a thread runs.
 struct Scratch {
   std::vector<float> k_t, v, k, v_t, q, g, o, logits, probs, d_probs, d_k, d_v;
@@ -612,18 +576,6 @@ void Logits(const Shape& sh, int64_t b, int64_t g, int64_t row0, int64_t rows, i
     }
     for (int64_t j = sh.keys; j < sp; ++j) row[j] = -std::numeric_limits<float>::infinity();
   }
-}
-
-// The keep-mask word of 16 columns from flat index `index` on (bit i: column i).
-inline uint16_t KeepWord(uint32_t index, const Dropout& drop) {
-#if defined(__AVX512F__)
-  return KeepV(index, drop.seed0, drop.seed1, drop.threshold);
-#else
-  uint16_t word = 0;
-  for (uint32_t i = 0; i < kLanes; ++i)
-    word |= static_cast<uint16_t>(Keep(index + i, drop.seed0, drop.seed1, drop.threshold)) << i;
-  return word;
-#endif
 }
 
 // One row's probabilities p = e / l (e: its exponentials, replaced by p) and their dropped
@@ -806,12 +758,6 @@ void BackwardTask(const Shape& sh, int64_t n, const T* q, const T* k, const T* v
                [&](int64_t j) { return d_k + key_row(j); });
   StoreRows<T>(s.d_v.data(), kp, sh.keys, sh.head_dim, 1.0f,
                [&](int64_t j) { return d_v + key_row(j); });
-}
-
-Dropout MakeDropout(float rate, float keep_scale, const ffi::Buffer<ffi::U32>& seeds,
-                    int64_t threshold) {
-  const uint32_t* sd = seeds.typed_data();
-  return {rate, keep_scale, sd[0], sd[1], static_cast<uint32_t>(threshold)};
 }
 
 

@@ -1,8 +1,8 @@
 // Pieces shared by ftjax's XLA FFI kernels: bfloat16 conversion, a parallel loop over XLA's
 // intra-op thread pool and the sum of its tasks' partial column sums, typed views of FFI
-// buffers, lane masks for a row's tail, a vector exp, a 16 x 16 register transpose and the
-// set-up of Intel AMX's tiles. Each kernel
-// source includes it inside its own anonymous namespace.
+// buffers, lane masks for a row's tail, a vector exp, dropout's keep-mask hash, a 16 x 16
+// register transpose and the set-up of Intel AMX's tiles. Each kernel source includes it inside
+// its own anonymous namespace.
 #ifndef FTJAX_KERNELS_COMMON_H_
 #define FTJAX_KERNELS_COMMON_H_
 
@@ -130,6 +130,67 @@ inline __m512 ExpV(__m512 v) {
   return _mm512_scalef_ps(p, k);
 }
 
+#endif
+
+// Dropout's keep-mask, as layers._keep hashes it: the element at flat index i is kept when
+// Mix32(Mix32(i * 0x9E3779B1 + seed0) ^ seed1) >= threshold (MurmurHash3's finaliser, as
+// layers._mix32), from the dropout key's two seeds.
+inline uint32_t Mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+inline bool Keep(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t threshold) {
+  return Mix32(Mix32(index * 0x9E3779B1u + seed0) ^ seed1) >= threshold;
+}
+
+struct Dropout {
+  float rate;        // 0: no dropout.
+  float keep_scale;  // float32(1 / (1 - rate)), as the reference rounds it.
+  uint32_t seed0, seed1, threshold;
+};
+
+inline Dropout MakeDropout(float rate, float keep_scale, const ffi::Buffer<ffi::U32>& seeds,
+                           int64_t threshold) {
+  const uint32_t* sd = seeds.typed_data();
+  return {rate, keep_scale, sd[0], sd[1], static_cast<uint32_t>(threshold)};
+}
+
+#if defined(__AVX512F__)
+inline __m512i Mix32V(__m512i h) {
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x85EBCA6Bu));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0xC2B2AE35u));
+  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+
+inline __mmask16 KeepV(uint32_t index, uint32_t seed0, uint32_t seed1, uint32_t threshold) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i h = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index)), lanes);
+  h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(0x9E3779B1u)),
+                       _mm512_set1_epi32(static_cast<int>(seed0)));
+  h = Mix32V(_mm512_xor_si512(Mix32V(h), _mm512_set1_epi32(static_cast<int>(seed1))));
+  return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32(static_cast<int>(threshold)));
+}
+#endif
+
+// The keep-mask word of 16 elements from flat index `index` on (bit i: element index + i).
+inline uint16_t KeepWord(uint32_t index, const Dropout& drop) {
+#if defined(__AVX512F__)
+  return KeepV(index, drop.seed0, drop.seed1, drop.threshold);
+#else
+  uint16_t word = 0;
+  for (uint32_t i = 0; i < 16; ++i)
+    word |= static_cast<uint16_t>(Keep(index + i, drop.seed0, drop.seed1, drop.threshold)) << i;
+  return word;
+#endif
+}
+
+#if defined(__AVX512F__)
 // In-register transpose of 16 x 16 32-bit words: r[i] lane j -> r[j] lane i.
 inline void Transpose16(__m512 r[16]) {
   __m512 t[16];

@@ -1,6 +1,10 @@
 // LayerNorm over the last axis for XLA:CPU, as two XLA FFI custom calls: the forward, which also
 // returns each row's mean and 1 / std for the backward pass, and the backward, which returns the
-// input gradient and the scale and bias gradients.
+// input gradient and the scale and bias gradients. Two more take a post-LayerNorm block's
+// residual add and the dropout on its branch with them (AddLayerNorm, AddLayerNormGrad):
+//   s = x + dropout(y),  out = LayerNorm(s)
+// where the forward writes s (the backward's input), out, and the keep-mask's bits, and the
+// backward returns ds (the residual's gradient) and dy = dropout's backward of ds.
 //
 // Why: XLA:CPU runs a LayerNorm's forward as ~4 and its backward as ~6 passes over the
 // [tokens, D] stream (row reductions on YNNPACK, loop fusions, the scale and bias gradients as
@@ -67,53 +71,124 @@ inline float RowSquares(const float* x, int64_t n, float shift) {
 #endif
 }
 
+// One row of the forward: yr = LayerNorm(xr), and the row's mean and 1 / std.
+inline void NormalizeRow(const float* xr, int64_t n, const float* sc, const float* bs, float eps,
+                         float* yr, float* mean, float* rstd) {
+  const float mu = RowSum(xr, n) / static_cast<float>(n);
+  const float rs = 1.0f / std::sqrt(RowSquares(xr, n, mu) / static_cast<float>(n) + eps);
+  *mean = mu;
+  *rstd = rs;
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= n; c += 16) {
+    const __m512 factor = _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(sc + c));
+    _mm512_storeu_ps(yr + c, _mm512_fmadd_ps(
+        _mm512_sub_ps(_mm512_loadu_ps(xr + c), _mm512_set1_ps(mu)), factor,
+        _mm512_loadu_ps(bs + c)));
+  }
+#endif
+  for (; c < n; ++c) yr[c] = (xr[c] - mu) * (rs * sc[c]) + bs[c];
+}
+
+bool Matches(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& scale,
+             const ffi::Buffer<ffi::F32>& bias) {
+  return x.dimensions().size() == 2 &&
+         static_cast<int64_t>(scale.element_count()) == x.dimensions()[1] &&
+         static_cast<int64_t>(bias.element_count()) == x.dimensions()[1];
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, float eps, ffi::Result<ffi::Buffer<ffi::F32>> y,
                    ffi::Result<ffi::Buffer<ffi::F32>> mean,
                    ffi::Result<ffi::Buffer<ffi::F32>> rstd) {
-  if (x.dimensions().size() != 2 || scale.element_count() != x.dimensions()[1] ||
-      bias.element_count() != x.dimensions()[1])
+  if (!Matches(x, scale, bias))
     return ffi::Error::InvalidArgument("layer_norm takes x [M, D], scale [D] and bias [D]");
   const int64_t m = x.dimensions()[0], n = x.dimensions()[1];
   const float *xs = x.typed_data(), *sc = scale.typed_data(), *bs = bias.typed_data();
   float *ys = y->typed_data(), *means = mean->typed_data(), *rstds = rstd->typed_data();
   ParallelFor(pool, (m + kRows - 1) / kRows, [&](int64_t task) {
+    for (int64_t r = task * kRows; r < std::min(m, (task + 1) * kRows); ++r)
+      NormalizeRow(xs + r * n, n, sc, bs, eps, ys + r * n, means + r, rstds + r);
+  });
+  return ffi::Error::Success();
+}
+
+// Keep-mask words per row of n values (one bit per value, 16 a word).
+inline int64_t Words(int64_t n) { return (n + 15) / 16; }
+
+// s = x + dropout(y) (dropout as layers.Dropout: y * keep_scale where kept, else 0; the mask
+// hashed from the element's flat index, its bits written to `keep`, [M, Words(D)] uint16, or
+// nothing when rate is 0), then out = LayerNorm(s) with each row's mean and 1 / std.
+ffi::Error AddForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::U32> seeds, float eps, float rate, float keep_scale,
+                      int64_t threshold, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                      ffi::Result<ffi::Buffer<ffi::F32>> s,
+                      ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                      ffi::Result<ffi::Buffer<ffi::F32>> rstd,
+                      ffi::Result<ffi::Buffer<ffi::U16>> keep) {
+  if (!Matches(x, scale, bias) || y.element_count() != x.element_count() ||
+      seeds.element_count() != 2)
+    return ffi::Error::InvalidArgument(
+        "add_layer_norm takes x and y [M, D], scale [D], bias [D] and two seeds");
+  const int64_t m = x.dimensions()[0], n = x.dimensions()[1], words = Words(n);
+  const bool dropout = rate > 0.0f;
+  if (dropout && static_cast<int64_t>(keep->element_count()) != m * words)
+    return ffi::Error::InvalidArgument("add_layer_norm: the keep-mask must be [M, ceil(D / 16)]");
+  const Dropout drop = MakeDropout(rate, keep_scale, seeds, threshold);
+  const float *xs = x.typed_data(), *ys = y.typed_data(), *sc = scale.typed_data(),
+              *bs = bias.typed_data();
+  float *ss = s->typed_data(), *outs = out->typed_data(), *means = mean->typed_data(),
+        *rstds = rstd->typed_data();
+  uint16_t* bits = keep->typed_data();
+  ParallelFor(pool, (m + kRows - 1) / kRows, [&](int64_t task) {
     for (int64_t r = task * kRows; r < std::min(m, (task + 1) * kRows); ++r) {
-      const float* xr = xs + r * n;
-      float* yr = ys + r * n;
-      const float mu = RowSum(xr, n) / static_cast<float>(n);
-      const float rs = 1.0f / std::sqrt(RowSquares(xr, n, mu) / static_cast<float>(n) + eps);
-      means[r] = mu;
-      rstds[r] = rs;
-      int64_t c = 0;
+      const float *xr = xs + r * n, *yr = ys + r * n;
+      float* sr = ss + r * n;
+      for (int64_t w = 0; w < words; ++w) {
+        const int64_t c = 16 * w;
+        // The flat index wraps at 2^32, as the reference's uint32 iota does.
+        const uint16_t word =
+            dropout ? KeepWord(static_cast<uint32_t>(r * n + c), drop) : uint16_t{0xffff};
+        if (dropout) bits[r * words + w] = word;
 #if defined(__AVX512F__)
-      for (; c + 16 <= n; c += 16) {
-        const __m512 factor = _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(sc + c));
-        _mm512_storeu_ps(yr + c, _mm512_fmadd_ps(
-            _mm512_sub_ps(_mm512_loadu_ps(xr + c), _mm512_set1_ps(mu)), factor,
-            _mm512_loadu_ps(bs + c)));
-      }
+        const __mmask16 live = Live(n, c);
+        __m512 yv = _mm512_maskz_loadu_ps(live, yr + c);
+        if (dropout) yv = _mm512_maskz_mul_ps(word, yv, _mm512_set1_ps(drop.keep_scale));
+        _mm512_mask_storeu_ps(sr + c, live,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(live, xr + c), yv));
+#else
+        for (int64_t i = 0; i < std::min<int64_t>(16, n - c); ++i) {
+          const float kept = !dropout ? yr[c + i]
+                             : (word >> i) & 1 ? yr[c + i] * drop.keep_scale : 0.0f;
+          sr[c + i] = xr[c + i] + kept;
+        }
 #endif
-      for (; c < n; ++c) yr[c] = (xr[c] - mu) * (rs * sc[c]) + bs[c];
+      }
+      NormalizeRow(sr, n, sc, bs, eps, outs + r * n, means + r, rstds + r);
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
-                    ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> g, ffi::Result<ffi::Buffer<ffi::F32>> dx,
-                    ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
-                    ffi::Result<ffi::Buffer<ffi::F32>> d_bias) {
-  if (x.dimensions().size() != 2 || g.element_count() != x.element_count() ||
-      mean.element_count() != x.dimensions()[0] || rstd.element_count() != x.dimensions()[0] ||
-      scale.element_count() != x.dimensions()[1])
+// LayerNorm's backward (dx, d_scale, d_bias) from x (the forward's input), its rows' mean and
+// rstd, scale and the output's cotangent g; with `bits` (AddBackward), also dy = dropout's
+// backward of dx: dx * keep_scale where the mask kept the element, else 0.
+ffi::Error Grad(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                const ffi::Buffer<ffi::F32>& mean, const ffi::Buffer<ffi::F32>& rstd,
+                const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>& g, float* dxs,
+                float* d_scale, float* d_bias, const uint16_t* bits, float keep_scale,
+                float* dys) {
+  const int64_t m = x.dimensions().size() == 2 ? x.dimensions()[0] : -1;
+  const int64_t n = x.dimensions().size() == 2 ? x.dimensions()[1] : -1;
+  if (m < 0 || g.element_count() != x.element_count() ||
+      static_cast<int64_t>(mean.element_count()) != m ||
+      static_cast<int64_t>(rstd.element_count()) != m ||
+      static_cast<int64_t>(scale.element_count()) != n)
     return ffi::Error::InvalidArgument("layer_norm_grad: operands do not match x [M, D]");
-  const int64_t m = x.dimensions()[0], n = x.dimensions()[1];
-  const int64_t tasks = (m + kRows - 1) / kRows;
+  const int64_t tasks = (m + kRows - 1) / kRows, words = Words(n);
   const float *xs = x.typed_data(), *means = mean.typed_data(), *rstds = rstd.typed_data(),
               *sc = scale.typed_data(), *gs = g.typed_data();
-  float* dxs = dx->typed_data();
   // Each task's sums of g xhat and of g, [tasks][2][D].
   std::vector<float> partial(tasks * 2 * n, 0.0f);
   ParallelFor(pool, tasks, [&](int64_t task) {
@@ -171,11 +246,53 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
         const float xhat = (xr[c] - mu) * rs;
         dr[c] = rs * (gr[c] * sc[c] - a - xhat * b);
       }
+      if (!bits) continue;
+      // Pass 3 (dx's row is in L1): dropout's backward.
+      float* dyr = dys + r * n;
+      for (int64_t w = 0; w < words; ++w) {
+        const uint16_t word = bits[r * words + w];
+        c = 16 * w;
+#if defined(__AVX512F__)
+        const __mmask16 live = Live(n, c);
+        _mm512_mask_storeu_ps(dyr + c, live, _mm512_maskz_mul_ps(
+            word, _mm512_maskz_loadu_ps(live, dr + c), _mm512_set1_ps(keep_scale)));
+#else
+        for (int64_t i = 0; i < std::min<int64_t>(16, n - c); ++i)
+          dyr[c + i] = (word >> i) & 1 ? dr[c + i] * keep_scale : 0.0f;
+#endif
+      }
     }
   });
-  SumTasks(partial.data(), tasks, 2 * n, n, d_scale->typed_data());
-  SumTasks(partial.data() + n, tasks, 2 * n, n, d_bias->typed_data());
+  SumTasks(partial.data(), tasks, 2 * n, n, d_scale);
+  SumTasks(partial.data() + n, tasks, 2 * n, n, d_bias);
   return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                    ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> g, ffi::Result<ffi::Buffer<ffi::F32>> dx,
+                    ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
+                    ffi::Result<ffi::Buffer<ffi::F32>> d_bias) {
+  return Grad(pool, x, mean, rstd, scale, g, dx->typed_data(), d_scale->typed_data(),
+              d_bias->typed_data(), nullptr, 1.0f, nullptr);
+}
+
+// AddForward's backward with dropout (rate > 0): from s, its rows' statistics, scale, the
+// output's cotangent g and the keep-mask's bits, (ds, dy, d_scale, d_bias). Without dropout,
+// dy is ds and Backward serves.
+ffi::Error AddBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> mean,
+                       ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U16> keep, float keep_scale,
+                       ffi::Result<ffi::Buffer<ffi::F32>> ds,
+                       ffi::Result<ffi::Buffer<ffi::F32>> dy,
+                       ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
+                       ffi::Result<ffi::Buffer<ffi::F32>> d_bias) {
+  if (s.dimensions().size() != 2 || dy->element_count() != s.element_count() ||
+      static_cast<int64_t>(keep.element_count()) != s.dimensions()[0] * Words(s.dimensions()[1]))
+    return ffi::Error::InvalidArgument(
+        "add_layer_norm_grad: the keep-mask must be [M, ceil(D / 16)], dy like s");
+  return Grad(pool, s, mean, rstd, scale, g, ds->typed_data(), d_scale->typed_data(),
+              d_bias->typed_data(), keep.typed_data(), keep_scale, dy->typed_data());
 }
 
 }  // namespace
@@ -200,5 +317,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxLayerNormGrad, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()   // g
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d_scale
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // d_bias
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAddLayerNorm, AddForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (the residual)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // y (the branch)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // seeds
+                                  .Attr<float>("eps")
+                                  .Attr<float>("rate")
+                                  .Attr<float>("keep_scale")
+                                  .Attr<int64_t>("threshold")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // s
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // rstd
+                                  .Ret<ffi::Buffer<ffi::U16>>()); // keep
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxAddLayerNormGrad, AddBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // s
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // rstd
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // keep
+                                  .Attr<float>("keep_scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ds
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d_scale
                                   .Ret<ffi::Buffer<ffi::F32>>()); // d_bias

@@ -244,11 +244,11 @@ class BertLayer(nnx.Module):
   ) -> jax.Array:
     kw = dict(deterministic=deterministic, rngs=rngs)
     attn_BxLxD = self.attention(x_BxLxD, mask_bias_Bx1x1xL, prefix_kv=prefix_kv, **kw)
-    attn_BxLxD = self.dropout(attn_BxLxD, **kw)
-    x_BxLxD = self.attention_norm(x_BxLxD + attn_BxLxD)
+    # norm(x + dropout(branch)), on one kernel in float32.
+    x_BxLxD = layers.residual_norm(self.attention_norm, self.dropout, x_BxLxD, attn_BxLxD, **kw)
     h_BxLxF = dense(self.intermediate, x_BxLxD, kw, activation=_ACTIVATIONS[self.hidden_act])
-    h_BxLxD = self.dropout(dense(self.output, h_BxLxF, kw), **kw)
-    return self.output_norm(x_BxLxD + h_BxLxD)
+    h_BxLxD = dense(self.output, h_BxLxF, kw)
+    return layers.residual_norm(self.output_norm, self.dropout, x_BxLxD, h_BxLxD, **kw)
 
 
 class BertModel(nnx.Module):

@@ -479,6 +479,63 @@ class LayerNorm(nnx.LayerNorm):
     return _normalize(x, scale, bias, self.epsilon)
 
 
+def residual_norm(norm: nnx.Module, dropout: nnx.Module, x: jax.Array, y: jax.Array, *,
+                  deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+  """norm(x + dropout(y)): a post-LayerNorm block's residual add (BERT's, after attention and
+  after the FFN).
+
+  In float32 on ftjax's kernel (`kernels.add_layer_norm`), for ftjax's own LayerNorm and
+  Dropout: the dropout, the add and the LayerNorm in one pass, the keep-mask's bits kept for the
+  backward pass, whose one pass returns the residual's gradient, the branch's and the
+  LayerNorm's parameters'. On XLA, the dropout and add are a loop fusion of their own each way
+  (~0.65 ms forward and ~0.9 ms backward at MiniLM's [4096, 384], hashing the mask twice). Both
+  draw the same key and the same mask (`keep_mask`); the values agree to float32 rounding.
+  """
+  # pylint: disable=unidiomatic-typecheck
+  fused = (type(norm) is LayerNorm and type(dropout) is Dropout and not dropout.broadcast_dims
+           and norm.reduction_axes in (-1, (-1,)) and not norm.use_fast_variance
+           and (norm.dtype in (None, jnp.float32)) and dropout.rate < 1.0)
+  if fused:
+    scale = norm.scale[...] if norm.scale else jnp.ones((x.shape[-1],), jnp.float32)
+    bias = norm.bias[...] if norm.bias else None
+    fused = kernels.float32_kernel_applies(x, y, scale, *([] if bias is None else [bias]))
+  if not fused:
+    return norm(x + dropout(y, deterministic=deterministic, rngs=rngs))
+  rate = 0.0 if dropout.drops_nothing(deterministic) else dropout.rate
+  seeds = _seeds(dropout.draw_key(rngs)) if rate else jnp.zeros((2,), jnp.uint32)
+  return _add_normalize_on_kernel(x, y, scale, bias, seeds, norm.epsilon, rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _add_normalize_on_kernel(x, y, scale, bias, seeds, eps, rate):
+  """LayerNorm(x + dropout(y)) on ftjax's kernel (see `residual_norm`)."""
+  return _add_normalize_on_kernel_fwd(x, y, scale, bias, seeds, eps, rate)[0]
+
+
+def _add_normalize_on_kernel_fwd(x, y, scale, bias, seeds, eps, rate):
+  width = x.shape[-1]
+  out, s, mean, rstd, keep = kernels.add_layer_norm(
+      x.reshape(-1, width), y.reshape(-1, width), scale,
+      jnp.zeros_like(scale) if bias is None else bias, seeds, eps, rate)
+  return out.reshape(x.shape), (s, mean, rstd, scale, bias, keep)
+
+
+def _add_normalize_on_kernel_bwd(eps, rate, residuals, g):
+  del eps
+  s, mean, rstd, scale, bias, keep = residuals
+  shape = g.shape
+  g = g.astype(jnp.float32).reshape(s.shape)
+  if rate:
+    ds, dy, d_scale, d_bias = kernels.add_layer_norm_grad(s, mean, rstd, scale, g, keep, rate)
+  else:  # No dropout: the branch's gradient is the residual's.
+    ds, d_scale, d_bias = kernels.layer_norm_grad(s, mean, rstd, scale, g)
+    dy = ds
+  return (ds.reshape(shape), dy.reshape(shape), d_scale, None if bias is None else d_bias, None)
+
+
+_add_normalize_on_kernel.defvjp(_add_normalize_on_kernel_fwd, _add_normalize_on_kernel_bwd)
+
+
 def layer_norm(features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
                use_bias: bool = True) -> LayerNorm:
   """LayerNorm over the residual stream, statistics in float32 as torch computes them."""
