@@ -493,6 +493,7 @@ def residual_norm(norm: nnx.Module, dropout: nnx.Module, x: jax.Array, y: jax.Ar
   """
   # pylint: disable=unidiomatic-typecheck
   fused = (type(norm) is LayerNorm and type(dropout) is Dropout and not dropout.broadcast_dims
+           and x.shape == y.shape
            and norm.reduction_axes in (-1, (-1,)) and not norm.use_fast_variance
            and (norm.dtype in (None, jnp.float32)) and dropout.rate < 1.0)
   if fused:
