@@ -262,3 +262,84 @@ def test_builds_for_other_cpus_compute_the_same_residual_norm(march, needs, kern
   ours += kernels.add_layer_norm_grad(ours[1], ours[2], ours[3], scale, g, ours[4], 0.25)
   for a, b in zip(theirs, ours):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
+
+
+def _gelu_grad_float64(g, w, y, b):
+  z = np.asarray(y, np.float64) + np.asarray(b, np.float64)
+  _, slope = _exact_gelu(z)
+  d = (np.asarray(g, np.float64) @ np.asarray(w, np.float64).T) * slope
+  return d, d.sum(0), np.asarray(g, np.float64).sum(0)
+
+
+# Row and column counts off the kernel's tiles, blocks and tasks; a contraction over two passes.
+@pytest.mark.parametrize('m,k,n', [(300, 1000, 70), (37, 40, 450), (5, 64, 64)])
+def test_the_gated_input_gradient_matches_float64(m, k, n):
+  """`kernels.matmul_gelu_grad`: (g w^T) * gelu'(y + b) with its column sums and g's, as the
+  product's blocks complete, against float64 (and as close as the unfused kernels are)."""
+  rng = np.random.default_rng(3)
+  g = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, n)) * 0.1, jnp.float32)
+  y, b, _ = _operands(m, k, seed=4)
+  got = jax.jit(kernels.matmul_gelu_grad)(g, w, y, b)
+  want = _gelu_grad_float64(g, w, y, b)
+  h, g_sums = kernels.matmul_sums(g, w, transpose_b=True)
+  unfused = (*kernels.bias_gelu_grad(y, b, h), g_sums)
+  for ours, theirs, exact in zip(got, unfused, want):
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=2e-6 * scale)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize('march,needs', OTHER_CPUS)
+def test_builds_for_other_cpus_gate_the_same_gradient(march, needs, kernels_built_for):
+  if not needs <= cpu_flags():
+    pytest.skip(f'this CPU cannot run a -march={march} build')
+  name = f'ftjax_dense_gate_{march.replace("-", "_")}'
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kernels_built_for(march).FtjaxDense),
+                              platform='cpu')
+  rng = np.random.default_rng(5)
+  g = jnp.asarray(rng.normal(size=(37, 70)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(200, 70)) * 0.1, jnp.float32)
+  y, b, _ = _operands(37, 200, seed=6)
+  theirs = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct((37, 200), jnp.float32),
+                                   jax.ShapeDtypeStruct((70,), jnp.float32),
+                                   jax.ShapeDtypeStruct((200,), jnp.float32)))(
+                                       g, w, jnp.zeros((0,), jnp.float32), y, b,
+                                       transpose_b=True)
+  d, d_b, g_sums = kernels.matmul_gelu_grad(g, w, y, b)
+  for a, want in zip(theirs, (d, g_sums, d_b)):
+    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(want)).max())
+
+
+def _feed_forward_step(monkeypatch, matmul: str):
+  monkeypatch.setenv('FTJAX_MATMUL', matmul)
+  up = layers.linear(96, 192, ('embed', 'mlp'), std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  down = layers.linear(192, 80, ('mlp', 'embed'), std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(1))
+  up.bias[...] = jnp.linspace(-1, 1, 192)
+  down.bias[...] = jnp.linspace(1, -1, 80)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 70, 96)), jnp.float32)
+
+  def loss(up, down, x):
+    out = layers.feed_forward(up, down, x, {}, layers.gelu)
+    return jnp.sum(jnp.sin(out)), out
+
+  step = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, out), (d_up, d_down, d_x) = step(up, down, x)
+  values = [out, d_x, d_up.kernel[...], d_up.bias[...], d_down.kernel[...], d_down.bias[...]]
+  return values, step.lower(up, down, x).as_text()
+
+
+def test_feed_forward_runs_gelus_backward_inside_the_input_gradient(monkeypatch):
+  """Two float32 linear layers with exact GELU between them (BERT's and ViT's FFN): the down
+  layer's input gradient and GELU's backward are one kernel call (no `bias_gelu_grad`), with
+  XLA's values and gradients to float32 rounding."""
+  ours, text = _feed_forward_step(monkeypatch, 'kernel')
+  theirs, xla_text = _feed_forward_step(monkeypatch, 'xla')
+  # up's product, GELU with up's bias, down's product with its bias; then the gated input
+  # gradient (no bias_gelu_grad) and up's input gradient.
+  assert re.findall(r'ftjax_\w+', text) == ['ftjax_matmul', 'ftjax_bias_gelu', 'ftjax_dense',
+                                             'ftjax_dense', 'ftjax_matmul']
+  assert 'ftjax_' not in xla_text
+  for got, want in zip(ours, theirs):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(want)).max())

@@ -466,7 +466,9 @@ def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_b
                               platform='cpu')
   for (m, k, n), transpose_b in [((37, 200, 70), True), ((97, 385, 64), False)]:
     a, b, bias = _dense_operands(m, k, n, transpose_b)
-    c, sums = jax.ffi.ffi_call(dense, (jax.ShapeDtypeStruct((m, n), jnp.float32),
-                                       jax.ShapeDtypeStruct((k,), jnp.float32)))(
-                                           a, b, bias, transpose_b=transpose_b)
+    empty = jnp.zeros((0,), jnp.float32)  # No gate (tests/test_layer_kernels.py has one).
+    c, sums, _ = jax.ffi.ffi_call(dense, (jax.ShapeDtypeStruct((m, n), jnp.float32),
+                                          jax.ShapeDtypeStruct((k,), jnp.float32),
+                                          jax.ShapeDtypeStruct((0,), jnp.float32)))(
+                                              a, b, bias, empty, empty, transpose_b=transpose_b)
     _check_dense(c, sums, a, b, bias, transpose_b)

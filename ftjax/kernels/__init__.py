@@ -12,7 +12,9 @@
 - `adamw.cc`: AdamW's whole update of a parameter group in one call, each parameter, gradient
   and moment read once and the parameter and moments written back in place (`optim.adamw`).
 - `gelu.cc`: a dense layer's bias add and exact GELU (BERT's FFN), forward and backward (with
-  the bias gradient), on all threads (`layers.bias_gelu`).
+  the bias gradient), on all threads (`layers.bias_gelu`); where the next layer's input
+  gradient runs on the matmul kernel, GELU's backward runs inside it instead
+  (`matmul_gelu_grad`, `layers.feed_forward`).
 - `layer_norm.cc`: LayerNorm over the last axis, forward and backward (with the scale and bias
   gradients), each one pass over its rows on all threads (`layers.LayerNorm`); and with a
   post-LayerNorm block's residual add and branch dropout folded in (`layers.residual_norm`).
@@ -405,16 +407,21 @@ def _no_bias() -> jax.Array:
 
 
 def _dense(a: jax.Array, b: jax.Array, bias: jax.Array | None, *, transpose_b: bool,
-           sums: bool) -> tuple[jax.Array, jax.Array]:
+           sums: bool, gate: tuple[jax.Array, jax.Array] | None = None
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   _require('matmul')
-  if any(x.dtype != jnp.float32 for x in (a, b, *([] if bias is None else [bias]))):
+  operands = (a, b, *([] if bias is None else [bias]), *(gate or ()))
+  if any(x.dtype != jnp.float32 for x in operands):
     raise ValueError('the dense kernel takes float32 operands')
   m, k = a.shape
   n = b.shape[0] if transpose_b else b.shape[1]
-  call = jax.ffi.ffi_call('ftjax_dense', (jax.ShapeDtypeStruct((m, n), jnp.float32),
-                                          jax.ShapeDtypeStruct((k if sums else 0,), jnp.float32)),
-                          vmap_method='sequential')
-  return call(a, b, _no_bias() if bias is None else bias, transpose_b=bool(transpose_b))
+  out = (jax.ShapeDtypeStruct((m, n), jnp.float32),
+         jax.ShapeDtypeStruct((k if sums else 0,), jnp.float32),
+         jax.ShapeDtypeStruct((0 if gate is None else n,), jnp.float32))
+  call = jax.ffi.ffi_call('ftjax_dense', out, vmap_method='sequential')
+  gate_y, gate_b = gate or (_no_bias(), _no_bias())
+  return call(a, b, _no_bias() if bias is None else bias, gate_y, gate_b,
+              transpose_b=bool(transpose_b))
 
 
 def matmul_bias(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
@@ -423,11 +430,22 @@ def matmul_bias(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
   return _dense(a, b, bias, transpose_b=False, sums=False)[0]
 
 
+def matmul_gelu_grad(g: jax.Array, w: jax.Array, y: jax.Array, bias: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The input gradient of a dense layer whose input was gelu(y + bias), through GELU: for
+  float32 g [M, N] (the layer's output cotangent), w [K, N] (its kernel), y [M, K] and bias [K],
+  (d(y + bias) = (g w^T) * gelu'(y + bias), its column sums (bias's gradient), g's column sums
+  (the layer's own bias gradient)). g w^T is multiplied by GELU's slope as each block of it
+  completes in the kernel's registers, so it is never written out and read back."""
+  d, g_sums, d_bias = _dense(g, w, None, transpose_b=True, sums=True, gate=(y, bias))
+  return d, d_bias, g_sums
+
+
 def matmul_sums(a: jax.Array, b: jax.Array, *, transpose_b: bool = False
                 ) -> tuple[jax.Array, jax.Array]:
   """(a @ op(b), a's column sums [K]) for float32 a [M, K], b [K, N] (or [N, K] with
   transpose_b): a dense layer's input gradient g W^T and its bias gradient, g read once."""
-  return _dense(a, b, None, transpose_b=transpose_b, sums=True)
+  return _dense(a, b, None, transpose_b=transpose_b, sums=True)[:2]
 
 
 VARIANTS = ('fma', 'dot', 'amx')

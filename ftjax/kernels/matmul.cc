@@ -19,7 +19,8 @@
 // bfloat16. The three products of a dense layer's training step take these forms without
 // copies: x w, dy w^T (transpose_b) and x^T dy (transpose_a). A float32 layer's bias rides along
 // (Dense): x w + b with b as the accumulators' start, and dy w^T with dy's column sums (the bias
-// gradient) taken while the product reads dy.
+// gradient) taken while the product reads dy; where the layer's input was gelu(y + b'), dy w^T
+// can leave the registers already multiplied by GELU's slope (its gate), with b''s gradient.
 //
 // The structure is that of the GotoBLAS/BLIS family: B packed into panels of kCols columns for
 // at most kPackDepth of the contracted dimension, A into panels of kRows rows per block of
@@ -327,9 +328,15 @@ struct Problem {
   Operand b2 = {};
   int64_t rank = 0;
   // Dense's extras (float32 A, B and C, A row-major): C = A B + `bias` [n], and `sums` [k]
-  // set to the column sums of A (over its m rows), read while the product reads A.
+  // set to the column sums of A (over its m rows), read while the product reads A. With a gate
+  // (the input gradient of a layer whose input was gelu(y + b)), each complete value of C is
+  // multiplied by gelu'(gate_y + gate_b) (gate_y [m, n], gate_b [n]) before it is stored, and
+  // `gate_sums` [n] set to the column sums of that C (the bias b's gradient).
   const float* bias = nullptr;
   float* sums = nullptr;
+  const float* gate_y = nullptr;
+  const float* gate_b = nullptr;
+  float* gate_sums = nullptr;
 };
 
 // C[m0:m1, n0:n1], over K in parts of at most kPackDepth words: each part's columns of B are
@@ -394,12 +401,53 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 constexpr int64_t kDirectDepth = 384;  // at most this many values of K per pass over C
 constexpr int64_t kDirectCols = 384;   // columns of C per block
 
+// StoreTile for a gated product's last pass (Problem's gate): each value v (the tile's, plus
+// C's when `accumulate`) is stored as v gelu'(y + b), y's rows ldc apart as C's and b at the
+// tile's columns, and the tile's column sums of the stored values are added to sums[0:cols].
+__attribute__((always_inline)) inline void StoreGated(const __m512 (&acc)[kRows][2], float* c,
+                                                      int64_t ldc, int64_t rows, int64_t cols,
+                                                      bool accumulate, const float* y,
+                                                      const float* b, float* sums) {
+  const __mmask16 lo = FirstLanes(cols), hi = FirstLanes(cols - 16);
+  const __m512 b0 = _mm512_maskz_loadu_ps(lo, b), b1 = _mm512_maskz_loadu_ps(hi, b + 16);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int i = 0; i < kRows; ++i) {
+    if (i >= rows) break;
+    float* ci = c + i * ldc;
+    const float* yi = y + i * ldc;
+    __m512 v0 = acc[i][0], v1 = acc[i][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, ci));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, ci + 16));
+    }
+    // Lanes past `cols` hold 0 (B's panels are zero-padded), and stay 0.
+    v0 = _mm512_mul_ps(v0, SlopeV(_mm512_add_ps(_mm512_maskz_loadu_ps(lo, yi), b0)));
+    v1 = _mm512_mul_ps(v1, SlopeV(_mm512_add_ps(_mm512_maskz_loadu_ps(hi, yi + 16), b1)));
+    _mm512_mask_storeu_ps(ci, lo, v0);
+    _mm512_mask_storeu_ps(ci + 16, hi, v1);
+    s0 = _mm512_add_ps(s0, v0);
+    s1 = _mm512_add_ps(s1, v1);
+  }
+  _mm512_mask_storeu_ps(sums, lo, _mm512_add_ps(_mm512_maskz_loadu_ps(lo, sums), s0));
+  _mm512_mask_storeu_ps(sums + 16, hi, _mm512_add_ps(_mm512_maskz_loadu_ps(hi, sums + 16), s1));
+}
+
+// Where a tile's gate reads and sums (Problem's gate): y and b at the tile's origin, the task's
+// column sums at its first column; y null: no gate.
+struct TileGate {
+  const float* y = nullptr;
+  const float* b = nullptr;
+  float* sums = nullptr;
+};
+
 // C[i][0:cols] (+)= init[0:cols] + sum_t rows_a[i][t * step] b[t * kCols + 0:cols] for
-// i < rows, t < depth; `init` (a bias) may be null (zeros). rows_a holds kRows pointers (rows
-// past `rows` repeat a valid one; their results are dropped).
+// i < rows, t < depth; `init` (a bias) may be null (zeros); with a gate, stored through
+// StoreGated. rows_a holds kRows pointers (rows past `rows` repeat a valid one; their results
+// are dropped).
 void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const float* b,
                 float* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate,
-                const float* init = nullptr) {
+                const float* init = nullptr, TileGate gate = {}) {
   __m512 acc[kRows][2];
   const __m512 init0 = init ? _mm512_maskz_loadu_ps(FirstLanes(cols), init) : _mm512_setzero_ps();
   const __m512 init1 =
@@ -423,7 +471,10 @@ void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const f
       acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
     }
   }
-  StoreTile(acc, c, ldc, rows, cols, accumulate);
+  if (gate.y)
+    StoreGated(acc, c, ldc, rows, cols, accumulate, gate.y, gate.b, gate.sums);
+  else
+    StoreTile(acc, c, ldc, rows, cols, accumulate);
 }
 
 // sums[0:width] += the `rows` rows of a (ld floats apart) over their first `width` values, row
@@ -442,9 +493,10 @@ void AddRows(const float* a, int64_t ld, int64_t rows, int64_t width, float* sum
 // (B's panels packed once per part and column block) and passes of at most kDirectDepth, the
 // first pass's accumulators starting from pr.bias where there is one; then a2 b2 added to each
 // block of rows while its C is still in cache. With `sums` (a row-major A), the column sums of
-// A's rows m0 .. m1 are added to it, each 12-row panel just before its tiles read it.
+// A's rows m0 .. m1 are added to it, each 12-row panel just before its tiles read it; with a
+// gate, the last pass stores through it, adding the column sums to `gate_sums` ([n]).
 void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                 float* sums = nullptr) {
+                 float* sums = nullptr, float* gate_sums = nullptr) {
   const int64_t K = pr.k;
   const int64_t parts = (K + kPackDepth - 1) / kPackDepth, part = (K + parts - 1) / parts;
   const int64_t passes = (part + kDirectDepth - 1) / kDirectDepth;
@@ -484,11 +536,18 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
                 rows_a[i] = a + (i0 + p * kRows + std::min(i, height - 1)) * pr.a.ld + k0;
               if (sums && j0 == n0) AddRows(rows_a[0], pr.a.ld, height, d, sums + k0);
             }
-            for (int64_t q = 0; q < panels; ++q)
+            const bool gated = pr.gate_y && k0 + d >= K;  // the last pass: C is complete
+            for (int64_t q = 0; q < panels; ++q) {
+              const int64_t col = j0 + q * kCols;
+              TileGate gate;
+              if (gated)
+                gate = {pr.gate_y + (i0 + p * kRows) * pr.n + col, pr.gate_b + col,
+                        gate_sums + col};
               TileDirect(d, rows_a, step, bp + (q * part_depth + (k0 - p0)) * kCols,
                          c + p * kRows * pr.n + q * kCols, pr.n, height,
                          std::min(kCols, width - q * kCols), k0 > 0,
-                         pr.bias && k0 == 0 ? pr.bias + j0 + q * kCols : nullptr);
+                         pr.bias && k0 == 0 ? pr.bias + col : nullptr, gate);
+            }
           }
         }
         if (pr.rank && p0 + part >= K) {  // the last part: add a2 b2 to these rows
@@ -666,6 +725,8 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
   // Dense's column sums of A: each task that computes C's first columns sums its own rows; the
   // partial sums are combined in task order (the same value whichever thread ran a task).
   std::vector<float> partial(pr.sums ? tasks * pr.k : 0, 0.0f);
+  // The gate's column sums of C: each task its own columns of its own rows, combined likewise.
+  std::vector<float> gated(pr.gate_y ? tasks * pr.n : 0, 0.0f);
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t m0 = (task / col_parts) * row_step, n0 = (task % col_parts) * col_step;
     const int64_t m1 = std::min(pr.m, m0 + row_step), n1 = std::min(pr.n, n0 + col_step);
@@ -678,7 +739,8 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
 #if defined(__AVX512F__)
     if (!pr.a.bf16 && !pr.c_bf16)
       return BlockDirect(pr, m0, m1, n0, n1,
-                         pr.sums && n0 == 0 ? partial.data() + task * pr.k : nullptr);
+                         pr.sums && n0 == 0 ? partial.data() + task * pr.k : nullptr,
+                         pr.gate_y ? gated.data() + task * pr.n : nullptr);
 #endif
     Block<false>(pr, m0, m1, n0, n1);
   });
@@ -687,8 +749,15 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
     for (int64_t j = 0; j < pr.n; ++j) static_cast<float*>(pr.c)[i * pr.n + j] += pr.bias[j];
   for (int64_t i = 0; pr.sums && i < pr.m; ++i)
     for (int64_t t = 0; t < pr.k; ++t) partial[t] += pr.a.At(i, t);
+  for (int64_t i = 0; pr.gate_y && i < pr.m; ++i)
+    for (int64_t j = 0; j < pr.n; ++j) {
+      float& v = static_cast<float*>(pr.c)[i * pr.n + j];
+      v *= Slope(pr.gate_y[i * pr.n + j] + pr.gate_b[j]);
+      gated[j] += v;
+    }
 #endif
   if (pr.sums) SumTasks(partial.data(), tasks, pr.k, pr.k, pr.sums);
+  if (pr.gate_y) SumTasks(gated.data(), tasks, pr.n, pr.n, pr.gate_sums);
 }
 
 bool Supported(ffi::DataType t) { return t == ffi::F32 || t == ffi::BF16; }
@@ -777,25 +846,40 @@ ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
 // A float32 dense layer's products with their bias terms: C = A op(B) + bias (the forward, with
 // the bias as the accumulators' start instead of a pass of its own) and, with `sums` set, also
 // the column sums of A (the backward's input gradient g W^T, whose g's column sums are the
-// bias gradient). A [m, k] row-major; B [k, n] or, transposed, [n, k]; bias [n] or [0] (none);
-// sums [k] or [0] (not asked for).
+// bias gradient). With a gate (gate_b not empty), C is the input gradient of a layer whose
+// input was gelu(gate_y + gate_b): each complete value times gelu'(gate_y + gate_b), and
+// gate_sums its column sums (gate_b's gradient), so that the gradient g W^T is never written
+// as such. A [m, k] row-major; B [k, n] or, transposed, [n, k]; bias [n] or [0] (none); sums
+// [k] or [0] (not asked for); gate_y [m, n], gate_b and gate_sums [n], or [0] each.
 ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                 ffi::Buffer<ffi::F32> bias, bool transpose_b, ffi::Result<ffi::Buffer<ffi::F32>> c,
-                 ffi::Result<ffi::Buffer<ffi::F32>> sums) {
+                 ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gate_y,
+                 ffi::Buffer<ffi::F32> gate_b, bool transpose_b,
+                 ffi::Result<ffi::Buffer<ffi::F32>> c, ffi::Result<ffi::Buffer<ffi::F32>> sums,
+                 ffi::Result<ffi::Buffer<ffi::F32>> gate_sums) {
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1 ||
-      sums->dimensions().size() != 1)
+      sums->dimensions().size() != 1 || gate_b.dimensions().size() != 1 ||
+      gate_sums->dimensions().size() != 1)
     return ffi::Error::InvalidArgument("dense: operands must be matrices, bias and sums vectors");
   const int64_t m = da[0], k = da[1];
   const int64_t kb = transpose_b ? db[1] : db[0], n = transpose_b ? db[0] : db[1];
   const int64_t bias_n = bias.dimensions()[0], sums_k = sums->dimensions()[0];
+  const bool gated = gate_b.dimensions()[0] != 0;
   if (k != kb || dc[0] != m || dc[1] != n || (bias_n != 0 && bias_n != n) ||
-      (sums_k != 0 && sums_k != k))
+      (sums_k != 0 && sums_k != k) ||
+      (gated && (gate_b.dimensions()[0] != n ||
+                 static_cast<int64_t>(gate_y.element_count()) != m * n ||
+                 gate_sums->dimensions()[0] != n)))
     return ffi::Error::InvalidArgument("dense shapes do not match");
   Problem pr{{a.typed_data(), k, false, false}, {b.typed_data(), db[1], transpose_b, false},
              m, n, k, c->typed_data(), false};
   pr.bias = bias_n ? bias.typed_data() : nullptr;
   pr.sums = sums_k ? sums->typed_data() : nullptr;
+  if (gated) {
+    pr.gate_y = gate_y.typed_data();
+    pr.gate_b = gate_b.typed_data();
+    pr.gate_sums = gate_sums->typed_data();
+  }
   if (m == 0 || n == 0 || k == 0) {  // No product to run: C is the bias, the sums are A's.
     float* out = c->typed_data();
     for (int64_t i = 0; i < m; ++i)
@@ -804,6 +888,14 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
       std::fill(pr.sums, pr.sums + k, 0.0f);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t t = 0; t < k; ++t) pr.sums[t] += pr.a.At(i, t);
+    }
+    if (gated) {
+      std::fill(pr.gate_sums, pr.gate_sums + n, 0.0f);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          out[i * n + j] *= Slope(pr.gate_y[i * n + j] + pr.gate_b[j]);
+          pr.gate_sums[j] += out[i * n + j];
+        }
     }
     return ffi::Error::Success();
   }
@@ -845,6 +937,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxDense, Dense,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias, [n] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate_y, [m, n] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate_b, [n] or [0] (none)
                                   .Attr<bool>("transpose_b")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // sums, [k] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // sums, [k] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // gate_sums, [n] or [0]

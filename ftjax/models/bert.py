@@ -246,8 +246,8 @@ class BertLayer(nnx.Module):
     attn_BxLxD = self.attention(x_BxLxD, mask_bias_Bx1x1xL, prefix_kv=prefix_kv, **kw)
     # norm(x + dropout(branch)), on one kernel in float32.
     x_BxLxD = layers.residual_norm(self.attention_norm, self.dropout, x_BxLxD, attn_BxLxD, **kw)
-    h_BxLxF = dense(self.intermediate, x_BxLxD, kw, activation=_ACTIVATIONS[self.hidden_act])
-    h_BxLxD = dense(self.output, h_BxLxF, kw)
+    h_BxLxD = layers.feed_forward(self.intermediate, self.output, x_BxLxD, kw,
+                                  _ACTIVATIONS[self.hidden_act])
     return layers.residual_norm(self.output_norm, self.dropout, x_BxLxD, h_BxLxD, **kw)
 
 

@@ -657,6 +657,54 @@ def dense(layer: nnx.Module, x: jax.Array, kw: dict,
   return y.reshape(*lead, y.shape[-1])
 
 
+def feed_forward(up: nnx.Module, down: nnx.Module, x: jax.Array, kw: dict,
+                 activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """down(activation(up(x))): a transformer block's feed-forward layers (see `dense`).
+
+  For exact GELU between two float32 `Linear` layers with biases on the matmul kernel, GELU's
+  backward runs inside the down layer's input gradient (`_gelu_dense`): the kernel multiplies
+  g W^T by GELU's slope as its blocks complete and sums the up layer's bias gradient there, so
+  g W^T is never written out and read back (at MiniLM's [4096, 1536]: 18.9-19.3 ms against
+  21.8-23.8 for the product and `bias_gelu`'s backward, alone). Other layers (PEFT-wrapped,
+  bfloat16, other activations) run as two `dense` calls.
+  """
+  # pylint: disable=unidiomatic-typecheck,protected-access
+  if (activation is gelu and type(up) is Linear and type(down) is Linear
+      and up.bias is not None and down.bias is not None):
+    inputs = x.reshape(-1, x.shape[-1])
+    hidden = jax.ShapeDtypeStruct((inputs.shape[0], up.kernel.shape[1]), inputs.dtype)
+    if (up._bias_on_kernel(inputs, up.kernel[...], up.bias[...], {})
+        and down._bias_on_kernel(hidden, down.kernel[...], down.bias[...], {})
+        and up.dtype in (None, jnp.float32) and down.dtype in (None, jnp.float32)):
+      out = _gelu_dense(_matmul(inputs, up.kernel[...]), up.bias[...], down.kernel[...],
+                        down.bias[...])
+      return out.reshape(*x.shape[:-1], out.shape[-1])
+  return dense(down, dense(up, x, kw, activation=activation), kw)
+
+
+@jax.custom_vjp
+def _gelu_dense(y: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array) -> jax.Array:
+  """gelu(y + b1) @ w2 + b2 for float32 y [M, F] on ftjax's kernels (see `feed_forward`): the
+  forward as `bias_gelu` and `_matmul_bias`; the backward's d(y + b1) and both bias gradients
+  from one kernel call (`kernels.matmul_gelu_grad`), w2's gradient on XLA's dot."""
+  return _gelu_dense_fwd(y, b1, w2, b2)[0]
+
+
+def _gelu_dense_fwd(y, b1, w2, b2):
+  h = kernels.bias_gelu(y, b1)
+  return kernels.matmul_bias(h, w2, b2), (y, b1, h, w2)
+
+
+def _gelu_dense_bwd(residuals, g):
+  y, b1, h, w2 = residuals
+  g = g.astype(jnp.float32)
+  d_y, d_b1, d_b2 = kernels.matmul_gelu_grad(g, w2, y, b1)
+  return d_y, d_b1, _dot_f32(h, g, (0, 0)), d_b2
+
+
+_gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
+
+
 @flax.struct.dataclass
 class Packing:
   """Where each token of a packed batch comes from (`ftjax.data.packing`): several examples share

@@ -217,9 +217,9 @@ class ViTLayer(nnx.Module):
     kw = dict(deterministic=deterministic, rngs=rngs)
     attn_BxLxD = self.attention(self.layernorm_before(x_BxLxD), **kw)
     x_BxLxD = x_BxLxD + self.dropout(attn_BxLxD, **kw)
-    h_BxLxF = layers.dense(self.intermediate, self.layernorm_after(x_BxLxD), kw,
-                           activation=_ACTIVATIONS[self.hidden_act])
-    return x_BxLxD + self.dropout(layers.dense(self.output, h_BxLxF, kw), **kw)
+    h_BxLxD = layers.feed_forward(self.intermediate, self.output, self.layernorm_after(x_BxLxD),
+                                  kw, _ACTIVATIONS[self.hidden_act])
+    return x_BxLxD + self.dropout(h_BxLxD, **kw)
 
 
 class ViTModel(nnx.Module):
