@@ -457,6 +457,10 @@ _KERNEL_MARGIN = 0.9
 # float32 layers go to the kernel where it took at most this fraction of XLA's time: its gain
 # there is smaller (XLA's float32 dots are closer to the machine's peak than its bfloat16 ones).
 _F32_KERNEL_MARGIN = 0.97
+# A float32 verdict against the kernel is measured this many more times, a pause apart, each
+# side keeping its best time (see `f32_matmul_plan`).
+_F32_REMEASURES = 2
+_REMEASURE_PAUSE_S = 1.0
 
 
 def bf16_matmul_on_kernel(m: int, k: int, n: int) -> bool:
@@ -556,9 +560,22 @@ def f32_matmul_plan() -> dict:
   (family 6 model 167, 2 cores) the products alone took 0.85-0.95 at MiniLM's shapes (0.96 on a
   slower day, at the margin), and MiniLM's float32 LoRA step 0.96 of its time. The measurement
   times the layer's work as the kernel does it, bias and bias gradient included: 0.78-0.87.
+
+  A verdict against the kernel is measured again (_F32_REMEASURES times, a pause apart), each
+  side keeping its best time: while something else shares the cores the kernel suffers more
+  than XLA (its two equal tasks wait for the slower thread; XLA's many small ones balance), and
+  one such measurement, made right after another process finished, timed the kernel at 0.146 s
+  (0.078-0.084 in three measurements minutes later) against XLA's 0.120 and sent this build's
+  float32 layers to XLA.
   """
   def measure():
     times = measure_f32_matmul()
+    for _ in range(_F32_REMEASURES):
+      if times['kernel'] < _F32_KERNEL_MARGIN * times['xla']:
+        break
+      time.sleep(_REMEASURE_PAUSE_S)
+      again = measure_f32_matmul()
+      times = {name: min(t, again[name]) for name, t in times.items()}
     plan = {'use_kernel': times['kernel'] < _F32_KERNEL_MARGIN * times['xla'],
             **{f'{name}_s': t for name, t in times.items()}}
     logging.info('ftjax: float32 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
