@@ -140,6 +140,18 @@ def kernels_built_for(tmp_path_factory):
   return build
 
 
+def register_other_build(march: str, needs: set[str], kernels_built_for,
+                         targets: dict[str, str]) -> None:
+  """Registers the `-march=march` build's symbols as XLA FFI targets (name -> symbol), skipping
+  the calling test where this CPU lacks the flags `needs` that running that build takes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not needs <= cpu_flags():
+    pytest.skip(f'this CPU cannot run a -march={march} build')
+  library = kernels_built_for(march)
+  for name, symbol in targets.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+
+
 def cpu_flags() -> set[str]:
   from ftjax import launch  # pylint: disable=g-import-not-at-top
   return set(launch.cpuinfo('flags').split())

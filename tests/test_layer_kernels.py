@@ -12,7 +12,7 @@ import pytest
 
 from ftjax import kernels
 from ftjax.models import layers
-from conftest import OTHER_CPUS, cpu_flags
+from conftest import OTHER_CPUS, register_other_build
 
 
 def _exact_gelu(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,13 +91,9 @@ def test_gelu_layers_take_the_kernel_only_in_float32(monkeypatch):
 def _register_other_build(march, needs, kernels_built_for, target: str, symbol: str) -> str:
   """Registers the -march=`march` build's `symbol` and `symbol`Grad as `target`_`march` and
   its `_grad` (skipping where this CPU cannot run that build); returns the target's name."""
-  if not needs <= cpu_flags():
-    pytest.skip(f'this CPU cannot run a -march={march} build')
-  library = kernels_built_for(march)
   name = f'{target}_{march.replace("-", "_")}'
-  for suffix, entry in [('', symbol), ('_grad', symbol + 'Grad')]:
-    jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, entry)),
-                                platform='cpu')
+  register_other_build(march, needs, kernels_built_for,
+                       {name: symbol, name + '_grad': symbol + 'Grad'})
   return name
 
 
@@ -292,11 +288,8 @@ def test_the_gated_input_gradient_matches_float64(m, k, n):
 
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)
 def test_builds_for_other_cpus_gate_the_same_gradient(march, needs, kernels_built_for):
-  if not needs <= cpu_flags():
-    pytest.skip(f'this CPU cannot run a -march={march} build')
   name = f'ftjax_dense_gate_{march.replace("-", "_")}'
-  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kernels_built_for(march).FtjaxDense),
-                              platform='cpu')
+  register_other_build(march, needs, kernels_built_for, {name: 'FtjaxDense'})
   rng = np.random.default_rng(5)
   g = jnp.asarray(rng.normal(size=(37, 70)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(200, 70)) * 0.1, jnp.float32)

@@ -13,7 +13,7 @@ import pytest
 from ftjax import kernels
 from ftjax.errors import FtjaxError
 from ftjax.models import layers
-from conftest import OTHER_CPUS, cpu_flags
+from conftest import OTHER_CPUS, cpu_flags, register_other_build
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU kernel')
 
@@ -453,11 +453,10 @@ def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path, 
 
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)
 def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_built_for):
-  if not needs <= cpu_flags():
-    pytest.skip(f'this CPU cannot run a -march={march} build')
   target = f'ftjax_matmul_{march.replace("-", "_")}'
-  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(kernels_built_for(march).FtjaxMatmul),
-                              platform='cpu')
+  dense = f'ftjax_dense_{march.replace("-", "_")}'
+  register_other_build(march, needs, kernels_built_for,
+                       {target: 'FtjaxMatmul', dense: 'FtjaxDense'})
   # Variants 0 fma, 1 dot, 2 amx: without their instructions, dot and amx run as fma.
   for (m, k, n), transpose_a, transpose_b, dtype, variant in [
       ((13, 17, 33), False, True, jnp.float32, 0), ((37, 4501, 70), True, False,
@@ -473,9 +472,6 @@ def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_b
     error = np.abs(np.asarray(got, np.float64) - want)
     assert (error <= 4 * np.finfo(np.float32).eps * np.sqrt(k) * scale).all(), (m, k, n)
   # The dense products: bias and column sums (on the portable path, loops after the product).
-  dense = f'ftjax_dense_{march.replace("-", "_")}'
-  jax.ffi.register_ffi_target(dense, jax.ffi.pycapsule(kernels_built_for(march).FtjaxDense),
-                              platform='cpu')
   for (m, k, n), transpose_b in [((37, 200, 70), True), ((97, 385, 64), False)]:
     a, b, bias = _dense_operands(m, k, n, transpose_b)
     empty = jnp.zeros((0,), jnp.float32)  # No gate (tests/test_layer_kernels.py has one).

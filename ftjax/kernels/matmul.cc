@@ -705,6 +705,22 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 #endif
 
 
+// Dense's extras over a complete float32 C, in plain loops (the portable path, and a product
+// with nothing to multiply): the bias added to C, A's column sums added to a_sums [k], and the
+// gate applied to C with its column sums added to gate_sums [n]; each only where pr asks.
+void ApplyExtras(const Problem& pr, float* a_sums, float* gate_sums) {
+  float* c = static_cast<float*>(pr.c);
+  for (int64_t i = 0; pr.bias && i < pr.m; ++i)
+    for (int64_t j = 0; j < pr.n; ++j) c[i * pr.n + j] += pr.bias[j];
+  for (int64_t i = 0; pr.sums && i < pr.m; ++i)
+    for (int64_t t = 0; t < pr.k; ++t) a_sums[t] += pr.a.At(i, t);
+  for (int64_t i = 0; pr.gate_y && i < pr.m; ++i)
+    for (int64_t j = 0; j < pr.n; ++j) {
+      c[i * pr.n + j] *= Slope(pr.gate_y[i * pr.n + j] + pr.gate_b[j]);
+      gate_sums[j] += c[i * pr.n + j];
+    }
+}
+
 // Splits C into tasks: across the larger of its two dimensions, one part per thread (each task
 // packs its own share of B and all of its rows of A), with at most kTaskCols columns each, and
 // a multiple of the threads in all where there is work enough (3 equal tasks on 2 threads
@@ -745,16 +761,7 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
     Block<false>(pr, m0, m1, n0, n1);
   });
 #if !defined(__AVX512F__)  // Block, the portable path, leaves Dense's extras to these loops.
-  for (int64_t i = 0; pr.bias && i < pr.m; ++i)
-    for (int64_t j = 0; j < pr.n; ++j) static_cast<float*>(pr.c)[i * pr.n + j] += pr.bias[j];
-  for (int64_t i = 0; pr.sums && i < pr.m; ++i)
-    for (int64_t t = 0; t < pr.k; ++t) partial[t] += pr.a.At(i, t);
-  for (int64_t i = 0; pr.gate_y && i < pr.m; ++i)
-    for (int64_t j = 0; j < pr.n; ++j) {
-      float& v = static_cast<float*>(pr.c)[i * pr.n + j];
-      v *= Slope(pr.gate_y[i * pr.n + j] + pr.gate_b[j]);
-      gated[j] += v;
-    }
+  ApplyExtras(pr, partial.data(), gated.data());
 #endif
   if (pr.sums) SumTasks(partial.data(), tasks, pr.k, pr.k, pr.sums);
   if (pr.gate_y) SumTasks(gated.data(), tasks, pr.n, pr.n, pr.gate_sums);
@@ -880,23 +887,11 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
     pr.gate_b = gate_b.typed_data();
     pr.gate_sums = gate_sums->typed_data();
   }
-  if (m == 0 || n == 0 || k == 0) {  // No product to run: C is the bias, the sums are A's.
-    float* out = c->typed_data();
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) out[i * n + j] = pr.bias ? pr.bias[j] : 0.0f;
-    if (pr.sums) {
-      std::fill(pr.sums, pr.sums + k, 0.0f);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t t = 0; t < k; ++t) pr.sums[t] += pr.a.At(i, t);
-    }
-    if (gated) {
-      std::fill(pr.gate_sums, pr.gate_sums + n, 0.0f);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) {
-          out[i * n + j] *= Slope(pr.gate_y[i * n + j] + pr.gate_b[j]);
-          pr.gate_sums[j] += out[i * n + j];
-        }
-    }
+  if (m == 0 || n == 0 || k == 0) {  // No product to run: C = 0, then the extras.
+    std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
+    std::fill(sums->typed_data(), sums->typed_data() + sums_k, 0.0f);
+    std::fill(gate_sums->typed_data(), gate_sums->typed_data() + (gated ? n : 0), 0.0f);
+    ApplyExtras(pr, pr.sums, pr.gate_sums);
     return ffi::Error::Success();
   }
   Run(pool, pr, Variant::kFma);
