@@ -321,47 +321,70 @@ def test_auto_measures_once_per_machine_and_keeps_the_verdict(monkeypatch, tmp_p
 
 def test_f32_auto_measures_once_and_keeps_the_verdict(monkeypatch, tmp_path, caplog):
   """float32 layers: the kernel against XLA's dots, timed once, kept beside the library in a
-  file of its own; the kernel must take under 0.97 of XLA's time."""
+  file of its own; the kernel must take under 0.97 of XLA's time. A verdict against the kernel
+  is measured again, in the process and by the next processes, until three have measured it."""
   monkeypatch.setenv('FTJAX_MATMUL', 'auto')
   monkeypatch.setattr(kernels, '_calibration_path',
                       lambda kind='': tmp_path / f'kernels-x.matmul{kind}.json')
+  monkeypatch.setattr(kernels, '_REMEASURE_PAUSE_S', 0.0)
   measured = []
 
   def measure():
     measured.append(1)
     return {'kernel': 0.009, 'xla': 0.010}
 
+  def new_process(times=None):
+    if times is not None:
+      monkeypatch.setattr(kernels, 'measure_f32_matmul', lambda: next(times))
+    kernels.f32_matmul_plan.cache_clear()
+    return kernels.f32_matmul_on_kernel(4096, 384, 1536)
+
+  path = tmp_path / 'kernels-x.matmul-f32.json'
   monkeypatch.setattr(kernels, 'measure_f32_matmul', measure)
-  kernels.f32_matmul_plan.cache_clear()
   try:
     with caplog.at_level(logging.INFO):
-      assert kernels.f32_matmul_on_kernel(4096, 384, 1536)
+      assert new_process()
     assert 'float32 matmuls on the kernel (kernel 9.00 ms, XLA 10.00 ms' in caplog.text
-    path = tmp_path / 'kernels-x.matmul-f32.json'
     assert json.loads(path.read_text()) == {'use_kernel': True, 'kernel_s': 0.009,
-                                            'xla_s': 0.010}
+                                            'xla_s': 0.010, 'processes': 1}
     assert not (tmp_path / 'kernels-x.matmul.json').exists()
-    kernels.f32_matmul_plan.cache_clear()
-    path.write_text(json.dumps({'use_kernel': False, 'kernel_s': 0.009, 'xla_s': 0.010}))
-    assert not kernels.f32_matmul_on_kernel(4096, 384, 1536)
-    assert measured == [1]
+    # A kept verdict for the kernel, or one against it that three processes measured: final.
+    assert new_process() and measured == [1]
+    path.write_text(json.dumps({'use_kernel': False, 'kernel_s': 0.009, 'xla_s': 0.010,
+                                'processes': 3}))
+    assert not new_process() and measured == [1]
     # Within 3% of XLA: XLA keeps the products, after two more measurements (the best of each
-    # side's times) that say so too.
-    monkeypatch.setattr(kernels, '_REMEASURE_PAUSE_S', 0.0)
-    times = iter([{'kernel': 0.98, 'xla': 1.0}, {'kernel': 1.5, 'xla': 1.1},
-                  {'kernel': 1.0, 'xla': 1.02}])
-    monkeypatch.setattr(kernels, 'measure_f32_matmul', lambda: next(times))
-    kernels.f32_matmul_plan.cache_clear()
+    # side's times) that say so too...
     path.unlink()
-    assert not kernels.f32_matmul_on_kernel(4096, 384, 1536)
-    assert json.loads(path.read_text()) == {'use_kernel': False, 'kernel_s': 0.98, 'xla_s': 1.0}
-    # A verdict against the kernel that a later measurement overturns: the kernel.
-    times = iter([{'kernel': 0.146, 'xla': 0.120}, {'kernel': 0.080, 'xla': 0.095}])
-    kernels.f32_matmul_plan.cache_clear()
+    assert not new_process(iter([{'kernel': 0.98, 'xla': 1.0}, {'kernel': 1.5, 'xla': 1.1},
+                                 {'kernel': 1.0, 'xla': 1.02}]))
+    assert json.loads(path.read_text()) == {'use_kernel': False, 'kernel_s': 0.98,
+                                            'xla_s': 1.0, 'processes': 1}
+    # ...and the next two processes measure it again, each keeping the best times so far; the
+    # fourth does not measure.
+    assert not new_process(iter([{'kernel': 0.99, 'xla': 0.97}] * 3))
+    assert json.loads(path.read_text()) == {'use_kernel': False, 'kernel_s': 0.98,
+                                            'xla_s': 0.97, 'processes': 2}
+    assert not new_process(iter([{'kernel': 0.96, 'xla': 0.98}] * 3))
+    assert json.loads(path.read_text()) == {'use_kernel': False, 'kernel_s': 0.96,
+                                            'xla_s': 0.97, 'processes': 3}
+    assert not new_process(iter([]))
+    # A verdict against the kernel that a later measurement in the same process overturns...
     path.unlink()
-    assert kernels.f32_matmul_on_kernel(4096, 384, 1536)
+    assert new_process(iter([{'kernel': 0.146, 'xla': 0.120}, {'kernel': 0.080, 'xla': 0.095}]))
     assert json.loads(path.read_text()) == {'use_kernel': True, 'kernel_s': 0.080,
-                                            'xla_s': 0.095}
+                                            'xla_s': 0.095, 'processes': 1}
+    # ...or in a later process (a busy machine's three measurements first): the kernel, for good.
+    path.unlink()
+    assert not new_process(iter([{'kernel': 0.122, 'xla': 0.117}] * 3))
+    assert new_process(iter([{'kernel': 0.084, 'xla': 0.090}]))
+    assert json.loads(path.read_text()) == {'use_kernel': True, 'kernel_s': 0.084,
+                                            'xla_s': 0.090, 'processes': 2}
+    assert new_process(iter([]))
+    # A plan that this version did not write (no counts, unreadable times) is measured afresh.
+    path.write_text(json.dumps({'use_kernel': False, 'kernel_s': 'fast'}))
+    assert new_process(iter([{'kernel': 0.08, 'xla': 0.09}]))
+    assert json.loads(path.read_text())['processes'] == 1
   finally:
     kernels.f32_matmul_plan.cache_clear()
 
