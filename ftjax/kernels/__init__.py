@@ -567,9 +567,9 @@ def f32_matmul_plan() -> dict:
   times the layer's work as the kernel does it, bias and bias gradient included: 0.78-0.87.
 
   A verdict against the kernel is measured again (_F32_REMEASURES times, a pause apart), each
-  side keeping its best time, and again by each new process until _F32_PROCESSES have measured
-  it (the count is kept in the plan, as 'processes'), each keeping the best times of those
-  before it. While something else shares the cores the kernel suffers more than XLA (its two
+  side keeping its best time, and again (once) by each new process until _F32_PROCESSES have
+  measured it (the count is kept in the plan, as 'processes'), each keeping the best times of
+  those before it. While something else shares the cores the kernel suffers more than XLA (its two
   equal tasks wait for the slower thread; XLA's many small ones balance): one measurement, made
   right after another process finished, timed the kernel at 0.146 s (0.078-0.084 in three
   measurements minutes later) against XLA's 0.120; the set-up of a fresh checkout on a busy VM
@@ -578,20 +578,23 @@ def f32_matmul_plan() -> dict:
   XLA's dots: MiniLM's float32 full step took 1.12x as long on them (`FTJAX_MATMUL=xla`).
   """
   def measure(kept):
+    try:  # The best times and count of the processes before, if they measured against it.
+      before = ({name: float(kept[f'{name}_s']) for name in ('kernel', 'xla')},
+                int(kept.get('processes', 1))) if kept and kept['use_kernel'] is False else None
+    except (KeyError, TypeError, ValueError):  # A plan this version did not write: ignored.
+      before = None
     times = measure_f32_matmul()
-    for _ in range(_F32_REMEASURES):
+    # The first process measures again at once; later ones once each (their start is timed).
+    for _ in range(_F32_REMEASURES if before is None else 0):
       if times['kernel'] < _F32_KERNEL_MARGIN * times['xla']:
         break
       time.sleep(_REMEASURE_PAUSE_S)
       again = measure_f32_matmul()
       times = {name: min(t, again[name]) for name, t in times.items()}
     processes = 1
-    try:
-      if kept is not None and kept['use_kernel'] is False:
-        times = {name: min(t, float(kept[f'{name}_s'])) for name, t in times.items()}
-        processes += int(kept.get('processes', 1))
-    except (KeyError, TypeError, ValueError):  # A plan this version did not write: ignored.
-      pass
+    if before is not None:
+      times = {name: min(t, before[0][name]) for name, t in times.items()}
+      processes += before[1]
     plan = {'use_kernel': times['kernel'] < _F32_KERNEL_MARGIN * times['xla'],
             **{f'{name}_s': t for name, t in times.items()}, 'processes': processes}
     logging.info('ftjax: float32 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
