@@ -569,13 +569,13 @@ def f32_matmul_plan() -> dict:
   A verdict against the kernel is measured again (_F32_REMEASURES times, a pause apart), each
   side keeping its best time, and again (once) by each new process until _F32_PROCESSES have
   measured it (the count is kept in the plan, as 'processes'), each keeping the best times of
-  those before it. While something else shares the cores the kernel suffers more than XLA (its two
-  equal tasks wait for the slower thread; XLA's many small ones balance): one measurement, made
-  right after another process finished, timed the kernel at 0.146 s (0.078-0.084 in three
+  those before it. While something else shares the cores the kernel suffers more than XLA (its
+  two equal tasks wait for the slower thread; XLA's many small ones balance): one measurement,
+  made right after another process finished, timed the kernel at 0.146 s (0.078-0.084 in three
   measurements minutes later) against XLA's 0.120; the set-up of a fresh checkout on a busy VM
-  measured 0.122 against 0.117 in all three of its measurements (0.06-0.08 against 0.07-0.10 on
-  an idle one). Either verdict, kept for good, would have sent this build's float32 layers to
-  XLA's dots: MiniLM's float32 full step took 1.12x as long on them (`FTJAX_MATMUL=xla`).
+  kept 0.122 against 0.117 as the best of its three measurements (0.06-0.08 against 0.07-0.10
+  on an idle one). Either verdict, kept for good, would have sent this build's float32 layers
+  to XLA's dots: MiniLM's float32 full step took 1.12x as long on them (`FTJAX_MATMUL=xla`).
   """
   def measure(kept):
     try:  # The best times and count of the processes before, if they measured against it.
