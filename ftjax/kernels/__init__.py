@@ -578,25 +578,25 @@ def f32_matmul_plan() -> dict:
   to XLA's dots: MiniLM's float32 full step took 1.12x as long on them (`FTJAX_MATMUL=xla`).
   """
   def measure(kept):
-    try:  # The best times and count of the processes before, if they measured against it.
-      before = ({name: float(kept[f'{name}_s']) for name in ('kernel', 'xla')},
-                int(kept.get('processes', 1))) if kept and kept['use_kernel'] is False else None
+    # The best times of the processes before, and their count, where they measured against it.
+    best, processes = {}, 0
+    try:
+      if kept and kept['use_kernel'] is False:
+        best = {name: float(kept[f'{name}_s']) for name in ('kernel', 'xla')}
+        processes = int(kept.get('processes', 1))
     except (KeyError, TypeError, ValueError):  # A plan this version did not write: ignored.
-      before = None
+      best, processes = {}, 0
     times = measure_f32_matmul()
     # The first process measures again at once; later ones once each (their start is timed).
-    for _ in range(_F32_REMEASURES if before is None else 0):
+    for _ in range(0 if processes else _F32_REMEASURES):
       if times['kernel'] < _F32_KERNEL_MARGIN * times['xla']:
         break
       time.sleep(_REMEASURE_PAUSE_S)
       again = measure_f32_matmul()
       times = {name: min(t, again[name]) for name, t in times.items()}
-    processes = 1
-    if before is not None:
-      times = {name: min(t, before[0][name]) for name, t in times.items()}
-      processes += before[1]
+    times = {name: min(t, best.get(name, t)) for name, t in times.items()}
     plan = {'use_kernel': times['kernel'] < _F32_KERNEL_MARGIN * times['xla'],
-            **{f'{name}_s': t for name, t in times.items()}, 'processes': processes}
+            **{f'{name}_s': t for name, t in times.items()}, 'processes': processes + 1}
     logging.info('ftjax: float32 matmuls on the %s (kernel %.2f ms, XLA %.2f ms; %s)',
                  'kernel' if plan['use_kernel'] else 'XLA dot', times['kernel'] * 1e3,
                  times['xla'] * 1e3, _calibration_path('-f32'))

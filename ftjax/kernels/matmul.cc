@@ -827,9 +827,10 @@ ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
              {b2.typed_data(), db2[1], transpose_b2, false}, rank};
   pr.bias = bias_n ? bias.typed_data() : nullptr;
   if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0)
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c->typed_data()[i * n + j] = pr.bias ? pr.bias[j] : 0.0f;
+  if (k == 0) {  // No first product: C = bias (or 0), then the second product below.
+    std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
+    ApplyExtras(pr, nullptr, nullptr);
+  }
 #if defined(__AVX512F__)
   // BlockDirect adds the second product itself.
   if (k > 0) {
