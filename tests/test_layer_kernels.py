@@ -329,9 +329,11 @@ def test_feed_forward_runs_gelus_backward_inside_the_input_gradient(monkeypatch)
   ours, text = _feed_forward_step(monkeypatch, 'kernel')
   theirs, xla_text = _feed_forward_step(monkeypatch, 'xla')
   # up's product, GELU with up's bias, down's product with its bias; then the gated input
-  # gradient (no bias_gelu_grad) and up's input gradient.
+  # gradient (no bias_gelu_grad), down's weight gradient, up's input and weight gradients.
   assert re.findall(r'ftjax_\w+', text) == ['ftjax_matmul', 'ftjax_bias_gelu', 'ftjax_dense',
-                                             'ftjax_dense', 'ftjax_matmul']
+                                             'ftjax_dense', 'ftjax_matmul', 'ftjax_matmul',
+                                             'ftjax_matmul']
+  assert re.findall(r'transpose_a = (\w+)', text) == ['false', 'true', 'false', 'true']
   assert 'ftjax_' not in xla_text
   for got, want in zip(ours, theirs):
     assert got.shape == want.shape

@@ -213,15 +213,15 @@ def test_the_kernel_serves_only_wide_products(monkeypatch):
 
 
 def test_the_f32_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
-  """A float32 dense layer's output and input gradient on the kernel, its weight gradient on
-  XLA's dot: the same values as XLA's three dots to float32 rounding."""
+  """A float32 dense layer's output, input gradient and weight gradient on the kernel: the
+  same values as XLA's three dots to float32 rounding."""
   x, w = _kernel_matches_xla(monkeypatch, jnp.float32, seed=4, tolerance=1e-5)
-  # Forward and input gradient on the kernel, the weight gradient (x^T g) on XLA's dot.
+  # All three products on the kernel, the weight gradient (x^T g) reading x^T in place.
   monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
   dims = (((2,), (0,)), ((), ()))
   step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot_general(x, w, dims))),
                           argnums=(0, 1)))
-  assert _compiled_dots(step, x, w) == (2, 1)
+  assert _compiled_dots(step, x, w) == (3, 0)
   # A frozen weight (no weight gradient asked for): no weight-gradient dot at all.
   frozen = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot_general(x, w, dims)))))
   assert _compiled_dots(frozen, x, w) == (2, 0)

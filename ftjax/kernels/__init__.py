@@ -542,15 +542,15 @@ def bf16_matmul_plan() -> dict:
 
 
 def f32_matmul_on_kernel(m: int, k: int, n: int) -> bool:
-  """Whether a float32 [m, k] x [k, n] dense layer's product and input gradient run on the
-  kernel (its `fma` variant, which reads float32 A unpacked: see matmul.cc's BlockDirect).
+  """Whether a float32 [m, k] x [k, n] dense layer's products (output, input gradient and
+  weight gradient) run on the kernel (its `fma` variant, which reads float32 A unpacked and a
+  transposed A's panels row by row: see matmul.cc's BlockDirect).
 
   `FTJAX_MATMUL=auto` (the default) uses it on a single CPU device where it measured faster than
   XLA's float32 dots on this machine (`f32_matmul_plan`); `kernel` wherever it applies; `xla`
-  never. The weight gradient x^T g stays XLA's either way: on the kernel it was faster alone at
-  most shapes (1.0-1.3x at MiniLM's, 0.93 at Llama's [2048, 2048]^T x [.., 768] on an Intel
-  Xeon with AMX), but MiniLM's full fine-tuning step took 1.003 and 0.989 of its time in two
-  runs (XLA runs its weight-gradient dots beside the other products).
+  never. (The weight gradient stayed on XLA's dot until its transposed A was copied panel by
+  panel down x's rows: then MiniLM's full step took 1.003 and 0.989 of its time with it on the
+  kernel, and 0.947 once the copy read each of x's rows in order.)
   """
   return _matmul_on_kernel(m, k, n, f32_matmul_plan)
 
@@ -564,7 +564,9 @@ def f32_matmul_plan() -> dict:
   The kernel must take at most _F32_KERNEL_MARGIN of XLA's time: on an Intel Xeon with AMX
   (family 6 model 167, 2 cores) the products alone took 0.85-0.95 at MiniLM's shapes (0.96 on a
   slower day, at the margin), and MiniLM's float32 LoRA step 0.96 of its time. The measurement
-  times the layer's work as the kernel does it, bias and bias gradient included: 0.78-0.87.
+  times the layer's work as the kernel does it, bias and bias gradient included: 0.78-0.87;
+  with the weight gradient too, 0.88-0.92 (XLA runs that measurement's independent dots side by
+  side, which flatters it: alone, its weight gradients took 1.12-1.30x the kernel's time).
 
   A verdict against the kernel is measured again (_F32_REMEASURES times, a pause apart), each
   side keeping its best time, and again (once) by each new process until _F32_PROCESSES have
@@ -611,9 +613,9 @@ def f32_matmul_plan() -> dict:
 
 def measure_f32_matmul(m: int = 4096, rounds: int = 7) -> dict:
   """Best seconds of the kernel ('kernel') and of XLA's ops ('xla'), taking turns, for what a
-  float32 dense layer hands the kernel: y = x w + b, and dx = g w^T with the bias gradient (g's
-  column sums), at MiniLM's attention and FFN shapes with m tokens (x [m, 384], w [384, 384],
-  [384, 1536] and [1536, 384]).
+  float32 dense layer hands the kernel: y = x w + b, dx = g w^T with the bias gradient (g's
+  column sums) and dw = x^T g, at MiniLM's attention and FFN shapes with m tokens (x [m, 384],
+  w [384, 384], [384, 1536] and [1536, 384]).
   """
   rng = np.random.default_rng(0)
   shapes = ((384, 384), (384, 1536), (1536, 384))
@@ -622,12 +624,12 @@ def measure_f32_matmul(m: int = 4096, rounds: int = 7) -> dict:
 
   @jax.jit
   def on_kernel(operands):
-    return [(matmul_bias(x, w, b), matmul_sums(g, w, transpose_b=True))
-            for x, w, b, g in operands]
+    return [(matmul_bias(x, w, b), matmul_sums(g, w, transpose_b=True),
+             matmul(x, g, transpose_a=True)) for x, w, b, g in operands]
 
   @jax.jit
   def on_xla(operands):
-    return [(x @ w + b, g @ w.T, g.sum(0)) for x, w, b, g in operands]
+    return [(x @ w + b, g @ w.T, g.sum(0), x.T @ g) for x, w, b, g in operands]
 
   return _best_of(rounds, {'kernel': on_kernel, 'xla': on_xla}, operands)
 

@@ -504,7 +504,7 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
   const float* a = static_cast<const float*>(pr.a.p);
   const int64_t step = pr.a.transposed ? kRows : 1;
   Scratch b_scratch(0), a_scratch(1), b2_scratch(2);
-  float* ap = a_scratch.Get(kRows * kDirectDepth + 16);
+  float* ap = a_scratch.Get(pr.a.transposed ? kBlockRows * kDirectDepth + 16 : 0);
   float* b2p = pr.rank ? b2_scratch.Get(RoundUp(std::min(n1 - n0, kDirectCols), kCols) *
                                         pr.rank) : nullptr;
   float* bp = b_scratch.Get(RoundUp(std::min(n1 - n0, kDirectCols), kCols) * part);
@@ -519,18 +519,25 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
         float* c = static_cast<float*>(pr.c) + i0 * pr.n + j0;
         for (int64_t k0 = p0; k0 < p0 + part_depth; k0 += depth) {
           const int64_t d = std::min(depth, p0 + part_depth - k0);
+          if (pr.a.transposed)
+            // A's panels for these rows and this pass, word t of panel p = row k0 + t of a from
+            // column i0 + p kRows: kRows values in a row, copied to be contiguous (a is read
+            // once; its rows can be a page apart), row by row of a, each row's run of `rows`
+            // values read in order (panel by panel, down a's rows, the copies had ~1/6 of a
+            // weight gradient's time).
+            for (int64_t t = 0; t < d; ++t) {
+              const float* src = a + (k0 + t) * pr.a.ld + i0;
+              for (int64_t p = 0; p * kRows < rows; ++p) {
+                const __mmask16 lanes = FirstLanes(std::min(kRows, rows - p * kRows));
+                _mm512_mask_storeu_ps(ap + (p * d + t) * kRows, FirstLanes(kRows),
+                                      _mm512_maskz_loadu_ps(lanes, src + p * kRows));
+              }
+            }
           for (int64_t p = 0; p * kRows < rows; ++p) {
             const int64_t height = std::min(kRows, rows - p * kRows);
             const float* rows_a[kRows];
             if (pr.a.transposed) {
-              // A's panel, word t = row k0 + t of a from column i0 + p kRows: kRows values in a
-              // row, copied to be contiguous (a is read once; its rows can be a page apart).
-              const __mmask16 lanes = FirstLanes(height);
-              const float* src = a + k0 * pr.a.ld + i0 + p * kRows;
-              for (int64_t t = 0; t < d; ++t)
-                _mm512_mask_storeu_ps(ap + t * kRows, FirstLanes(kRows),
-                                      _mm512_maskz_loadu_ps(lanes, src + t * pr.a.ld));
-              for (int64_t i = 0; i < kRows; ++i) rows_a[i] = ap + i;
+              for (int64_t i = 0; i < kRows; ++i) rows_a[i] = ap + p * d * kRows + i;
             } else {
               for (int64_t i = 0; i < kRows; ++i)
                 rows_a[i] = a + (i0 + p * kRows + std::min(i, height - 1)) * pr.a.ld + k0;

@@ -184,10 +184,10 @@ def _matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
     weight gradient x^T @ g (on a transposed copy of x, `_transposed_copy`) all keep that form.
 
   float32 (only where `kernels.f32_matmul_on_kernel` says so; `dot_general` leaves other
-  float32 products to XLA): the forward product and the input gradient on the kernel, which
-  reads x unpacked and took 0.85-0.95 of XLA's time at MiniLM's shapes on an Intel Xeon with
-  AMX; the weight gradient on XLA's dot (see `kernels.f32_matmul_on_kernel`). The kernel sums
-  in a different order than XLA: the values agree to float32 rounding.
+  float32 products to XLA): all three products on the kernel, the forward product and the
+  input gradient reading x unpacked (0.85-0.95 of XLA's time at MiniLM's shapes on an Intel
+  Xeon with AMX), the weight gradient reading x^T in place (`_weight_grad`). The kernel sums in
+  a different order than XLA: the values agree to float32 rounding.
   """
   if _on_kernel(x_MxK, w_KxN):
     return kernels.matmul(x_MxK, w_KxN)
@@ -208,9 +208,9 @@ def _matmul_bwd(residuals, g_MxN):
   x_MxK, w_KxN = residuals
   g_MxN = g_MxN.astype(x_MxK.dtype)
   if x_MxK.dtype == jnp.float32:
-    d_x = (kernels.matmul(g_MxN, w_KxN, transpose_b=True) if _on_kernel(x_MxK, w_KxN)
-           else _dot_f32(g_MxN, w_KxN, (1, 1)))
-    return d_x, _dot_f32(x_MxK, g_MxN, (0, 0))
+    if _on_kernel(x_MxK, w_KxN):
+      return kernels.matmul(g_MxN, w_KxN, transpose_b=True), _weight_grad(x_MxK, g_MxN)
+    return _dot_f32(g_MxN, w_KxN, (1, 1)), _dot_f32(x_MxK, g_MxN, (0, 0))
   if _on_kernel(x_MxK, w_KxN):
     return (kernels.matmul(g_MxN, w_KxN, transpose_b=True),
             kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=w_KxN.dtype))
@@ -219,6 +219,16 @@ def _matmul_bwd(residuals, g_MxN):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _weight_grad(x_MxK: jax.Array, g_MxN: jax.Array) -> jax.Array:
+  """x^T g, a float32 layer's weight gradient, where its other products run on the matmul
+  kernel: on the kernel too, which needs no transposing copy of x (a panel of x^T is a run of
+  values in each row of x). XLA:CPU ran this dot, contracting both operands' first dimension,
+  at 184-213 GFLOP/s at MiniLM's shapes (4096 tokens) on an Intel Xeon with AMX, the kernel at
+  238-245 (214-235 against 234-255 at Llama's, 2048 tokens); MiniLM's float32 full fine-tuning
+  step took 0.947 of its time with its weight gradients on the kernel."""
+  return kernels.matmul(x_MxK, g_MxN, transpose_a=True)
 
 
 @jax.custom_vjp
@@ -240,7 +250,7 @@ def _matmul_bias_bwd(residuals, g_MxN):
   x_MxK, w_KxN = residuals
   g_MxN = g_MxN.astype(jnp.float32)
   d_x, d_b = kernels.matmul_sums(g_MxN, w_KxN, transpose_b=True)
-  return d_x, _dot_f32(x_MxK, g_MxN, (0, 0)), d_b
+  return d_x, _weight_grad(x_MxK, g_MxN), d_b
 
 
 _matmul_bias.defvjp(_matmul_bias_fwd, _matmul_bias_bwd)
@@ -686,7 +696,8 @@ def feed_forward(up: nnx.Module, down: nnx.Module, x: jax.Array, kw: dict,
 def _gelu_dense(y: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array) -> jax.Array:
   """gelu(y + b1) @ w2 + b2 for float32 y [M, F] on ftjax's kernels (see `feed_forward`): the
   forward as `bias_gelu` and `_matmul_bias`; the backward's d(y + b1) and both bias gradients
-  from one kernel call (`kernels.matmul_gelu_grad`), w2's gradient on XLA's dot."""
+  from one kernel call (`kernels.matmul_gelu_grad`), w2's gradient on the kernel too
+  (`_weight_grad`)."""
   return _gelu_dense_fwd(y, b1, w2, b2)[0]
 
 
@@ -699,7 +710,7 @@ def _gelu_dense_bwd(residuals, g):
   y, b1, h, w2 = residuals
   g = g.astype(jnp.float32)
   d_y, d_b1, d_b2 = kernels.matmul_gelu_grad(g, w2, y, b1)
-  return d_y, d_b1, _dot_f32(h, g, (0, 0)), d_b2
+  return d_y, d_b1, _weight_grad(h, g), d_b2
 
 
 _gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
