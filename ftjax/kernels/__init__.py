@@ -559,7 +559,7 @@ def f32_matmul_on_kernel(m: int, k: int, n: int) -> bool:
 def f32_matmul_plan() -> dict:
   """Whether float32 dense layers run on the matmul kernel on this machine: {'use_kernel':
   bool, 'kernel_s', 'xla_s'}, measured once per machine and build (`measure_f32_matmul`, about
-  1 s on 2 cores) and kept beside the library, as `bf16_matmul_plan` is.
+  3 s on 2 cores) and kept beside the library, as `bf16_matmul_plan` is.
 
   The kernel must take at most _F32_KERNEL_MARGIN of XLA's time: on an Intel Xeon with AMX
   (family 6 model 167, 2 cores) the products alone took 0.85-0.95 at MiniLM's shapes (0.96 on a
