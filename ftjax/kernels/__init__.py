@@ -566,7 +566,7 @@ def f32_matmul_plan() -> dict:
   slower day, at the margin), and MiniLM's float32 LoRA step 0.96 of its time. The measurement
   times the layer's work as the kernel does it, bias and bias gradient included: 0.78-0.87;
   with the weight gradient too, 0.88-0.92 (XLA runs that measurement's independent dots side by
-  side, which flatters it: alone, its weight gradients took 1.12-1.30x the kernel's time).
+  side, which flatters it: alone, its weight gradients took 1.19-1.37x the kernel's time).
 
   A verdict against the kernel is measured again (_F32_REMEASURES times, a pause apart), each
   side keeping its best time, and again (once) by each new process until _F32_PROCESSES have

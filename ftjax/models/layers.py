@@ -186,8 +186,9 @@ def _matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
   float32 (only where `kernels.f32_matmul_on_kernel` says so; `dot_general` leaves other
   float32 products to XLA): all three products on the kernel, the forward product and the
   input gradient reading x unpacked (0.85-0.95 of XLA's time at MiniLM's shapes on an Intel
-  Xeon with AMX), the weight gradient reading x^T in place (`_weight_grad`). The kernel sums in
-  a different order than XLA: the values agree to float32 rounding.
+  Xeon with AMX), the weight gradient copying x^T's panels row by row of x, without a
+  transpose (`_weight_grad`). The kernel sums in a different order than XLA: the values agree
+  to float32 rounding.
   """
   if _on_kernel(x_MxK, w_KxN):
     return kernels.matmul(x_MxK, w_KxN)
@@ -225,8 +226,8 @@ def _weight_grad(x_MxK: jax.Array, g_MxN: jax.Array) -> jax.Array:
   """x^T g, a float32 layer's weight gradient, where its other products run on the matmul
   kernel: on the kernel too, which needs no transposing copy of x (a panel of x^T is a run of
   values in each row of x). XLA:CPU ran this dot, contracting both operands' first dimension,
-  at 184-213 GFLOP/s at MiniLM's shapes (4096 tokens) on an Intel Xeon with AMX, the kernel at
-  238-245 (214-235 against 234-255 at Llama's, 2048 tokens); MiniLM's float32 full fine-tuning
+  at 184-238 GFLOP/s at MiniLM's shapes (4096 tokens) on an Intel Xeon with AMX, the kernel at
+  262-283 (214-272 against 268-282 at Llama's, 2048 tokens); MiniLM's float32 full fine-tuning
   step took 0.947 of its time with its weight gradients on the kernel."""
   return kernels.matmul(x_MxK, g_MxN, transpose_a=True)
 
