@@ -216,7 +216,7 @@ def test_the_f32_dense_layer_on_the_kernel_matches_xlas_dots(monkeypatch):
   """A float32 dense layer's output, input gradient and weight gradient on the kernel: the
   same values as XLA's three dots to float32 rounding."""
   x, w = _kernel_matches_xla(monkeypatch, jnp.float32, seed=4, tolerance=1e-5)
-  # All three products on the kernel, the weight gradient (x^T g) reading x^T in place.
+  # All three products on the kernel, the weight gradient (x^T g) with no transposing copy.
   monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
   dims = (((2,), (0,)), ((), ()))
   step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot_general(x, w, dims))),

@@ -7,8 +7,8 @@
 #define FTJAX_KERNELS_COMMON_H_
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>

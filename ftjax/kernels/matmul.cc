@@ -539,6 +539,7 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
                                       _mm512_maskz_loadu_ps(lanes, src + p * kRows));
               }
             }
+          const bool gated = pr.gate_y && k0 + d >= K;  // the last pass: C is complete
           for (int64_t p = 0; p * kRows < rows; ++p) {
             const int64_t height = std::min(kRows, rows - p * kRows);
             const float* rows_a[kRows];
@@ -549,7 +550,6 @@ void BlockDirect(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t 
                 rows_a[i] = a + (i0 + p * kRows + std::min(i, height - 1)) * pr.a.ld + k0;
               if (sums && j0 == n0) AddRows(rows_a[0], pr.a.ld, height, d, sums + k0);
             }
-            const bool gated = pr.gate_y && k0 + d >= K;  // the last pass: C is complete
             for (int64_t q = 0; q < panels; ++q) {
               const int64_t col = j0 + q * kCols;
               TileGate gate;
