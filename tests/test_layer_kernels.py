@@ -1,5 +1,5 @@
-"""The float32 layer kernels against XLA's ops and exact values: bias + exact GELU (gelu.cc) and
-LayerNorm (layer_norm.cc)."""
+"""The layer kernels against XLA's ops and exact values: bias + exact GELU (gelu.cc) and
+LayerNorm (layer_norm.cc), in float32 and in bfloat16 (computed in float32, rounded once)."""
 
 import math
 import re
@@ -36,10 +36,32 @@ def _reference(y, b):
   return layers.gelu(layers.add_bias(y, b))
 
 
+def _bf16(x) -> jax.Array:
+  return jnp.asarray(x, jnp.bfloat16)
+
+
+def _to_bf16_f64(x: np.ndarray) -> np.ndarray:
+  """float64 values rounded to bfloat16 (via float32; exact for the magnitudes used here)."""
+  return np.asarray(jnp.asarray(np.asarray(x, np.float32), jnp.bfloat16), np.float64)
+
+
+def _assert_rounded_once(got, exact, what: str, atol=0.0):
+  """A bfloat16 result is the exact value rounded once: equal to the rounded exact value except
+  where float32 arithmetic's own error (at most `atol`, e.g. GELU's erf ~1e-6, or cancellation
+  in a sum) lands it on the other side of a rounding boundary, then one bfloat16 step away."""
+  got, want = np.asarray(got, np.float64), _to_bf16_f64(exact)
+  step = np.abs(want) * 2.0**-7  # one bfloat16 step (at most) at each value
+  off = np.abs(got - want)
+  assert (off <= step + atol).all(), (what, off.max())
+  # Where that error is far below a step, a value off by one is a rounding done twice (or not).
+  clear = np.broadcast_to(step > 100 * np.asarray(atol), off.shape)
+  assert clear.mean() > 0.1 and (off == 0)[clear].mean() > 0.99, (what, (off == 0)[clear].mean())
+
+
 # Rows over and under one task (256), widths in and out of whole 16-lane vectors.
 @pytest.mark.parametrize('m,n', [(600, 1536), (7, 40), (300, 5)])
 def test_bias_gelu_matches_xla_and_the_exact_values(m, n):
-  assert kernels.float32_kernel_applies(jnp.zeros((1, n)), jnp.zeros((n,)))
+  assert kernels.layer_kernel_applies(jnp.zeros((1, n)), jnp.zeros((n,)))
   y, b, g = _operands(m, n)
   out, pullback = jax.vjp(jax.jit(layers.bias_gelu), y, b)
   d_y, d_b = pullback(g)
@@ -61,6 +83,29 @@ def test_bias_gelu_matches_xla_and_the_exact_values(m, n):
   assert out.shape == y.shape and d_y.shape == y.shape and d_b.shape == b.shape
 
 
+@pytest.mark.parametrize('m,n', [(600, 1536), (7, 40), (300, 5)])
+def test_bfloat16_bias_gelu_rounds_the_exact_values_once(m, n):
+  """bfloat16 y and bias: the output and d(y + b) are the exact values (of the bfloat16
+  operands) rounded once to bfloat16; XLA's path rounds y + b first and is further off; the
+  bias gradient (float32 inside, bfloat16 as the parameter's dtype) is the exact sum."""
+  y, b, g = (_bf16(t) for t in _operands(m, n))
+  assert kernels.layer_kernel_applies(y, b)
+  out, pullback = jax.vjp(jax.jit(layers.bias_gelu), y, b)
+  d_y, d_b = pullback(g)
+  assert out.dtype == d_y.dtype == d_b.dtype == jnp.bfloat16
+  z = np.asarray(y, np.float64) + np.asarray(b, np.float64)
+  exact, slope = _exact_gelu(z)
+  exact_d = np.asarray(g, np.float64) * slope
+  # The float32 GELU's error, as in the float32 test: ~1e-6 of 1 + |value|.
+  _assert_rounded_once(out, exact, 'gelu', atol=2e-6 * (1 + np.abs(exact)))
+  _assert_rounded_once(d_y, exact_d, 'd(y + b)', atol=2e-6 * (1 + np.abs(exact_d)))
+  # The exact column sums of d (of the float32 values, before d's rounding), rounded once.
+  _assert_rounded_once(d_b, exact_d.sum(0), 'd bias', atol=1e-5 * np.sqrt(m))
+  ref_out = jax.jit(_reference)(y, b)
+  ours, xla = (np.abs(np.asarray(t, np.float64) - exact).max() for t in (out, ref_out))
+  assert ours <= xla, (ours, xla)
+
+
 def _step_text(monkeypatch, matmul: str, dtype) -> str:
   monkeypatch.setenv('FTJAX_MATMUL', matmul)
   layer = layers.linear(16, 48, ('embed', 'mlp'), std=0.1, dtype=dtype, rngs=nnx.Rngs(0))
@@ -72,14 +117,15 @@ def _step_text(monkeypatch, matmul: str, dtype) -> str:
   return jax.jit(nnx.value_and_grad(loss, argnums=(0, 1))).lower(layer, x).as_text()
 
 
-def test_gelu_layers_take_the_kernel_only_in_float32(monkeypatch):
-  """A float32 linear layer with exact GELU runs its bias and activation as the kernel's two
-  calls (none left for XLA's erf); bfloat16, FTJAX_MATMUL=xla and other activations stay on
-  XLA."""
-  text = _step_text(monkeypatch, 'auto', jnp.float32)
-  assert re.findall(r'ftjax_bias_gelu\w*', text) == ['ftjax_bias_gelu', 'ftjax_bias_gelu_grad']
-  assert 'erf' not in text
-  for matmul, dtype in [('xla', jnp.float32), ('auto', jnp.bfloat16)]:
+def test_gelu_layers_take_the_kernel_in_float32_and_bfloat16(monkeypatch):
+  """A float32 or bfloat16 linear layer with exact GELU runs its bias and activation as the
+  kernel's two calls (none left for XLA's erf); float16, FTJAX_MATMUL=xla and other
+  activations stay on XLA."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    text = _step_text(monkeypatch, 'auto', dtype)
+    assert re.findall(r'ftjax_bias_gelu\w*', text) == ['ftjax_bias_gelu', 'ftjax_bias_gelu_grad']
+    assert 'erf' not in text
+  for matmul, dtype in [('xla', jnp.float32), ('xla', jnp.bfloat16), ('auto', jnp.float16)]:
     text = _step_text(monkeypatch, matmul, dtype)
     assert 'ftjax_bias_gelu' not in text and 'erf' in text, (matmul, dtype)
   layer = layers.linear(16, 48, ('embed', 'mlp'), std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -109,6 +155,21 @@ def test_builds_for_other_cpus_compute_the_same_gelu(march, needs, kernels_built
   np.testing.assert_allclose(out, kernels.bias_gelu(y, b), rtol=1e-6, atol=1e-6)
   want_d_y, want_d_b = kernels.bias_gelu_grad(y, b, g)
   np.testing.assert_allclose(d_y, want_d_y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(d_b, want_d_b, rtol=1e-5, atol=1e-5)
+  # bfloat16: the same roundings (this build may convert with AVX512_BF16's instruction, the
+  # others with F32ToBf16's bit arithmetic), so the same bits but where float32 rounding in the
+  # erf's evaluation puts a value on the other side of a boundary.
+  y, g = _bf16(y), _bf16(g)
+  stream = jax.ShapeDtypeStruct(y.shape, jnp.bfloat16)
+  out = jax.ffi.ffi_call(name, stream)(y, b)
+  d_y, d_b = jax.ffi.ffi_call(name + '_grad', (stream, jax.ShapeDtypeStruct(b.shape, jnp.float32)))(
+      y, b, g)
+  want_d_y, want_d_b = kernels.bias_gelu_grad(y, b, g)
+  for got, want in [(out, kernels.bias_gelu(y, b)), (d_y, want_d_y)]:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    # Equal bits but in GELU's far tails, where erf's float32 error (~1e-6) outweighs a step.
+    assert (got == want)[np.abs(want) > 1e-2].mean() > 0.99
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=2e-6)
   np.testing.assert_allclose(d_b, want_d_b, rtol=1e-5, atol=1e-5)
 
 
@@ -149,9 +210,31 @@ def test_layer_norm_matches_float64_and_xla(m, d):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())
 
 
-def test_layer_norms_take_the_kernel_only_in_float32(monkeypatch):
-  """ftjax's LayerNorm runs on the kernel's two calls in float32 (with and without a bias), as
-  flax's LayerNorm computes it; bfloat16 and FTJAX_MATMUL=xla stay on XLA."""
+@pytest.mark.parametrize('m,d', [(300, 384), (5, 40), (130, 7)])
+def test_bfloat16_layer_norm_rounds_the_exact_values_once(m, d):
+  """bfloat16 x, scale and bias (as LayerNorm computes in bfloat16): the output and dx are the
+  exact values rounded once to bfloat16 (dx up to float32's error where its terms cancel), the
+  parameters' gradients the exact sums, rounded once to their bfloat16; closer to the exact
+  values than XLA's path, which rounds the output's pieces."""
+  x, scale, bias, g = (_bf16(t) for t in _layer_norm_operands(m, d))
+  x = _bf16(np.asarray(x, np.float32) - 100)  # bfloat16 holds only ~3 digits: no offset here.
+  eps = 1e-5
+  out, pullback = jax.vjp(lambda *a: layers._normalize_on_kernel(*a, eps), x, scale, bias)  # pylint: disable=protected-access
+  grads = pullback(g)
+  assert out.dtype == jnp.bfloat16 and all(t.dtype == jnp.bfloat16 for t in grads)
+  want = _layer_norm_float64(x, scale, bias, g, eps)
+  # float32's error: ~1e-6 of the largest value in y, more in dx (its terms cancel) and the sums.
+  for got, exact, what, error in zip((out, *grads), want, ('y', 'dx', 'd_scale', 'd_bias'),
+                                     (2e-6, 1e-5, 1e-5, 1e-5)):
+    _assert_rounded_once(got, exact, what, atol=error * np.abs(exact).max())
+  xla = jax.vjp(lambda *a: layers._normalize(*a, eps), x, scale, bias)[0]  # pylint: disable=protected-access
+  ours, theirs = (np.abs(np.asarray(t, np.float64) - want[0]).max() for t in (out, xla))
+  assert ours <= theirs, (ours, theirs)
+
+
+def test_layer_norms_take_the_kernel_in_float32_and_bfloat16(monkeypatch):
+  """ftjax's LayerNorm runs on the kernel's two calls in float32 and bfloat16 (with and without
+  a bias), as flax's LayerNorm computes it; float16 and FTJAX_MATMUL=xla stay on XLA."""
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 24)), jnp.float32)
 
   def compiled(dtype, use_bias=True):
@@ -164,11 +247,13 @@ def test_layer_norms_take_the_kernel_only_in_float32(monkeypatch):
     flax_norm = nnx.LayerNorm(24, epsilon=1e-6, use_bias=use_bias, use_fast_variance=False,
                               rngs=nnx.Rngs(0))
     np.testing.assert_allclose(norm(x), flax_norm(x), rtol=1e-5, atol=1e-5)
-    assert re.findall(r'ftjax_layer_norm\w*', compiled(jnp.float32, use_bias)) == [
-        'ftjax_layer_norm', 'ftjax_layer_norm_grad']
-  assert 'ftjax_layer_norm' not in compiled(jnp.bfloat16)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      assert re.findall(r'ftjax_layer_norm\w*', compiled(dtype, use_bias)) == [
+          'ftjax_layer_norm', 'ftjax_layer_norm_grad']
+  assert 'ftjax_layer_norm' not in compiled(jnp.float16)
   monkeypatch.setenv('FTJAX_MATMUL', 'xla')
   assert 'ftjax_layer_norm' not in compiled(jnp.float32)
+  assert 'ftjax_layer_norm' not in compiled(jnp.bfloat16)
 
 
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)
@@ -189,14 +274,14 @@ def test_builds_for_other_cpus_compute_the_same_layer_norm(march, needs, kernels
 
 
 def _residual_norm_step(monkeypatch, matmul: str, rate: float, deterministic: bool,
-                        use_bias: bool = True):
+                        use_bias: bool = True, dtype=jnp.float32):
   """residual_norm's output and its gradients (x, y, scale, bias) for one key, and the
   compiled step's text."""
   monkeypatch.setenv('FTJAX_MATMUL', matmul)
   rng = np.random.default_rng(2)
   # 3 x 50 rows (over and under a task of 128), D = 40 (a tail of 8 lanes).
-  x, y, g = (jnp.asarray(rng.normal(size=(3, 50, 40)) * 3 + 1, jnp.float32) for _ in range(3))
-  norm = layers.layer_norm(40, eps=1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0), use_bias=use_bias)
+  x, y, g = (jnp.asarray(rng.normal(size=(3, 50, 40)) * 3 + 1, dtype) for _ in range(3))
+  norm = layers.layer_norm(40, eps=1e-5, dtype=dtype, rngs=nnx.Rngs(0), use_bias=use_bias)
   norm.scale[...] = jnp.asarray(rng.normal(size=40), jnp.float32)
   if use_bias:
     norm.bias[...] = jnp.asarray(rng.normal(size=40), jnp.float32)
@@ -205,7 +290,7 @@ def _residual_norm_step(monkeypatch, matmul: str, rate: float, deterministic: bo
   def loss(norm, x, y):
     out = layers.residual_norm(norm, dropout, x, y, deterministic=deterministic,
                                rngs=nnx.Rngs(dropout=7))
-    return jnp.sum(out * g), out
+    return jnp.sum((out * g).astype(jnp.float32)), out
 
   step = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   (_, out), (d_norm, d_x, d_y) = step(norm, x, y)
@@ -213,28 +298,66 @@ def _residual_norm_step(monkeypatch, matmul: str, rate: float, deterministic: bo
   return values, step.lower(norm, x, y).as_text()
 
 
-@pytest.mark.parametrize('rate,deterministic,use_bias', [(0.1, False, True), (0.5, False, False),
-                                                         (0.1, True, True)])
-def test_residual_norm_matches_the_xla_path(monkeypatch, rate, deterministic, use_bias):
+@pytest.mark.parametrize('rate,deterministic,use_bias,dtype', [
+    (0.1, False, True, jnp.float32), (0.5, False, False, jnp.float32),
+    (0.1, True, True, jnp.float32), (0.1, False, True, jnp.bfloat16),
+    (0.1, True, False, jnp.bfloat16)])
+def test_residual_norm_matches_the_xla_path(monkeypatch, rate, deterministic, use_bias, dtype):
   """LayerNorm(x + dropout(y)) on the kernel (`kernels.add_layer_norm`): the XLA path's values
-  and gradients to float32 rounding, with the same keep-mask (the branch's gradient is zero at
-  the same elements); a deterministic call has no mask and dy = ds."""
-  ours, text = _residual_norm_step(monkeypatch, 'auto', rate, deterministic, use_bias)
-  theirs, xla_text = _residual_norm_step(monkeypatch, 'xla', rate, deterministic, use_bias)
+  and gradients to float32 rounding (bfloat16: to its rounding, XLA rounding each piece), with
+  the same keep-mask (the branch's gradient is zero at the same elements); a deterministic call
+  has no mask and dy = ds."""
+  ours, text = _residual_norm_step(monkeypatch, 'auto', rate, deterministic, use_bias, dtype)
+  theirs, xla_text = _residual_norm_step(monkeypatch, 'xla', rate, deterministic, use_bias, dtype)
   calls = re.findall(r'ftjax_\w*layer_norm\w*', text)
   if deterministic:
     assert calls == ['ftjax_add_layer_norm', 'ftjax_layer_norm_grad']
   else:
     assert calls == ['ftjax_add_layer_norm', 'ftjax_add_layer_norm_grad']
   assert 'ftjax_' not in xla_text
-  for got, want in zip(ours, theirs):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(want)).max())
-  d_y, want_d_y = np.asarray(ours[2]), np.asarray(theirs[2])
+  # bfloat16: XLA rounds dropout(y), x + dropout(y) and the output's pieces each, the kernel
+  # s and the output once each (test_bfloat16_residual_norm_rounds_once checks its values):
+  # a step or two apart, where s's rounding moves a normalised value by its step at |s|.
+  rtol, atol = (1e-4, 1e-5) if dtype == jnp.float32 else (2**-6, 2**-5)
+  for i, (got, want) in enumerate(zip(ours, theirs)):
+    assert got.dtype == want.dtype == (dtype if i < 3 else jnp.float32)  # streams, parameters
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * np.abs(want).max())
+  d_y, want_d_y = np.asarray(ours[2], np.float32), np.asarray(theirs[2], np.float32)
   np.testing.assert_array_equal(d_y == 0, want_d_y == 0)
   dropped = (want_d_y == 0).mean()
   assert (dropped == 0) if deterministic else abs(dropped - rate) < 0.05
   if deterministic:
-    np.testing.assert_array_equal(d_y, np.asarray(ours[1]))
+    np.testing.assert_array_equal(d_y, np.asarray(ours[1], np.float32))
+
+
+def test_bfloat16_residual_norm_rounds_once():
+  """bfloat16 `add_layer_norm` and its backward against float64: s = x + dropout(y) (the
+  keep-mask of `layers.keep_mask`, the kept values scaled by 1 / (1 - rate) in bfloat16, as
+  `layers.Dropout` scales a bfloat16 stream) rounded once; the output, ds and the parameters'
+  gradients the exact LayerNorm of that s, rounded once; dy = ds's dropout backward, rounded."""
+  x, scale, bias, g = _layer_norm_operands(130, 40)
+  x, y, g = _bf16(x - 100), _bf16(jnp.flip(x, 0) - 100), _bf16(g)
+  rate, eps = 0.25, 1e-5
+  seeds = jnp.asarray([12345, 678], jnp.uint32)
+  out, s, mean, rstd, keep = kernels.add_layer_norm(x, y, scale, bias, seeds, eps, rate)
+  assert out.dtype == s.dtype == jnp.bfloat16
+  kept = np.asarray(layers._keep(seeds, x.shape, rate))  # pylint: disable=protected-access
+  keep_scale = float(jnp.asarray(1 / (1 - rate), jnp.bfloat16))
+  x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  _assert_rounded_once(s, x64 + np.where(kept, y64 * keep_scale, 0), 's')
+  want = _layer_norm_float64(s, scale, bias, g, eps)
+  s64 = np.asarray(s, np.float64)
+  np.testing.assert_allclose(mean, s64.mean(-1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rstd, 1 / np.sqrt(s64.var(-1) + eps), rtol=1e-5)
+  _assert_rounded_once(out, want[0], 'out', atol=2e-6 * np.abs(want[0]).max())
+  ds, dy, d_scale, d_bias = kernels.add_layer_norm_grad(s, mean, rstd, scale, g, keep, rate)
+  _assert_rounded_once(ds, want[1], 'ds', atol=1e-5 * np.abs(want[1]).max())
+  np.testing.assert_array_equal(
+      np.asarray(dy, np.float64),
+      _to_bf16_f64(np.where(kept, np.asarray(ds, np.float64) * keep_scale, 0)))
+  for got, exact in [(d_scale, want[2]), (d_bias, want[3])]:
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize('march,needs', OTHER_CPUS)

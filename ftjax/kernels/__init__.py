@@ -222,11 +222,12 @@ def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> 
   return available()
 
 
-def _dropout_attrs(rate: float) -> dict:
-  """A dropout rate's attributes for the kernels' keep-mask (see `layers.keep_mask`)."""
+def _dropout_attrs(rate: float, dtype=jnp.float32) -> dict:
+  """A dropout rate's attributes for the kernels' keep-mask (see `layers.keep_mask`); the kept
+  values' scale 1 / (1 - rate) rounded to `dtype`, as `layers.Dropout` scales a `dtype` stream."""
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
-  return {'rate': np.float32(rate), 'keep_scale': np.float32(1.0 / (1.0 - rate)),
-          'threshold': np.int64(threshold)}
+  keep_scale = np.float32(np.asarray(1.0 / (1.0 - rate), jnp.dtype(dtype)))
+  return {'rate': np.float32(rate), 'keep_scale': keep_scale, 'threshold': np.int64(threshold)}
 
 
 def _attrs(scale: float, rate: float, dtype, variant: str | None) -> dict:
@@ -283,81 +284,103 @@ def _require(what: str) -> None:
     raise KernelUnavailable(f'the {what} kernel is unavailable: {reason}')
 
 
-def float32_kernel_applies(*operands: jax.Array) -> bool:
-  """Whether a float32 layer kernel (bias_gelu, layer_norm) should take these
-  operands: all float32, on a single CPU device, unless FTJAX_MATMUL=xla."""
+def layer_kernel_applies(*operands: jax.Array) -> bool:
+  """Whether a layer kernel (bias_gelu, layer_norm, add_layer_norm) should take these
+  operands: all float32 or all bfloat16, on a single CPU device, unless FTJAX_MATMUL=xla."""
   mode = matmul_choice()
-  return (all(x.dtype == jnp.float32 for x in operands) and _on_one_cpu(mode)
-          and _loaded('FTJAX_MATMUL', mode, 'kernel', 'layer kernels'))
+  return (len({jnp.dtype(x.dtype) for x in operands}) == 1
+          and jnp.dtype(operands[0].dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+          and _on_one_cpu(mode) and _loaded('FTJAX_MATMUL', mode, 'kernel', 'layer kernels'))
+
+
+def float32_kernel_applies(*operands: jax.Array) -> bool:
+  """`layer_kernel_applies` for float32 operands only: what the model layers asked before the
+  layer kernels took bfloat16 (kept so that `speed.py --ab` can build those layers)."""
+  return all(x.dtype == jnp.float32 for x in operands) and layer_kernel_applies(*operands)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  """A parameter as the layer kernels take it: float32 (exact for a bfloat16 one)."""
+  return x.astype(jnp.float32)
+
+
+# The layer kernels' streams (y, x, g and what is computed from them) are float32 or bfloat16,
+# one dtype per call, computed in float32 and rounded once where written; parameters, their
+# gradients and the rows' statistics are float32.
 
 
 def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
-  """gelu(y + bias), exact GELU (see gelu.cc), for float32 y [..., N] and bias [N]."""
+  """gelu(y + bias), exact GELU (see gelu.cc), for y [..., N] and bias [N]; y's dtype."""
   _require('bias_gelu')
-  call = jax.ffi.ffi_call('ftjax_bias_gelu', jax.ShapeDtypeStruct(y.shape, jnp.float32),
+  call = jax.ffi.ffi_call('ftjax_bias_gelu', jax.ShapeDtypeStruct(y.shape, y.dtype),
                           vmap_method='sequential')
-  return call(y.reshape(-1, y.shape[-1]), bias).reshape(y.shape)
+  return call(y.reshape(-1, y.shape[-1]), _f32(bias)).reshape(y.shape)
 
 
 def bias_gelu_grad(y: jax.Array, bias: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(d(y + bias), d bias) of `bias_gelu` for the output cotangent g (float32, y's shape)."""
+  """(d(y + bias), d bias) of `bias_gelu` for the output cotangent g (y's shape and dtype);
+  d bias in float32."""
   _require('bias_gelu_grad')
-  call = jax.ffi.ffi_call('ftjax_bias_gelu_grad', (jax.ShapeDtypeStruct(y.shape, jnp.float32),
+  call = jax.ffi.ffi_call('ftjax_bias_gelu_grad', (jax.ShapeDtypeStruct(y.shape, y.dtype),
                                                    jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
                           vmap_method='sequential')
   flat = (-1, y.shape[-1])
-  d, d_bias = call(y.reshape(flat), bias, g.reshape(flat))
+  d, d_bias = call(y.reshape(flat), _f32(bias), g.reshape(flat))
   return d.reshape(y.shape), d_bias
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
                eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(y, mean, rstd) of LayerNorm over the last axis of float32 x [M, D] (see layer_norm.cc);
-  mean and rstd [M] are what `layer_norm_grad` takes."""
+  """(y, mean, rstd) of LayerNorm over the last axis of x [M, D] (see layer_norm.cc), y in x's
+  dtype; mean and rstd [M] (float32) are what `layer_norm_grad` takes."""
   _require('layer_norm')
   rows = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
-  call = jax.ffi.ffi_call('ftjax_layer_norm', (jax.ShapeDtypeStruct(x.shape, jnp.float32), rows,
+  call = jax.ffi.ffi_call('ftjax_layer_norm', (jax.ShapeDtypeStruct(x.shape, x.dtype), rows,
                                                rows), vmap_method='sequential')
-  return call(x, scale, bias, eps=np.float32(eps))
+  return call(x, _f32(scale), _f32(bias), eps=np.float32(eps))
 
 
 def layer_norm_grad(x, mean, rstd, scale, g) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(dx, d_scale, d_bias) of `layer_norm` for the output cotangent g [M, D] (float32)."""
+  """(dx, d_scale, d_bias) of `layer_norm` for the output cotangent g [M, D] (x's dtype);
+  the parameters' gradients in float32."""
   _require('layer_norm_grad')
   params = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-  call = jax.ffi.ffi_call('ftjax_layer_norm_grad', (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+  call = jax.ffi.ffi_call('ftjax_layer_norm_grad', (jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                     params, params), vmap_method='sequential')
-  return call(x, mean, rstd, scale, g)
+  return call(x, mean, rstd, _f32(scale), g)
 
 
 def add_layer_norm(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Array,
                    seeds: jax.Array, eps: float, rate: float) -> tuple[jax.Array, ...]:
   """(out, s, mean, rstd, keep) for s = x + dropout(y) and out = LayerNorm(s) over the last
-  axis, float32 x and y [M, D] (see layer_norm.cc): a post-LayerNorm block's residual add, in
-  one pass with its LayerNorm. The dropout (rate > 0) hashes the keep-mask of `layers.keep_mask`
-  from the key's two uint32 `seeds` and keeps its bits for the backward pass: keep [M,
-  ceil(D / 16)] uint16 (one word when rate is 0)."""
+  axis, x and y [M, D] (see layer_norm.cc; out and s in their dtype): a post-LayerNorm block's
+  residual add, in one pass with its LayerNorm. The dropout (rate > 0) hashes the keep-mask of
+  `layers.keep_mask` from the key's two uint32 `seeds` and keeps its bits for the backward
+  pass: keep [M, ceil(D / 16)] uint16 (one word when rate is 0)."""
   _require('add_layer_norm')
   rows = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
-  stream = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  stream = jax.ShapeDtypeStruct(x.shape, x.dtype)
   words = (x.shape[0], -(-x.shape[1] // 16)) if rate else (1,)
   call = jax.ffi.ffi_call('ftjax_add_layer_norm',
                           (stream, stream, rows, rows, jax.ShapeDtypeStruct(words, jnp.uint16)),
                           vmap_method='sequential')
-  attrs = _dropout_attrs(rate)
-  return call(x, y, scale, bias, seeds.astype(jnp.uint32), eps=np.float32(eps), **attrs)
+  attrs = _dropout_attrs(rate, x.dtype)
+  return call(x, y, _f32(scale), _f32(bias), seeds.astype(jnp.uint32), eps=np.float32(eps),
+              **attrs)
 
 
 def add_layer_norm_grad(s, mean, rstd, scale, g, keep, rate: float
                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(ds, dy, d_scale, d_bias) of `add_layer_norm` with dropout (rate > 0) for the output
-  cotangent g [M, D] (float32): ds is the residual's gradient, dy = dropout's backward of ds."""
+  cotangent g [M, D] (s's dtype): ds is the residual's gradient, dy = dropout's backward of ds;
+  the parameters' gradients in float32."""
   _require('add_layer_norm_grad')
-  stream = jax.ShapeDtypeStruct(s.shape, jnp.float32)
+  stream = jax.ShapeDtypeStruct(s.shape, s.dtype)
   params = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
   call = jax.ffi.ffi_call('ftjax_add_layer_norm_grad', (stream, stream, params, params),
                           vmap_method='sequential')
-  return call(s, mean, rstd, scale, g, keep, keep_scale=_dropout_attrs(rate)['keep_scale'])
+  return call(s, mean, rstd, _f32(scale), g, keep,
+              keep_scale=_dropout_attrs(rate, s.dtype)['keep_scale'])
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,

@@ -72,14 +72,6 @@ inline uint32_t Bits(float x) {
 
 
 
-template <typename T> float Load(const T* p, int64_t i);
-template <> inline float Load<float>(const float* p, int64_t i) { return p[i]; }
-template <> inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return Bf16ToF32(p[i]); }
-
-template <typename T> void Store(T* p, int64_t i, float x);
-template <> inline void Store<float>(float* p, int64_t i, float x) { p[i] = x; }
-template <> inline void Store<uint16_t>(uint16_t* p, int64_t i, float x) { p[i] = F32ToBf16(x); }
-
 // Rounds a float32 value to what the dtype T holds (bfloat16 or float32 itself).
 template <typename T> inline float Round(float x) { return x; }
 template <> inline float Round<uint16_t>(float x) { return RoundBf16(x); }

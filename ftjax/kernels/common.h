@@ -51,6 +51,47 @@ inline uint16_t F32ToBf16(float f) {
 
 inline float RoundBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
 
+// Element i of a stream stored as T (float, or uint16_t holding bfloat16 bits), as float32; and
+// a float32 value stored there (rounded to nearest even for bfloat16).
+template <typename T> float Load(const T* p, int64_t i);
+template <> inline float Load<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return Bf16ToF32(p[i]); }
+
+template <typename T> void Store(T* p, int64_t i, float x);
+template <> inline void Store<float>(float* p, int64_t i, float x) { p[i] = x; }
+template <> inline void Store<uint16_t>(uint16_t* p, int64_t i, float x) { p[i] = F32ToBf16(x); }
+
+#if defined(__AVX512F__)
+// The vector forms: the `live` lanes of 16 consecutive elements from p (the others zero, and
+// not read or written).
+template <typename T> __m512 LoadV(const T* p, __mmask16 live);
+template <> inline __m512 LoadV<float>(const float* p, __mmask16 live) {
+  return _mm512_maskz_loadu_ps(live, p);
+}
+template <> inline __m512 LoadV<uint16_t>(const uint16_t* p, __mmask16 live) {
+  const __m256i h = _mm256_maskz_loadu_epi16(live, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename T> void StoreV(T* p, __mmask16 live, __m512 x);
+template <> inline void StoreV<float>(float* p, __mmask16 live, __m512 x) {
+  _mm512_mask_storeu_ps(p, live, x);
+}
+template <> inline void StoreV<uint16_t>(uint16_t* p, __mmask16 live, __m512 x) {
+#if defined(__AVX512BF16__)
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+#else  // F32ToBf16's rounding, 16 lanes at a time.
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), bits,
+                           _mm512_set1_epi32(0x400000));  // NaN: quiet, not rounded
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+  _mm256_mask_storeu_epi16(p, live, h);
+}
+#endif
+
 // Runs body(i) for i in [0, count) on the caller and up to `helpers` tasks of XLA's intra-op
 // thread pool, and returns when all are done. The caller works too, and a helper that starts
 // after the work is gone returns at once, so a busy pool only delays the call, never

@@ -16,7 +16,8 @@
 // absolute error: at most 3.7e-7 against the exact erf, XLA:CPU's own float32 erf 3.1e-7
 // (GELU: 1.0e-6 and 1.1e-6).
 //
-// Layouts: y, g, out, d [M, N] row-major float32; b, db [N].
+// Layouts: y, g, out, d [M, N] row-major, float32 or (all four) bfloat16, computed in float32
+// and rounded once; b, db [N] float32.
 
 #include <algorithm>
 #include <cmath>
@@ -37,72 +38,98 @@ using namespace ftjax;  // NOLINT: the shared helpers of common.h
 // MiniLM's 4096 tokens. The bias gradient sums each task's rows, then the tasks in order, so
 // its value does not depend on which thread ran what.
 constexpr int64_t kRows = 256;
-ffi::Error Check(const ffi::Buffer<ffi::F32>& y, const ffi::Buffer<ffi::F32>& b) {
+
+// y and out (forward), y, g and d (backward) share one dtype, float32 or bfloat16 (T: float or
+// uint16_t); b and db are float32. A bfloat16 y + b and GELU are computed in float32 and
+// rounded once.
+ffi::Error Check(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>& b) {
   if (y.dimensions().size() != 2 || b.dimensions().size() != 1 ||
       b.dimensions()[0] != y.dimensions()[1])
     return ffi::Error::InvalidArgument("bias_gelu takes y [M, N] and b [N]");
+  if (y.element_type() != ffi::F32 && y.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("bias_gelu takes float32 or bfloat16 y");
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> b,
-                   ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  if (ffi::Error e = Check(y, b); e.failure()) return e;
-  const int64_t m = y.dimensions()[0], n = y.dimensions()[1];
-  const float *ys = y.typed_data(), *bs = b.typed_data();
-  float* os = out->typed_data();
+template <typename T>
+void ForwardRows(ffi::ThreadPool& pool, const T* ys, const float* bs, T* os, int64_t m,
+                 int64_t n) {
   ParallelFor(pool, (m + kRows - 1) / kRows, [&](int64_t task) {
     for (int64_t r = task * kRows; r < std::min(m, (task + 1) * kRows); ++r) {
-      const float* yr = ys + r * n;
-      float* o = os + r * n;
+      const T* yr = ys + r * n;
+      T* o = os + r * n;
       int64_t c = 0;
 #if defined(__AVX512F__)
       for (; c + 16 <= n; c += 16) {
-        const __m512 z = _mm512_add_ps(_mm512_loadu_ps(yr + c), _mm512_loadu_ps(bs + c));
-        _mm512_storeu_ps(o + c, _mm512_mul_ps(z, CdfV(z)));
+        const __m512 z = _mm512_add_ps(LoadV(yr + c, 0xffff), _mm512_loadu_ps(bs + c));
+        StoreV(o + c, 0xffff, _mm512_mul_ps(z, CdfV(z)));
       }
 #endif
       for (; c < n; ++c) {
-        const float z = yr[c] + bs[c];
-        o[c] = z * Cdf(z);
+        const float z = Load(yr, c) + bs[c];
+        Store(o, c, z * Cdf(z));
       }
     }
   });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::Buffer<ffi::F32> b,
+                   ffi::Result<ffi::AnyBuffer> out) {
+  if (ffi::Error e = Check(y, b); e.failure()) return e;
+  if (out->element_type() != y.element_type())
+    return ffi::Error::InvalidArgument("bias_gelu's output must have y's dtype");
+  const int64_t m = y.dimensions()[0], n = y.dimensions()[1];
+  if (y.element_type() == ffi::BF16)
+    ForwardRows(pool, In<uint16_t>(y), b.typed_data(), Out<uint16_t>(out), m, n);
+  else
+    ForwardRows(pool, In<float>(y), b.typed_data(), Out<float>(out), m, n);
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> b,
-                    ffi::Buffer<ffi::F32> g, ffi::Result<ffi::Buffer<ffi::F32>> d,
-                    ffi::Result<ffi::Buffer<ffi::F32>> db) {
-  if (ffi::Error e = Check(y, b); e.failure()) return e;
-  if (g.element_count() != y.element_count())
-    return ffi::Error::InvalidArgument("bias_gelu's cotangent must have y's shape");
-  const int64_t m = y.dimensions()[0], n = y.dimensions()[1];
+// d = g gelu'(y + b), stored as T, and db = the column sums of d before rounding.
+template <typename T>
+void BackwardRows(ffi::ThreadPool& pool, const T* ys, const float* bs, const T* gs, T* ds,
+                  float* db, int64_t m, int64_t n) {
   const int64_t tasks = (m + kRows - 1) / kRows;
-  const float *ys = y.typed_data(), *bs = b.typed_data(), *gs = g.typed_data();
-  float* ds = d->typed_data();
   std::vector<float> partial(tasks * n, 0.0f);  // Each task's column sums.
   ParallelFor(pool, tasks, [&](int64_t task) {
     float* sum = partial.data() + task * n;
     for (int64_t r = task * kRows; r < std::min(m, (task + 1) * kRows); ++r) {
-      const float *yr = ys + r * n, *gr = gs + r * n;
-      float* dr = ds + r * n;
+      const T *yr = ys + r * n, *gr = gs + r * n;
+      T* dr = ds + r * n;
       int64_t c = 0;
 #if defined(__AVX512F__)
       for (; c + 16 <= n; c += 16) {
-        const __m512 z = _mm512_add_ps(_mm512_loadu_ps(yr + c), _mm512_loadu_ps(bs + c));
-        const __m512 dz = _mm512_mul_ps(_mm512_loadu_ps(gr + c), SlopeV(z));
-        _mm512_storeu_ps(dr + c, dz);
+        const __m512 z = _mm512_add_ps(LoadV(yr + c, 0xffff), _mm512_loadu_ps(bs + c));
+        const __m512 dz = _mm512_mul_ps(LoadV(gr + c, 0xffff), SlopeV(z));
+        StoreV(dr + c, 0xffff, dz);
         _mm512_storeu_ps(sum + c, _mm512_add_ps(_mm512_loadu_ps(sum + c), dz));
       }
 #endif
       for (; c < n; ++c) {
-        const float dz = gr[c] * Slope(yr[c] + bs[c]);
-        dr[c] = dz;
+        const float dz = Load(gr, c) * Slope(Load(yr, c) + bs[c]);
+        Store(dr, c, dz);
         sum[c] += dz;
       }
     }
   });
-  SumTasks(partial.data(), tasks, n, n, db->typed_data());
+  SumTasks(partial.data(), tasks, n, n, db);
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::Buffer<ffi::F32> b,
+                    ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> d,
+                    ffi::Result<ffi::Buffer<ffi::F32>> db) {
+  if (ffi::Error e = Check(y, b); e.failure()) return e;
+  if (g.element_count() != y.element_count() || g.element_type() != y.element_type() ||
+      d->element_type() != y.element_type())
+    return ffi::Error::InvalidArgument("bias_gelu's cotangent and d must have y's shape and dtype");
+  const int64_t m = y.dimensions()[0], n = y.dimensions()[1];
+  if (y.element_type() == ffi::BF16)
+    BackwardRows(pool, In<uint16_t>(y), b.typed_data(), In<uint16_t>(g), Out<uint16_t>(d),
+                 db->typed_data(), m, n);
+  else
+    BackwardRows(pool, In<float>(y), b.typed_data(), In<float>(g), Out<float>(d),
+                 db->typed_data(), m, n);
   return ffi::Error::Success();
 }
 
@@ -111,15 +138,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxBiasGelu, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // y
+                                  .Arg<ffi::AnyBuffer>()          // y
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // gelu(y + b)
+                                  .Ret<ffi::AnyBuffer>());        // gelu(y + b)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxBiasGeluGrad, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // y
+                                  .Arg<ffi::AnyBuffer>()          // y
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // g, the output's cotangent
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // d(y + b)
+                                  .Arg<ffi::AnyBuffer>()          // g, the output's cotangent
+                                  .Ret<ffi::AnyBuffer>()          // d(y + b)
                                   .Ret<ffi::Buffer<ffi::F32>>()); // db
