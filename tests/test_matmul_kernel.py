@@ -69,21 +69,26 @@ def test_matmul_matches_the_float64_product(shape, transpose_a, transpose_b, dty
   assert (error <= tolerance).all(), float((error / np.maximum(tolerance, 1e-30)).max())
 
 
-def _dense_operands(m, k, n, transpose_b, seed=1):
-  a, b = _operands(m, k, n, False, transpose_b, jnp.float32, seed)
+def _dense_operands(m, k, n, transpose_b, seed=1, dtype=jnp.float32):
+  a, b = _operands(m, k, n, False, transpose_b, dtype, seed)
   bias = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(n) * 10, jnp.float32)
   return a, b, bias
 
 
 def _check_dense(got_c, got_sums, a, b, bias, transpose_b):
-  """C = a op(b) + bias (if any) and the column sums of a (if any) against float64."""
+  """C = a op(b) + bias (if any) and the column sums of a (if any) against float64; a bfloat16
+  C is that, rounded once (within half a bfloat16 ulp, at most 2^-8 relative)."""
   k = a.shape[1]
   want = _reference(a, b, False, transpose_b)
   scale = _reference(jnp.abs(a), jnp.abs(b), False, transpose_b)
   if bias is not None:
     want, scale = want + np.asarray(bias, np.float64), scale + np.abs(np.asarray(bias))
+  assert got_c.dtype == a.dtype
   error = np.abs(np.asarray(got_c, np.float64) - want)
-  assert (error <= 4 * np.finfo(np.float32).eps * np.sqrt(k + 1) * scale).all()
+  tolerance = 4 * np.finfo(np.float32).eps * np.sqrt(k + 1) * scale
+  if a.dtype == jnp.bfloat16:
+    tolerance = tolerance + np.abs(want) * 2.0**-8
+  assert (error <= tolerance).all(), float((error / np.maximum(tolerance, 1e-30)).max())
   if got_sums is not None:
     a64 = np.asarray(a, np.float64)
     # Summed in row order within a task: a float32 sum's error bound, rows - 1 roundings.
@@ -91,14 +96,21 @@ def _check_dense(got_c, got_sums, a, b, bias, transpose_b):
     assert got_sums.shape == (k,) and (np.abs(got_sums - a64.sum(0)) <= bound).all()
 
 
+@pytest.mark.parametrize('dtype,variant', [(jnp.float32, None), (jnp.bfloat16, 'fma'),
+                                           (jnp.bfloat16, 'dot'), (jnp.bfloat16, 'amx')])
 @pytest.mark.parametrize('transpose_b', [False, True])
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
-def test_dense_adds_the_bias_and_sums_the_rows(shape, transpose_b):
-  """`matmul_bias` (the bias as the accumulators' start) and `matmul_sums` (a's column sums
-  read in the product's pass: with more rows than columns each task sums its own rows, with
-  fewer only the tasks of the first columns sum) against float64."""
+def test_dense_adds_the_bias_and_sums_the_rows(monkeypatch, shape, transpose_b, dtype, variant):
+  """`matmul_bias` (the bias as the accumulators' start; bfloat16: added to each complete row
+  before its one rounding) and `matmul_sums` (a's column sums: float32, read in the product's
+  pass, with more rows than columns each task summing its own rows, with fewer only the tasks
+  of the first columns; bfloat16, each task's rows read once more) against float64, in each
+  bfloat16 variant (`dot` and `amx` run as the next one down where the CPU lacks them)."""
+  if variant:
+    monkeypatch.setattr(kernels, 'bf16_matmul_plan', lambda: {'use_kernel': True,
+                                                               'variant': variant})
   m, k, n = shape
-  a, b, bias = _dense_operands(m, k, n, transpose_b)
+  a, b, bias = _dense_operands(m, k, n, transpose_b, dtype=dtype)
   if not transpose_b:
     _check_dense(jax.jit(kernels.matmul_bias)(a, b, bias), None, a, b, bias, False)
   c, sums = jax.jit(lambda a, b: kernels.matmul_sums(a, b, transpose_b=transpose_b))(a, b)
@@ -113,9 +125,20 @@ def test_dense_without_a_product():
   c, sums = kernels.matmul_sums(jnp.ones((0, 4)), jnp.ones((4, 5)))
   assert c.shape == (0, 5)
   np.testing.assert_array_equal(sums, np.zeros(4, np.float32))
-  with pytest.raises(ValueError, match='float32 operands'):
-    kernels.matmul_bias(jnp.ones((3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16),
-                        jnp.ones(5, jnp.bfloat16))
+  # bfloat16: the bias rounded; the sums of rows whose product has no columns.
+  c = kernels.matmul_bias(jnp.ones((3, 0), jnp.bfloat16), jnp.ones((0, 5), jnp.bfloat16),
+                          bias + 1 / 3)
+  assert c.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(c, np.broadcast_to(jnp.asarray(bias + 1 / 3, jnp.bfloat16),
+                                                   (3, 5)))
+  c, sums = kernels.matmul_sums(jnp.full((3, 4), 1.5, jnp.bfloat16), jnp.ones((4, 0), jnp.bfloat16))
+  assert c.shape == (3, 0)
+  np.testing.assert_array_equal(sums, np.full(4, 4.5, np.float32))
+  with pytest.raises(ValueError, match='one dtype'):
+    kernels.matmul_bias(jnp.ones((3, 4), jnp.bfloat16), jnp.ones((4, 5)), bias)
+  with pytest.raises(ValueError, match='gates float32 products only'):
+    kernels.matmul_gelu_grad(jnp.ones((3, 5), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16),
+                             jnp.ones((3, 4)), jnp.ones(4))
 
 
 def test_bfloat16_products_take_the_measured_variant(monkeypatch):
@@ -259,9 +282,25 @@ def test_the_f32_linear_layer_folds_its_bias_into_the_kernel(monkeypatch):
   for got, want in zip(ours, theirs):
     assert got.shape == want.shape and got.dtype == want.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-  # bfloat16 layers keep their bias on XLA (add_bias).
-  _, text = _linear_step(monkeypatch, 'kernel', jnp.bfloat16)
-  assert 'ftjax_dense' not in text
+
+
+def test_the_bf16_linear_layer_folds_its_bias_into_the_kernel(monkeypatch):
+  """A bfloat16 linear layer on the kernel: its bias added inside the forward product (rounded
+  once with it) and its gradient summed from the input gradient's g (two dense calls, no
+  reduction over the tokens); XLA's values (which round x w, then
+  x w + b) to a bfloat16 step or two."""
+  ours, text = _linear_step(monkeypatch, 'kernel', jnp.bfloat16)
+  theirs, xla_text = _linear_step(monkeypatch, 'xla', jnp.bfloat16)
+  assert text.count('custom_call_target="ftjax_dense"') == 2 and 'ftjax_dense' not in xla_text
+  bias_sum = re.compile(r'f32\[130\]\{0\} reduce\(')
+  assert bias_sum.search(xla_text) and not bias_sum.search(text)
+  names = ('y', 'd_x', 'd_kernel', 'd_bias')
+  for name, got, want in zip(names, ours, theirs):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    tolerance = 2**-6  # d_bias too: a float32 sum of a g a step or two apart, rounded
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max(),
+                               err_msg=name)
 
 
 def test_ftjax_matmul_is_checked(monkeypatch):
@@ -501,5 +540,16 @@ def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_b
     c, sums, _ = jax.ffi.ffi_call(dense, (jax.ShapeDtypeStruct((m, n), jnp.float32),
                                           jax.ShapeDtypeStruct((k,), jnp.float32),
                                           jax.ShapeDtypeStruct((0,), jnp.float32)))(
-                                              a, b, bias, empty, empty, transpose_b=transpose_b)
+                                              a, b, bias, empty, empty, transpose_b=transpose_b,
+                                              variant=np.int32(0))
+    _check_dense(c, sums, a, b, bias, transpose_b)
+  # bfloat16: the bias added to the rows before their rounding, the sums of a bfloat16 a.
+  for (m, k, n), transpose_b, variant in [((37, 200, 70), True, 1), ((97, 385, 64), False, 0),
+                                          ((70, 300, 40), False, 2)]:
+    a, b, bias = _dense_operands(m, k, n, transpose_b, dtype=jnp.bfloat16)
+    c, sums, _ = jax.ffi.ffi_call(dense, (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+                                          jax.ShapeDtypeStruct((k,), jnp.float32),
+                                          jax.ShapeDtypeStruct((0,), jnp.float32)))(
+                                              a, b, bias, empty, empty, transpose_b=transpose_b,
+                                              variant=np.int32(variant))
     _check_dense(c, sums, a, b, bias, transpose_b)

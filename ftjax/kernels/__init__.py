@@ -432,24 +432,30 @@ def _no_bias() -> jax.Array:
 def _dense(a: jax.Array, b: jax.Array, bias: jax.Array | None, *, transpose_b: bool,
            sums: bool, gate: tuple[jax.Array, jax.Array] | None = None
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The dense kernel (matmul.cc's Dense): a and b both float32 or both bfloat16 (the result
+  in their dtype; bfloat16 multiplied by the variant `bf16_matmul_plan` measured fastest),
+  bias, the sums and the gate float32 (a bfloat16 bias is taken exactly; no bfloat16 gate)."""
   _require('matmul')
-  operands = (a, b, *([] if bias is None else [bias]), *(gate or ()))
-  if any(x.dtype != jnp.float32 for x in operands):
-    raise ValueError('the dense kernel takes float32 operands')
+  if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError('the dense kernel takes float32 or bfloat16 a and b of one dtype')
+  if any(x.dtype != jnp.float32 for x in gate or ()) or (gate and a.dtype != jnp.float32):
+    raise ValueError('the dense kernel gates float32 products only')
   m, k = a.shape
   n = b.shape[0] if transpose_b else b.shape[1]
-  out = (jax.ShapeDtypeStruct((m, n), jnp.float32),
+  out = (jax.ShapeDtypeStruct((m, n), a.dtype),
          jax.ShapeDtypeStruct((k if sums else 0,), jnp.float32),
          jax.ShapeDtypeStruct((0 if gate is None else n,), jnp.float32))
   call = jax.ffi.ffi_call('ftjax_dense', out, vmap_method='sequential')
   gate_y, gate_b = gate or (_no_bias(), _no_bias())
-  return call(a, b, _no_bias() if bias is None else bias, gate_y, gate_b,
-              transpose_b=bool(transpose_b))
+  return call(a, b, _no_bias() if bias is None else _f32(bias), gate_y, gate_b,
+              transpose_b=bool(transpose_b),
+              variant=np.int32(VARIANTS.index(_variant(a.dtype, None))))
 
 
 def matmul_bias(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
-  """a @ b + bias for float32 a [M, K], b [K, N], bias [N]: a dense layer's output, the bias
-  the product's starting value (no pass over the result of its own)."""
+  """a @ b + bias for a [M, K], b [K, N] (both float32 or both bfloat16) and bias [N]: a dense
+  layer's output, the bias the product's starting value (float32: no pass over the result of
+  its own; bfloat16: added to each complete row before its one rounding)."""
   return _dense(a, b, bias, transpose_b=False, sums=False)[0]
 
 
@@ -466,8 +472,9 @@ def matmul_gelu_grad(g: jax.Array, w: jax.Array, y: jax.Array, bias: jax.Array
 
 def matmul_sums(a: jax.Array, b: jax.Array, *, transpose_b: bool = False
                 ) -> tuple[jax.Array, jax.Array]:
-  """(a @ op(b), a's column sums [K]) for float32 a [M, K], b [K, N] (or [N, K] with
-  transpose_b): a dense layer's input gradient g W^T and its bias gradient, g read once."""
+  """(a @ op(b), a's column sums [K], float32) for a [M, K], b [K, N] (or [N, K] with
+  transpose_b), both float32 or both bfloat16: a dense layer's input gradient g W^T and its
+  bias gradient (float32: g read once; bfloat16: each task's rows of g read once more)."""
   return _dense(a, b, None, transpose_b=transpose_b, sums=True)[:2]
 
 

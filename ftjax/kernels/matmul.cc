@@ -280,15 +280,35 @@ void Tile(int64_t words, const float* a, const float* b, float* c, int64_t ldc, 
 #endif
 }
 
-// A row of float32 values to bfloat16 bits.
-void RoundRow(const float* x, int64_t n, uint16_t* out) {
+// A row of float32 values (plus `bias`, n values, where there is one) to bfloat16 bits: a
+// bfloat16 C's complete row, rounded once.
+void RoundRow(const float* x, int64_t n, uint16_t* out, const float* bias = nullptr) {
   int64_t j = 0;
-#if defined(__AVX512BF16__)
-  for (; j + 16 <= n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
-                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j))));
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_loadu_ps(x + j);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    StoreV(out + j, 0xffff, v);
+  }
 #endif
-  for (; j < n; ++j) out[j] = F32ToBf16(x[j]);
+  for (; j < n; ++j) out[j] = F32ToBf16(bias ? x[j] + bias[j] : x[j]);
+}
+
+// sums[0:width] += the `rows` rows of a (ld elements of T apart) over their first `width`
+// values, row after row (each column summed in row order).
+template <typename T>
+void AddRows(const T* a, int64_t ld, int64_t rows, int64_t width, float* sums) {
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c < width; c += 16) {
+      const __mmask16 lanes = Live(width, c);
+      _mm512_mask_storeu_ps(sums + c, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, sums + c),
+                                                           LoadV(a + i * ld + c, lanes)));
+    }
+#endif
+    for (; c < width; ++c) sums[c] += Load(a + i * ld, c);
+  }
 }
 
 // Float32 scratch aligned for the packed panels' aligned loads: one of a thread's kSlots
@@ -327,8 +347,10 @@ struct Problem {
   const float* a2 = nullptr;
   Operand b2 = {};
   int64_t rank = 0;
-  // Dense's extras (float32 A, B and C, A row-major): C = A B + `bias` [n], and `sums` [k]
-  // set to the column sums of A (over its m rows), read while the product reads A. With a gate
+  // Dense's extras (A row-major; A, B and C float32, or all bfloat16): C = A B + `bias` [n]
+  // (float32; for a bfloat16 C added before its one rounding), and `sums` [k] set to the column
+  // sums of A (over its m rows), read while the product reads A (float32; a bfloat16 A's rows
+  // are summed by Run, task by task). With a gate (float32 only)
   // (the input gradient of a layer whose input was gelu(y + b)), each complete value of C is
   // multiplied by gelu'(gate_y + gate_b) (gate_y [m, n], gate_b [n]) before it is stored, and
   // `gate_sums` [n] set to the column sums of that C (the bias b's gradient).
@@ -381,7 +403,8 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       }
       if (!direct && p0 + part >= K)  // the last part: C's rows are complete
         for (int64_t i = 0; i < rows; ++i)
-          RoundRow(c + i * width, width, static_cast<uint16_t*>(pr.c) + (i0 + i) * pr.n + n0);
+          RoundRow(c + i * width, width, static_cast<uint16_t*>(pr.c) + (i0 + i) * pr.n + n0,
+                   pr.bias ? pr.bias + n0 : nullptr);
     }
   }
 }
@@ -475,18 +498,6 @@ void TileDirect(int64_t depth, const float* const* rows_a, int64_t step, const f
     StoreGated(acc, c, ldc, rows, cols, accumulate, gate.y, gate.b, gate.sums);
   else
     StoreTile(acc, c, ldc, rows, cols, accumulate);
-}
-
-// sums[0:width] += the `rows` rows of a (ld floats apart) over their first `width` values, row
-// after row (each column summed in row order).
-void AddRows(const float* a, int64_t ld, int64_t rows, int64_t width, float* sums) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < width; c += 16) {
-      const __mmask16 lanes = FirstLanes(width - c);
-      _mm512_mask_storeu_ps(sums + c, lanes,
-                            _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, sums + c),
-                                          _mm512_maskz_loadu_ps(lanes, a + i * ld + c)));
-    }
 }
 
 // C[m0:m1, n0:n1] for float32 A, B and C (see TileDirect), K in parts of at most kPackDepth
@@ -703,12 +714,16 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
           StoreC(last ? block : saved);
           if (!last) continue;
           const int64_t height = std::min(kAmxRows, rows - g);
+          const float* bias = pr.bias ? pr.bias + n0 + q * kCols : nullptr;
           for (int64_t i = 0; i < height; ++i) {
             const int64_t at = (i0 + g + i) * pr.n + n0 + q * kCols;
-            if (pr.c_bf16)
-              RoundRow(block + i * kCols, cols, static_cast<uint16_t*>(pr.c) + at);
-            else
-              std::memcpy(static_cast<float*>(pr.c) + at, block + i * kCols, cols * 4);
+            float* row = block + i * kCols;
+            if (pr.c_bf16) {
+              RoundRow(row, cols, static_cast<uint16_t*>(pr.c) + at, bias);
+              continue;
+            }
+            for (int64_t j = 0; bias && j < cols; ++j) row[j] += bias[j];
+            std::memcpy(static_cast<float*>(pr.c) + at, row, cols * 4);
           }
         }
       }
@@ -720,8 +735,10 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 
 // Dense's extras over a complete float32 C, in plain loops (the portable path, and a product
 // with nothing to multiply): the bias added to C, A's column sums added to a_sums [k], and the
-// gate applied to C with its column sums added to gate_sums [n]; each only where pr asks.
+// gate applied to C with its column sums added to gate_sums [n]; each only where pr asks. A
+// bfloat16 product's bias and sums are not its to add (Block and Run add them).
 void ApplyExtras(const Problem& pr, float* a_sums, float* gate_sums) {
+  if (pr.a.bf16) return;
   float* c = static_cast<float*>(pr.c);
   for (int64_t i = 0; pr.bias && i < pr.m; ++i)
     for (int64_t j = 0; j < pr.n; ++j) c[i * pr.n + j] += pr.bias[j];
@@ -759,6 +776,8 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t m0 = (task / col_parts) * row_step, n0 = (task % col_parts) * col_step;
     const int64_t m1 = std::min(pr.m, m0 + row_step), n1 = std::min(pr.n, n0 + col_step);
+    if (pr.sums && pr.a.bf16 && n0 == 0)  // A bfloat16 A's column sums: its rows, read once more.
+      AddRows(pr.a.Bf16(m0 * pr.a.ld), pr.a.ld, m1 - m0, pr.k, partial.data() + task * pr.k);
 #if defined(FTJAX_AMX)
     if (variant == Variant::kAmx) return BlockAmx(pr, m0, m1, n0, n1);
 #endif
@@ -864,36 +883,44 @@ ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// A float32 dense layer's products with their bias terms: C = A op(B) + bias (the forward, with
-// the bias as the accumulators' start instead of a pass of its own) and, with `sums` set, also
-// the column sums of A (the backward's input gradient g W^T, whose g's column sums are the
-// bias gradient). With a gate (gate_b not empty), C is the input gradient of a layer whose
-// input was gelu(gate_y + gate_b): each complete value times gelu'(gate_y + gate_b), and
-// gate_sums its column sums (gate_b's gradient), so that the gradient g W^T is never written
-// as such. A [m, k] row-major; B [k, n] or, transposed, [n, k]; bias [n] or [0] (none); sums
-// [k] or [0] (not asked for); gate_y [m, n], gate_b and gate_sums [n], or [0] each.
-ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+// A dense layer's products with their bias terms: C = A op(B) + bias (the forward, with the
+// bias as the accumulators' start, or added to a bfloat16 C's float32 rows before their one
+// rounding, instead of a pass of its own) and, with `sums` set, also the column sums of A (the
+// backward's input gradient g W^T, whose g's column sums are the bias gradient). With a gate
+// (gate_b not empty; float32 only), C is the input gradient of a layer whose input was
+// gelu(gate_y + gate_b): each complete value times gelu'(gate_y + gate_b), and gate_sums its
+// column sums (gate_b's gradient), so that the gradient g W^T is never written as such. A [m, k]
+// row-major; B [k, n] or, transposed, [n, k]; A, B and C float32, or all bfloat16 (multiplied
+// by `variant`, as in Matmul); bias [n] or [0] (none); sums [k] or [0] (not asked for); gate_y
+// [m, n], gate_b and gate_sums [n], or [0] each; all of these float32.
+ffi::Error Dense(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                  ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gate_y,
-                 ffi::Buffer<ffi::F32> gate_b, bool transpose_b,
-                 ffi::Result<ffi::Buffer<ffi::F32>> c, ffi::Result<ffi::Buffer<ffi::F32>> sums,
+                 ffi::Buffer<ffi::F32> gate_b, bool transpose_b, int32_t variant,
+                 ffi::Result<ffi::AnyBuffer> c, ffi::Result<ffi::Buffer<ffi::F32>> sums,
                  ffi::Result<ffi::Buffer<ffi::F32>> gate_sums) {
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1 ||
       sums->dimensions().size() != 1 || gate_b.dimensions().size() != 1 ||
       gate_sums->dimensions().size() != 1)
     return ffi::Error::InvalidArgument("dense: operands must be matrices, bias and sums vectors");
+  const bool bf16 = a.element_type() == ffi::BF16;
+  if (!Supported(a.element_type()) || b.element_type() != a.element_type() ||
+      c->element_type() != a.element_type())
+    return ffi::Error::InvalidArgument(
+        "dense: a, b and c must share a dtype, float32 or bfloat16");
   const int64_t m = da[0], k = da[1];
   const int64_t kb = transpose_b ? db[1] : db[0], n = transpose_b ? db[0] : db[1];
   const int64_t bias_n = bias.dimensions()[0], sums_k = sums->dimensions()[0];
   const bool gated = gate_b.dimensions()[0] != 0;
   if (k != kb || dc[0] != m || dc[1] != n || (bias_n != 0 && bias_n != n) ||
       (sums_k != 0 && sums_k != k) ||
-      (gated && (gate_b.dimensions()[0] != n ||
+      (gated && (bf16 || gate_b.dimensions()[0] != n ||
                  static_cast<int64_t>(gate_y.element_count()) != m * n ||
                  gate_sums->dimensions()[0] != n)))
-    return ffi::Error::InvalidArgument("dense shapes do not match");
-  Problem pr{{a.typed_data(), k, false, false}, {b.typed_data(), db[1], transpose_b, false},
-             m, n, k, c->typed_data(), false};
+    return ffi::Error::InvalidArgument("dense shapes do not match (or a bfloat16 gate)");
+  if (variant < 0 || variant > 2) return ffi::Error::InvalidArgument("dense: unknown variant");
+  Problem pr{{a.untyped_data(), k, false, bf16}, {b.untyped_data(), db[1], transpose_b, bf16},
+             m, n, k, c->untyped_data(), bf16};
   pr.bias = bias_n ? bias.typed_data() : nullptr;
   pr.sums = sums_k ? sums->typed_data() : nullptr;
   if (gated) {
@@ -902,13 +929,22 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
     pr.gate_sums = gate_sums->typed_data();
   }
   if (m == 0 || n == 0 || k == 0) {  // No product to run: C = 0, then the extras.
-    std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
     std::fill(sums->typed_data(), sums->typed_data() + sums_k, 0.0f);
     std::fill(gate_sums->typed_data(), gate_sums->typed_data() + (gated ? n : 0), 0.0f);
-    ApplyExtras(pr, pr.sums, pr.gate_sums);
+    if (!bf16) {
+      std::fill(static_cast<float*>(pr.c), static_cast<float*>(pr.c) + m * n, 0.0f);
+      ApplyExtras(pr, pr.sums, pr.gate_sums);
+      return ffi::Error::Success();
+    }
+    uint16_t* out = static_cast<uint16_t*>(pr.c);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] = F32ToBf16(pr.bias ? pr.bias[j] : 0.0f);
+    if (pr.sums) AddRows(pr.a.Bf16(0), k, m, k, pr.sums);
     return ffi::Error::Success();
   }
-  Run(pool, pr, Variant::kFma);
+  Variant v = bf16 ? static_cast<Variant>(variant) : Variant::kFma;
+  if (v == Variant::kAmx && !AmxAvailable()) v = Variant::kDot;
+  Run(pool, pr, v);
   return ffi::Error::Success();
 }
 
@@ -943,12 +979,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmulPlus, MatmulPlus,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxDense, Dense,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias, [n] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gate_y, [m, n] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gate_b, [n] or [0] (none)
                                   .Attr<bool>("transpose_b")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // c
+                                  .Attr<int32_t>("variant")  // bfloat16: 0 fma, 1 dot, 2 amx
+                                  .Ret<ffi::AnyBuffer>()   // c
                                   .Ret<ffi::Buffer<ffi::F32>>()   // sums, [k] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // gate_sums, [n] or [0]

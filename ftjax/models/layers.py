@@ -238,11 +238,13 @@ def _weight_grad(x_MxK: jax.Array, g_MxN: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _matmul_bias(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array) -> jax.Array:
-  """x @ w + b for a float32 dense layer on the matmul kernel (where `_matmul` puts its product),
-  the bias folded into the kernel's passes (`kernels.matmul_bias`, `kernels.matmul_sums`): the
-  forward product starts from it, and the input gradient g w^T returns its gradient, g's column
-  sums, from the same read of g. Added by XLA, a bias took a pass of its own over each output
-  (~0.6 ms for [4096, 384], beside the kernel: MiniLM's q, k and v) and its gradient another.
+  """x @ w + b for a float32 or bfloat16 dense layer on the matmul kernel (where `_matmul` puts
+  its product), the bias folded into the kernel's passes (`kernels.matmul_bias`,
+  `kernels.matmul_sums`): the forward product starts from it (bfloat16: it is added to each
+  complete float32 row before the one rounding), and the input gradient g w^T returns its
+  gradient, g's column sums, from the kernel's read of g. Added by XLA, a bias took a pass of
+  its own over each output (~0.6 ms for [4096, 384] in float32, beside the kernel: MiniLM's q,
+  k and v) and its gradient another (bfloat16: a float32 copy of g, then its sum).
   """
   return kernels.matmul_bias(x_MxK, w_KxN, b_N)
 
@@ -253,9 +255,13 @@ def _matmul_bias_fwd(x_MxK, w_KxN, b_N):
 
 def _matmul_bias_bwd(residuals, g_MxN):
   x_MxK, w_KxN = residuals
-  g_MxN = g_MxN.astype(jnp.float32)
+  g_MxN = g_MxN.astype(x_MxK.dtype)
   d_x, d_b = kernels.matmul_sums(g_MxN, w_KxN, transpose_b=True)
-  return d_x, _weight_grad(x_MxK, g_MxN), d_b
+  if x_MxK.dtype == jnp.float32:
+    d_w = _weight_grad(x_MxK, g_MxN)
+  else:  # As `_matmul`'s bfloat16 weight gradient.
+    d_w = kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=w_KxN.dtype)
+  return d_x, d_w, d_b.astype(w_KxN.dtype)
 
 
 _matmul_bias.defvjp(_matmul_bias_fwd, _matmul_bias_bwd)
@@ -367,13 +373,15 @@ class Linear(nnx.Linear):
     return y if activation is None else activation(y)
 
   def _bias_on_kernel(self, inputs, kernel, bias, kwargs) -> bool:
-    """Whether the product and bias run as one on the matmul kernel (`_matmul_bias`): float32
-    operands whose product `dot_general` would put on the kernel, with no options of their own."""
+    """Whether the product and bias run as one on the matmul kernel (`_matmul_bias`): float32 or
+    bfloat16 operands whose product `dot_general` puts on the kernel (`_on_kernel`), with no
+    options of their own."""
     return (self.dot_general is dot_general and self.precision is None and bias.ndim == 1
             and kwargs.get('out_sharding') is None and 'preferred_element_type' not in kwargs
-            and jax.default_backend() == 'cpu'
-            and all(x.dtype == jnp.float32 for x in (inputs, kernel, bias))
-            and kernels.f32_matmul_on_kernel(math.prod(inputs.shape[:-1]), *kernel.shape))
+            and jax.default_backend() == 'cpu' and inputs.dtype == kernel.dtype == bias.dtype
+            and inputs.dtype in (jnp.float32, jnp.bfloat16)
+            and _on_kernel(jax.ShapeDtypeStruct((math.prod(inputs.shape[:-1]),
+                                                 inputs.shape[-1]), inputs.dtype), kernel))
 
 
 # The plain linear layers (PEFT surgery adapts exactly these): the ones the model families
