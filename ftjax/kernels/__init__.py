@@ -2,8 +2,9 @@
 
 - `attention.cc`: a fused scaled dot-product attention (forward and backward) for XLA:CPU,
   its bfloat16 products in the matmul kernel's fastest variant (below) on the machine.
-- `matmul.cc`: a dense matrix product for dense layers (float32 ones with their bias folded in:
-  the forward product starts from it, the input gradient returns its gradient), in three variants:
+- `matmul.cc`: a dense matrix product for dense layers (with their bias folded in: the forward
+  product starts from it, or for bfloat16 adds it before the one rounding, and the input
+  gradient returns its gradient), in three variants:
   `fma` multiplies with float32 FMAs (float32 layers; and bfloat16 ones on CPUs whose bfloat16 dot
   instruction is slow, converting their operands to float32 as it packs them), `dot` packs pairs
   of bfloat16 and multiplies with that instruction (for CPUs where it is fast and XLA's dot leaves
@@ -12,12 +13,13 @@
 - `adamw.cc`: AdamW's whole update of a parameter group in one call, each parameter, gradient
   and moment read once and the parameter and moments written back in place (`optim.adamw`).
 - `gelu.cc`: a dense layer's bias add and exact GELU (BERT's FFN), forward and backward (with
-  the bias gradient), on all threads (`layers.bias_gelu`); where the next layer's input
+  the bias gradient), on all threads (`layers.bias_gelu`); where the next float32 layer's input
   gradient runs on the matmul kernel, GELU's backward runs inside it instead
   (`matmul_gelu_grad`, `layers.feed_forward`).
 - `layer_norm.cc`: LayerNorm over the last axis, forward and backward (with the scale and bias
   gradients), each one pass over its rows on all threads (`layers.LayerNorm`); and with a
   post-LayerNorm block's residual add and branch dropout folded in (`layers.residual_norm`).
+  These two take float32 or bfloat16 streams (float32 inside, rounded once where written).
 
 All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -30,8 +32,8 @@ tested against.
 where it builds), `xla` (never the kernel) or `fused` (the kernel wherever it applies; an error
 if it cannot be built). `FTJAX_MATMUL` likewise: `auto` (bfloat16 dense layers on the matmul
 kernel where it measured faster than XLA's bfloat16 dot on this machine, and float32 ones where
-it measured faster than XLA's float32 dots), `xla` or `kernel`; `xla` also keeps float32 GELU
-layers' bias and activation, and float32 LayerNorms, on XLA.
+it measured faster than XLA's float32 dots), `xla` or `kernel`; `xla` also keeps GELU layers'
+bias and activation, and LayerNorms, on XLA.
 `FTJAX_ADAMW`: `auto` (float32 AdamW updates on the kernel on a single CPU device), `xla` or
 `kernel`.
 """

@@ -1,5 +1,6 @@
-// Pieces shared by ftjax's XLA FFI kernels: bfloat16 conversion, a parallel loop over XLA's
-// intra-op thread pool and the sum of its tasks' partial column sums, typed views of FFI
+// Pieces shared by ftjax's XLA FFI kernels: bfloat16 conversion (and loads and stores of a
+// float32 or bfloat16 stream as float32, scalar and 16 lanes at a time), a parallel loop over
+// XLA's intra-op thread pool and the sum of its tasks' partial column sums, typed views of FFI
 // buffers, lane masks for a row's tail, a vector exp, dropout's keep-mask hash, a 16 x 16
 // register transpose and the set-up of Intel AMX's tiles. Each kernel source includes it inside
 // its own anonymous namespace.

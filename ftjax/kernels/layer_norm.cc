@@ -144,7 +144,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
 inline int64_t Words(int64_t n) { return (n + 15) / 16; }
 
 template <typename T>
-void AddRows(ffi::ThreadPool& pool, const T* xs, const T* ys, const float* sc, const float* bs,
+void AddNormRows(ffi::ThreadPool& pool, const T* xs, const T* ys, const float* sc, const float* bs,
              float eps, const Dropout& drop, int64_t m, int64_t n, T* outs, T* ss,
              float* means, float* rstds, uint16_t* bits) {
   const int64_t words = Words(n);
@@ -203,10 +203,10 @@ ffi::Error AddForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer y,
   float *means = mean->typed_data(), *rstds = rstd->typed_data();
   uint16_t* bits = keep->typed_data();
   if (x.element_type() == ffi::BF16)
-    AddRows(pool, In<uint16_t>(x), In<uint16_t>(y), sc, bs, eps, drop, m, n, Out<uint16_t>(out),
+    AddNormRows(pool, In<uint16_t>(x), In<uint16_t>(y), sc, bs, eps, drop, m, n, Out<uint16_t>(out),
             Out<uint16_t>(s), means, rstds, bits);
   else
-    AddRows(pool, In<float>(x), In<float>(y), sc, bs, eps, drop, m, n, Out<float>(out),
+    AddNormRows(pool, In<float>(x), In<float>(y), sc, bs, eps, drop, m, n, Out<float>(out),
             Out<float>(s), means, rstds, bits);
   return ffi::Error::Success();
 }
