@@ -281,8 +281,12 @@ void Tile(int64_t words, const float* a, const float* b, float* c, int64_t ldc, 
 }
 
 // A row of float32 values (plus `bias`, n values, where there is one) to bfloat16 bits: a
-// bfloat16 C's complete row, rounded once.
-void RoundRow(const float* x, int64_t n, uint16_t* out, const float* bias = nullptr) {
+// bfloat16 C's complete row, rounded once. Always inlined: `BlockAmx` stores C 32 values a row
+// at a time, and as a call (with the vzeroupper the compiler puts before it) MiniLM's bfloat16
+// full fine-tuning step took 1.047x as long (0.478 against 0.456 s, five alternations of fresh
+// processes; LoRA 1.06x).
+__attribute__((always_inline)) inline void RoundRow(const float* x, int64_t n, uint16_t* out,
+                                                    const float* bias = nullptr) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   for (; j + 16 <= n; j += 16) {
