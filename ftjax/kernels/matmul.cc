@@ -721,13 +721,11 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
           const float* bias = pr.bias ? pr.bias + n0 + q * kCols : nullptr;
           for (int64_t i = 0; i < height; ++i) {
             const int64_t at = (i0 + g + i) * pr.n + n0 + q * kCols;
-            float* row = block + i * kCols;
-            if (pr.c_bf16) {
-              RoundRow(row, cols, static_cast<uint16_t*>(pr.c) + at, bias);
-              continue;
-            }
-            for (int64_t j = 0; bias && j < cols; ++j) row[j] += bias[j];
-            std::memcpy(static_cast<float*>(pr.c) + at, row, cols * 4);
+            // A bias comes only with Dense, whose bfloat16 products have a bfloat16 C.
+            if (pr.c_bf16)
+              RoundRow(block + i * kCols, cols, static_cast<uint16_t*>(pr.c) + at, bias);
+            else
+              std::memcpy(static_cast<float*>(pr.c) + at, block + i * kCols, cols * 4);
           }
         }
       }
@@ -805,6 +803,16 @@ void Run(ffi::ThreadPool& pool, const Problem& pr, Variant variant) {
 
 bool Supported(ffi::DataType t) { return t == ffi::F32 || t == ffi::BF16; }
 
+// The variant that runs a product (Matmul's and Dense's `variant` attribute): float32 operands
+// always `fma`; for bfloat16 the one asked, `amx` as `dot` where the CPU has no AMX tiles (and
+// `dot` as `fma` where it lacks vdpbf16ps, in Run). False for an unknown one.
+bool Resolve(int32_t variant, bool bf16, Variant* v) {
+  if (variant < 0 || variant > 2) return false;
+  *v = bf16 ? static_cast<Variant>(variant) : Variant::kFma;
+  if (*v == Variant::kAmx && !AmxAvailable()) *v = Variant::kDot;
+  return true;
+}
+
 // `variant` (Variant) applies to bfloat16 operands: `amx` where the CPU has AMX (elsewhere it
 // runs as `dot`), `dot` where it has vdpbf16ps (elsewhere as `fma`). All give the same values up
 // to float32 rounding; float32 operands always run on `fma`.
@@ -830,9 +838,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool
     std::memset(pr.c, 0, m * n * (pr.c_bf16 ? 2 : 4));
     return ffi::Error::Success();
   }
-  if (variant < 0 || variant > 2) return ffi::Error::InvalidArgument("matmul: unknown variant");
-  Variant v = bf16 ? static_cast<Variant>(variant) : Variant::kFma;
-  if (v == Variant::kAmx && !AmxAvailable()) v = Variant::kDot;
+  Variant v;
+  if (!Resolve(variant, bf16, &v)) return ffi::Error::InvalidArgument("matmul: unknown variant");
   Run(pool, pr, v);
   return ffi::Error::Success();
 }
@@ -922,7 +929,8 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                  static_cast<int64_t>(gate_y.element_count()) != m * n ||
                  gate_sums->dimensions()[0] != n)))
     return ffi::Error::InvalidArgument("dense shapes do not match (or a bfloat16 gate)");
-  if (variant < 0 || variant > 2) return ffi::Error::InvalidArgument("dense: unknown variant");
+  Variant v;
+  if (!Resolve(variant, bf16, &v)) return ffi::Error::InvalidArgument("dense: unknown variant");
   Problem pr{{a.untyped_data(), k, false, bf16}, {b.untyped_data(), db[1], transpose_b, bf16},
              m, n, k, c->untyped_data(), bf16};
   pr.bias = bias_n ? bias.typed_data() : nullptr;
@@ -946,8 +954,6 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     if (pr.sums) AddRows(pr.a.Bf16(0), k, m, k, pr.sums);
     return ffi::Error::Success();
   }
-  Variant v = bf16 ? static_cast<Variant>(variant) : Variant::kFma;
-  if (v == Variant::kAmx && !AmxAvailable()) v = Variant::kDot;
   Run(pool, pr, v);
   return ffi::Error::Success();
 }

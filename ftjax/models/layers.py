@@ -214,11 +214,12 @@ def _matmul_bwd(residuals, g_MxN):
   g_MxN = g_MxN.astype(x_MxK.dtype)
   if x_MxK.dtype == jnp.float32:
     if _on_kernel(x_MxK, w_KxN):
-      return kernels.matmul(g_MxN, w_KxN, transpose_b=True), _weight_grad(x_MxK, g_MxN)
+      return (kernels.matmul(g_MxN, w_KxN, transpose_b=True),
+              _weight_grad(x_MxK, g_MxN, w_KxN.dtype))
     return _dot_f32(g_MxN, w_KxN, (1, 1)), _dot_f32(x_MxK, g_MxN, (0, 0))
   if _on_kernel(x_MxK, w_KxN):
     return (kernels.matmul(g_MxN, w_KxN, transpose_b=True),
-            kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=w_KxN.dtype))
+            _weight_grad(x_MxK, g_MxN, w_KxN.dtype))
   return (_dot_f32(g_MxN, w_KxN, (1, 1)).astype(x_MxK.dtype),
           _dot_f32(_transposed_copy(x_MxK), g_MxN, (1, 0)).astype(w_KxN.dtype))
 
@@ -226,14 +227,15 @@ def _matmul_bwd(residuals, g_MxN):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _weight_grad(x_MxK: jax.Array, g_MxN: jax.Array) -> jax.Array:
-  """x^T g, a float32 layer's weight gradient, where its other products run on the matmul
-  kernel: on the kernel too, which needs no transposing copy of x (a panel of x^T is a run of
-  values in each row of x). XLA:CPU ran this dot, contracting both operands' first dimension,
+def _weight_grad(x_MxK: jax.Array, g_MxN: jax.Array, dtype) -> jax.Array:
+  """x^T g in `dtype` (the weight's), a dense layer's weight gradient, where its other products
+  run on the matmul kernel: on the kernel too, which needs no transposing copy of x (float32:
+  a panel of x^T is a run of values in each row of x; bfloat16: float32 accumulation, rounded
+  once). In float32, XLA:CPU ran this dot, contracting both operands' first dimension,
   at 184-238 GFLOP/s at MiniLM's shapes (4096 tokens) on an Intel Xeon with AMX, the kernel at
   262-283 (214-272 against 268-282 at Llama's, 2048 tokens); MiniLM's float32 full fine-tuning
   step took 0.947 of its time with its weight gradients on the kernel."""
-  return kernels.matmul(x_MxK, g_MxN, transpose_a=True)
+  return kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=dtype)
 
 
 @jax.custom_vjp
@@ -257,11 +259,7 @@ def _matmul_bias_bwd(residuals, g_MxN):
   x_MxK, w_KxN = residuals
   g_MxN = g_MxN.astype(x_MxK.dtype)
   d_x, d_b = kernels.matmul_sums(g_MxN, w_KxN, transpose_b=True)
-  if x_MxK.dtype == jnp.float32:
-    d_w = _weight_grad(x_MxK, g_MxN)
-  else:  # As `_matmul`'s bfloat16 weight gradient.
-    d_w = kernels.matmul(x_MxK, g_MxN, transpose_a=True, out_dtype=w_KxN.dtype)
-  return d_x, d_w, d_b.astype(w_KxN.dtype)
+  return d_x, _weight_grad(x_MxK, g_MxN, w_KxN.dtype), d_b.astype(w_KxN.dtype)
 
 
 _matmul_bias.defvjp(_matmul_bias_fwd, _matmul_bias_bwd)
@@ -734,7 +732,7 @@ def _gelu_dense_bwd(residuals, g):
   y, b1, h, w2 = residuals
   g = g.astype(jnp.float32)
   d_y, d_b1, d_b2 = kernels.matmul_gelu_grad(g, w2, y, b1)
-  return d_y, d_b1, _weight_grad(h, g), d_b2
+  return d_y, d_b1, _weight_grad(h, g, w2.dtype), d_b2
 
 
 _gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
