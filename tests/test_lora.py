@@ -1,5 +1,6 @@
 """LoRA surgery: unchanged outputs at init, merge/unmerge, gradients, named adapters, errors."""
 
+import functools
 import re
 
 from flax import nnx
@@ -398,6 +399,88 @@ def test_fused_float32_lora_layer_matches_the_plain_product(monkeypatch):
   assert not layer._fused(x, None, False) and layer._fused(x, None, True)
   layer.dropout = layers.Dropout(0.0)
   assert not layer._fused(x.astype(jnp.bfloat16), None, True)
+  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
+  assert not layer._fused(x, None, True)
+
+
+@pytest.mark.parametrize('variant', ['fma', 'dot', 'amx'])
+def test_fused_bfloat16_lora_layer_is_the_exact_product_rounded_once(monkeypatch, variant):
+  """A bfloat16 LoRA layer on the matmul kernel runs as one product with its adapter added to
+  each float32 row before the row's one rounding (`lora._lora_product`), in each variant (`dot`
+  and `amx` run as the next one down where the CPU lacks them): the output and the input
+  gradient are the float64 values of x W + b + s (x A) B (W, b, A and B as bfloat16) rounded
+  once; A's, B's and (when asked) the kernel's gradients are float32 sums of bfloat16 products,
+  within float32 error of float64. With the kernel frozen, the step holds the two fused
+  products and no XLA dot at all (XLA's had been float32 dots on converted copies of x and g)."""
+  monkeypatch.setenv('FTJAX_MATMUL', 'kernel')
+  monkeypatch.setattr(kernels, 'bf16_matmul_plan', lambda: {'use_kernel': True,
+                                                             'variant': variant})
+  base = layers.Linear(96, 80, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                       dot_general=layers.dot_general, rngs=nnx.Rngs(0))
+  layer = lora.LoRALinear(base)
+  layer.add_adapter('default', rank=4, scaling=2.0, rngs=nnx.Rngs(1))
+  layer.active = 'default'
+  layer.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(2), layer.lora_b.shape)
+  layer.bias[...] = jax.random.normal(jax.random.key(5), layer.bias.shape)
+  x = jax.random.normal(jax.random.key(3), (3, 50, 96)).astype(jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(4), (3, 50, 80)).astype(jnp.bfloat16)
+  graphdef, factors, rest = nnx.split(layer, lora.lora_filter, ...)
+  assert layer._fused(x, None, True)
+
+  def ours(factors, rest, x):
+    return jnp.sum(nnx.merge(graphdef, factors, rest)(x).astype(jnp.float32)
+                   * cotangent.astype(jnp.float32))
+
+  y = jax.jit(lambda f, r, x: nnx.merge(graphdef, f, r)(x))(factors, rest, x)
+  d_factors, d_rest, d_x = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(factors, rest, x)
+  f64 = lambda t: np.asarray(jnp.asarray(t, jnp.float32), np.float64)
+  bf = lambda t: f64(jnp.asarray(t).astype(jnp.bfloat16))  # a parameter as the layer uses it
+  x64, g64 = f64(x).reshape(-1, 96), f64(cotangent).reshape(-1, 80)
+  w, b, a, bb = bf(layer.kernel[...]), bf(layer.bias[...]), bf(layer.lora_a[...]), \
+      bf(layer.lora_b[...])
+  eps = np.finfo(np.float32).eps
+
+  def rounded_once(got, exact, scale, k):
+    got, want = f64(got).reshape(exact.shape), bf(exact)
+    # float32 accumulation's error, at most; beyond it, only a tie's other side, one step away.
+    slack = 4 * eps * np.sqrt(k) * scale
+    assert (np.abs(got - want) <= np.abs(want) * 2.0**-7 + slack).all()
+    clear = np.abs(want) * 2.0**-8 > 100 * slack
+    assert clear.mean() > 0.1 and (got == want)[clear].mean() > 0.99
+
+  u = x64 @ a  # s (x A) B, the low-rank term, with x A in float32 (not rounded)
+  rounded_once(y, x64 @ w + b + 2.0 * u @ bb,
+               np.abs(x64) @ np.abs(w) + np.abs(b) + 2.0 * (np.abs(x64) @ np.abs(a)) @ np.abs(bb),
+               96 + 4)
+  v = 2.0 * g64 @ bb.T  # the gradient of x A
+  rounded_once(d_x, g64 @ w.T + v @ a.T, np.abs(g64) @ np.abs(w.T) + np.abs(v) @ np.abs(a.T),
+               80 + 4)
+  # A's and B's gradients from bfloat16 copies of v and x A (as the unfused layer rounds them).
+  v_bf, u_bf = bf(v), bf(u)
+  for got, want, scale in [
+      (d_factors['lora_a'][...], x64.T @ v_bf, np.abs(x64.T) @ np.abs(v_bf)),
+      (d_factors['lora_b'][...], 2.0 * u_bf.T @ g64, 2.0 * np.abs(u_bf.T) @ np.abs(g64)),
+      (d_rest['kernel'][...], x64.T @ g64, np.abs(x64.T) @ np.abs(g64)),
+      (d_rest['bias'][...], g64.sum(0), np.abs(g64).sum(0))]:
+    assert got.dtype == jnp.float32
+    # The kernel's gradient is rounded to bfloat16 (the layer's compute dtype), as XLA's was.
+    tol = 4 * eps * np.sqrt(150) * scale + (np.abs(want) * 2.0**-8 if got.shape == w.shape
+                                            or got.shape == b.shape else 0)
+    assert (np.abs(f64(got) - want) <= tol).all(), got.shape
+  # The kernel and bias frozen: two fused products, the rank-r ones on the kernel too, no dot.
+  hlo = jax.jit(jax.value_and_grad(ours, argnums=(0, 2))).lower(
+      factors, rest, x).compile().as_text()
+  assert hlo.count('custom_call_target="ftjax_matmul_plus"') == 2
+  assert ' dot(' not in hlo
+  # With B = 0 the output is the plain bfloat16 layer's, bit for bit.
+  layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
+  np.testing.assert_array_equal(layer(x), base(x))
+  # Unfused: float32 inputs to the bfloat16 layer, a dot_general of the user's, or XLA's dots
+  # chosen.
+  assert not layer._fused(x.astype(jnp.float32), None, True)
+  layer.dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+  assert not layer._fused(x, None, True)
+  layer.dot_general = layers.dot_general
   monkeypatch.setenv('FTJAX_MATMUL', 'xla')
   assert not layer._fused(x, None, True)
 

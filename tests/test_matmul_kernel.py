@@ -517,8 +517,9 @@ def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path, 
 def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_built_for):
   target = f'ftjax_matmul_{march.replace("-", "_")}'
   dense = f'ftjax_dense_{march.replace("-", "_")}'
+  plus = f'ftjax_matmul_plus_{march.replace("-", "_")}'
   register_other_build(march, needs, kernels_built_for,
-                       {target: 'FtjaxMatmul', dense: 'FtjaxDense'})
+                       {target: 'FtjaxMatmul', dense: 'FtjaxDense', plus: 'FtjaxMatmulPlus'})
   # Variants 0 fma, 1 dot, 2 amx: without their instructions, dot and amx run as fma.
   for (m, k, n), transpose_a, transpose_b, dtype, variant in [
       ((13, 17, 33), False, True, jnp.float32, 0), ((37, 4501, 70), True, False,
@@ -553,3 +554,24 @@ def test_builds_for_other_cpus_compute_the_same_products(march, needs, kernels_b
                                               a, b, bias, empty, empty, transpose_b=transpose_b,
                                               variant=np.int32(variant))
     _check_dense(c, sums, a, b, bias, transpose_b)
+  # matmul_plus: the low-rank term a2 b2 (float32: after the product on the portable path;
+  # bfloat16: added to each row before its rounding), with and without a first product.
+  rng = np.random.default_rng(3)
+  for (m, k, n, r), transpose_b2, dtype, variant in [
+      ((37, 200, 70, 4), True, jnp.float32, 0), ((97, 385, 64, 8), False, jnp.bfloat16, 1),
+      ((30, 100, 33, 2), True, jnp.bfloat16, 0), ((13, 0, 40, 3), False, jnp.bfloat16, 2)]:
+    a, b, bias = _dense_operands(m, k, n, False, dtype=dtype)
+    a2 = rng.standard_normal((m, r)).astype(np.float32)
+    b2 = rng.standard_normal((n, r) if transpose_b2 else (r, n)).astype(np.float32)
+    c = jax.ffi.ffi_call(plus, jax.ShapeDtypeStruct((m, n), dtype))(
+        a, b, a2, b2, bias, transpose_a=False, transpose_b=False, transpose_b2=transpose_b2,
+        variant=np.int32(variant))
+    b2_64 = np.asarray(b2, np.float64).T if transpose_b2 else np.asarray(b2, np.float64)
+    want = (_reference(a, b, False, False) + np.asarray(bias, np.float64) + a2 @ b2_64)
+    scale = (_reference(jnp.abs(a), jnp.abs(b), False, False) + np.abs(np.asarray(bias))
+             + np.abs(a2) @ np.abs(b2_64))
+    tolerance = 4 * np.finfo(np.float32).eps * np.sqrt(k + r + 1) * scale
+    if dtype == jnp.bfloat16:
+      tolerance = tolerance + np.abs(want) * 2.0**-8
+    assert c.dtype == dtype
+    assert (np.abs(np.asarray(c, np.float64) - want) <= tolerance).all(), (march, m, k, n)

@@ -406,24 +406,28 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
 
 def matmul_plus(a: jax.Array, b: jax.Array, a2: jax.Array, b2: jax.Array,
                 bias: jax.Array | None = None, *, transpose_b: bool = False,
-                transpose_b2: bool = False) -> jax.Array:
-  """a @ op(b) + a2 @ op(b2) (+ bias) for float32 operands, in one pass over the result (see
-  matmul).
+                transpose_b2: bool = False, variant: str | None = None) -> jax.Array:
+  """a @ op(b) + a2 @ op(b2) (+ bias) in one pass over the result (see matmul, also for
+  `variant`).
 
-  a: [M, K], b: [K, N] (or [N, K] with transpose_b), a2: [M, R], b2: [R, N] (or [N, R] with
-  transpose_b2), bias [N] (the product's starting value, as in `matmul_bias`); float32, the
-  result too. A LoRA layer's output x W + b + (s x A) B and its input gradient
-  g W^T + (s g B^T) A^T: the low-rank product is added to each block of the result while it is
-  in cache, instead of being written out and added in passes of its own.
+  a: [M, K], b: [K, N] (or [N, K] with transpose_b), both float32 or both bfloat16, the result
+  in their dtype; a2: [M, R], b2: [R, N] (or [N, R] with transpose_b2) and bias [N] (the
+  product's starting value, as in `matmul_bias`) float32 (a bfloat16 bias is taken exactly). A
+  LoRA layer's output x W + b + (s x A) B and its input gradient g W^T + (s g B^T) A^T: the
+  low-rank product is added to each block of the result while it is in cache (bfloat16: to
+  each complete float32 row before its one rounding), instead of being written out and added
+  in passes of its own.
   """
   _require('matmul')
-  if any(x.dtype != jnp.float32 for x in (a, b, a2, b2, *([] if bias is None else [bias]))):
-    raise ValueError('matmul_plus takes float32 operands')
-  out = jax.ShapeDtypeStruct((a.shape[0], b.shape[0] if transpose_b else b.shape[1]),
-                             jnp.float32)
+  if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError('matmul_plus takes float32 or bfloat16 a and b of one dtype')
+  if a2.dtype != jnp.float32 or b2.dtype != jnp.float32:
+    raise ValueError('matmul_plus takes float32 a2 and b2')
+  out = jax.ShapeDtypeStruct((a.shape[0], b.shape[0] if transpose_b else b.shape[1]), a.dtype)
   call = jax.ffi.ffi_call('ftjax_matmul_plus', out, vmap_method='sequential')
-  return call(a, b, a2, b2, _no_bias() if bias is None else bias, transpose_a=False,
-              transpose_b=bool(transpose_b), transpose_b2=bool(transpose_b2))
+  return call(a, b, a2, b2, _no_bias() if bias is None else _f32(bias), transpose_a=False,
+              transpose_b=bool(transpose_b), transpose_b2=bool(transpose_b2),
+              variant=np.int32(VARIANTS.index(_variant(a.dtype, variant))))
 
 
 def _no_bias() -> jax.Array:

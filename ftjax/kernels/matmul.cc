@@ -280,22 +280,39 @@ void Tile(int64_t words, const float* a, const float* b, float* c, int64_t ldc, 
 #endif
 }
 
-// A row of float32 values (plus `bias`, n values, where there is one) to bfloat16 bits: a
-// bfloat16 C's complete row, rounded once. Always inlined: `BlockAmx` stores C 32 values a row
-// at a time, and as a call (with the vzeroupper the compiler puts before it) MiniLM's bfloat16
-// full fine-tuning step took 1.047x as long (0.478 against 0.456 s, five alternations of fresh
-// processes; LoRA 1.06x).
+// The low-rank term that matmul_plus adds to a bfloat16 C's rows before their rounding:
+// a2 [m, rank] (row-major, float32) times b [rank, ld] (row-major float32, the rows of b2
+// whatever its layout, columns offset to the block's first).
+struct LowRank {
+  const float* a2;
+  const float* b;
+  int64_t ld, rank;
+  LowRank At(int64_t row, int64_t col) const { return {a2 + row * rank, b + col, ld, rank}; }
+};
+
+// A row of float32 values (plus `bias`, n values, where there is one, and the low-rank term
+// `lr` of this row, where lr.rank > 0) to bfloat16 bits: a bfloat16 C's complete row, rounded
+// once. Always inlined: `BlockAmx` stores C 32 values a row at a time, and as a call (with the
+// vzeroupper the compiler puts before it) MiniLM's bfloat16 full fine-tuning step took 1.047x as
+// long (0.478 against 0.456 s, five alternations of fresh processes; LoRA 1.06x).
 __attribute__((always_inline)) inline void RoundRow(const float* x, int64_t n, uint16_t* out,
-                                                    const float* bias = nullptr) {
+                                                    const float* bias = nullptr,
+                                                    LowRank lr = {}) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   for (; j + 16 <= n; j += 16) {
     __m512 v = _mm512_loadu_ps(x + j);
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    for (int64_t t = 0; t < lr.rank; ++t)
+      v = _mm512_fmadd_ps(_mm512_set1_ps(lr.a2[t]), _mm512_loadu_ps(lr.b + t * lr.ld + j), v);
     StoreV(out + j, 0xffff, v);
   }
 #endif
-  for (; j < n; ++j) out[j] = F32ToBf16(bias ? x[j] + bias[j] : x[j]);
+  for (; j < n; ++j) {
+    float v = bias ? x[j] + bias[j] : x[j];
+    for (int64_t t = 0; t < lr.rank; ++t) v += lr.a2[t] * lr.b[t * lr.ld + j];
+    out[j] = F32ToBf16(v);
+  }
 }
 
 // sums[0:width] += the `rows` rows of a (ld elements of T apart) over their first `width`
@@ -351,6 +368,8 @@ struct Problem {
   const float* a2 = nullptr;
   Operand b2 = {};
   int64_t rank = 0;
+  // For a bfloat16 C: b2's rows as float32, [rank, n] row-major, added by RoundRow.
+  const float* low_b = nullptr;
   // Dense's extras (A row-major; A, B and C float32, or all bfloat16): C = A B + `bias` [n]
   // (float32; for a bfloat16 C added before its one rounding), and `sums` [k] set to the column
   // sums of A (over its m rows), read while the product reads A (float32; a bfloat16 A's rows
@@ -364,6 +383,11 @@ struct Problem {
   const float* gate_b = nullptr;
   float* gate_sums = nullptr;
 };
+
+// Row `row`'s low-rank term from column `col` on (none without one).
+inline LowRank LowTerm(const Problem& pr, int64_t row, int64_t col) {
+  return pr.low_b ? LowRank{pr.a2, pr.low_b, pr.n, pr.rank}.At(row, col) : LowRank{};
+}
 
 // C[m0:m1, n0:n1], over K in parts of at most kPackDepth words: each part's columns of B are
 // packed once, then blocks of kBlockRows rows of A, each over the part in steps of at most
@@ -408,7 +432,7 @@ void Block(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       if (!direct && p0 + part >= K)  // the last part: C's rows are complete
         for (int64_t i = 0; i < rows; ++i)
           RoundRow(c + i * width, width, static_cast<uint16_t*>(pr.c) + (i0 + i) * pr.n + n0,
-                   pr.bias ? pr.bias + n0 : nullptr);
+                   pr.bias ? pr.bias + n0 : nullptr, LowTerm(pr, i0 + i, n0));
     }
   }
 }
@@ -723,7 +747,8 @@ void BlockAmx(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
             const int64_t at = (i0 + g + i) * pr.n + n0 + q * kCols;
             // A bias comes only with Dense, whose bfloat16 products have a bfloat16 C.
             if (pr.c_bf16)
-              RoundRow(block + i * kCols, cols, static_cast<uint16_t*>(pr.c) + at, bias);
+              RoundRow(block + i * kCols, cols, static_cast<uint16_t*>(pr.c) + at, bias,
+                       LowTerm(pr, i0 + g + i, n0 + q * kCols));
             else
               std::memcpy(static_cast<float*>(pr.c) + at, block + i * kCols, cols * 4);
           }
@@ -844,18 +869,26 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, bool
   return ffi::Error::Success();
 }
 
-// C = op(a) op(b) + a2 op(b2) (+ bias) for float32 operands on the direct path: a2 [m, rank],
-// b2 [rank, n] (or [n, rank] with transpose_b2), bias [n] or [0] (none). A LoRA layer's output
-// x W + b + (s x A) B, and its input gradient g W^T + (s g B^T) A^T, in one pass over C.
-ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+// C = a op(b) + a2 op(b2) (+ bias): a [m, k] and b [k, n] (or [n, k] with transpose_b) both
+// float32 or both bfloat16, C in their dtype; a2 [m, rank], b2 [rank, n] (or [n, rank] with
+// transpose_b2) and bias [n] or [0] (none) float32. A LoRA layer's output x W + b + (s x A) B,
+// and its input gradient g W^T + (s g B^T) A^T, in one pass over C: float32 on the direct path
+// (BlockDirect adds a2 b2 to each block of rows while it is in cache); bfloat16 multiplied by
+// `variant` (as in Matmul), a2 b2 added to each complete float32 row before its one rounding.
+ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                       ffi::Buffer<ffi::F32> a2, ffi::Buffer<ffi::F32> b2,
                       ffi::Buffer<ffi::F32> bias, bool transpose_a, bool transpose_b,
-                      bool transpose_b2, ffi::Result<ffi::Buffer<ffi::F32>> c) {
+                      bool transpose_b2, int32_t variant, ffi::Result<ffi::AnyBuffer> c) {
   const auto da = a.dimensions(), db = b.dimensions(), da2 = a2.dimensions(),
              db2 = b2.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || da2.size() != 2 || db2.size() != 2 || dc.size() != 2 ||
       bias.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("matmul_plus operands and result must be matrices");
+  const bool bf16 = a.element_type() == ffi::BF16;
+  if (!Supported(a.element_type()) || b.element_type() != a.element_type() ||
+      c->element_type() != a.element_type())
+    return ffi::Error::InvalidArgument(
+        "matmul_plus: a, b and c must share a dtype, float32 or bfloat16");
   const int64_t m = transpose_a ? da[1] : da[0], k = transpose_a ? da[0] : da[1];
   const int64_t kb = transpose_b ? db[1] : db[0], n = transpose_b ? db[0] : db[1];
   const int64_t rank = da2[1];
@@ -864,14 +897,34 @@ ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   if (k != kb || dc[0] != m || dc[1] != n || da2[0] != m || rb != rank || n2 != n ||
       (bias_n != 0 && bias_n != n))
     return ffi::Error::InvalidArgument("matmul_plus shapes do not match");
-  Problem pr{{a.typed_data(), da[1], transpose_a, false},
-             {b.typed_data(), db[1], transpose_b, false},
-             m, n, k, c->typed_data(), false, a2.typed_data(),
+  Variant v;
+  if (!Resolve(variant, bf16, &v))
+    return ffi::Error::InvalidArgument("matmul_plus: unknown variant");
+  Problem pr{{a.untyped_data(), da[1], transpose_a, bf16},
+             {b.untyped_data(), db[1], transpose_b, bf16},
+             m, n, k, c->untyped_data(), bf16, a2.typed_data(),
              {b2.typed_data(), db2[1], transpose_b2, false}, rank};
   pr.bias = bias_n ? bias.typed_data() : nullptr;
   if (m == 0 || n == 0) return ffi::Error::Success();
+  if (bf16) {
+    // b2's rows, row-major, for RoundRow (rank x n values, a few kilobytes for LoRA).
+    std::vector<float> rows(rank * n);
+    for (int64_t t = 0; t < rank; ++t)
+      for (int64_t j = 0; j < n; ++j) rows[t * n + j] = pr.b2.At(t, j);
+    pr.low_b = rows.data();
+    if (k > 0) {
+      Run(pool, pr, v);
+      return ffi::Error::Success();
+    }
+    // No first product: each row is the bias plus the low-rank term, rounded.
+    const std::vector<float> zeros(n, 0.0f);
+    for (int64_t i = 0; i < m; ++i)
+      RoundRow(zeros.data(), n, static_cast<uint16_t*>(pr.c) + i * n, pr.bias, LowTerm(pr, i, 0));
+    return ffi::Error::Success();
+  }
+  float* out = static_cast<float*>(pr.c);
   if (k == 0) {  // No first product: C = bias (or 0), then the second product below.
-    std::fill(c->typed_data(), c->typed_data() + m * n, 0.0f);
+    std::fill(out, out + m * n, 0.0f);
     ApplyExtras(pr, nullptr, nullptr);
   }
 #if defined(__AVX512F__)
@@ -884,7 +937,6 @@ ffi::Error MatmulPlus(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   if (k > 0) Run(pool, pr, Variant::kFma);
 #endif
   // The second product on its own (a build without AVX-512, or an empty first product).
-  float* out = c->typed_data();
   const Operand x{pr.a2, rank, false, false};
   for (int64_t i = 0; i < m; ++i)
     for (int64_t t = 0; t < rank; ++t) {
@@ -976,15 +1028,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmul, Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMatmulPlus, MatmulPlus,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a2
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b2
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias, [n] or [0]
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Attr<bool>("transpose_b2")
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // c
+                                  .Attr<int32_t>("variant")  // bfloat16: 0 fma, 1 dot, 2 amx
+                                  .Ret<ffi::AnyBuffer>());  // c
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxDense, Dense,
                               ffi::Ffi::Bind()

@@ -152,9 +152,11 @@ class LoRALinear(layers.Linear):
     a_attr, b_attr = _attr_names(self.active)
     if self._fused(inputs, out_sharding, deterministic):
       lora_a, lora_b = getattr(self, a_attr)[...], getattr(self, b_attr)[...]
-      bias = None if self.bias is None else self.bias[...]
-      y = _lora_product(inputs.reshape(-1, inputs.shape[-1]), self.kernel[...], lora_a, lora_b,
-                        bias, dict(self.adapters)[self.active])
+      # The base layer's parameters cast as nnx.Linear casts them (a no-op in float32).
+      kernel = self.kernel[...].astype(inputs.dtype)
+      bias = None if self.bias is None else self.bias[...].astype(inputs.dtype)
+      y = _lora_product(inputs.reshape(-1, inputs.shape[-1]), kernel, lora_a, lora_b, bias,
+                        dict(self.adapters)[self.active])
       return y.reshape(*inputs.shape[:-1], y.shape[-1])
     y = super().__call__(inputs, out_sharding)
     dropped = self.dropout(inputs, deterministic=deterministic, rngs=rngs)
@@ -171,52 +173,85 @@ class LoRALinear(layers.Linear):
 
   def _fused(self, inputs: jax.Array, out_sharding, deterministic: bool) -> bool:
     """Whether the layer's product and its adapter's run as one product on the matmul kernel
-    (`_lora_product`): float32 throughout, plain LoRA (no DoRA), no dropout on the branch, and
-    a product the kernel serves (`kernels.f32_matmul_on_kernel`)."""
+    (`_lora_product`): plain LoRA (no DoRA), no dropout on the branch, the plain product (no
+    dot_general or precision of the user's), float32 parameters (or a base held in the compute
+    dtype), and either float32 throughout or a bfloat16 layer
+    (`dtype`) on bfloat16 inputs, with a product the kernel serves on this machine
+    (`kernels.f32_matmul_on_kernel`, `kernels.bf16_matmul_on_kernel`)."""
     a_attr, b_attr = _attr_names(self.active)
-    operands = (inputs, self.kernel[...], getattr(self, a_attr)[...],
-                getattr(self, b_attr)[...])
-    return (self.active not in self.dora and self.dropout.drops_nothing(deterministic)
-            and out_sharding is None and self.dtype in (None, jnp.float32)
-            and all(x.dtype == jnp.float32 for x in operands)
-            and (self.bias is None or self.bias.dtype == jnp.float32)
-            and jax.default_backend() == 'cpu'
-            and kernels.f32_matmul_on_kernel(math.prod(inputs.shape[:-1]),
-                                             *self.kernel.shape))
+    factors = (getattr(self, a_attr)[...], getattr(self, b_attr)[...])
+    base = (self.kernel[...], *([] if self.bias is None else [self.bias[...]]))
+    if (self.active in self.dora or not self.dropout.drops_nothing(deterministic)
+        or out_sharding is not None or jax.default_backend() != 'cpu'
+        or self.dot_general not in (layers.dot_general, jax.lax.dot_general)
+        or self.precision is not None or any(f.dtype != jnp.float32 for f in factors)):
+      return False
+    shape = (math.prod(inputs.shape[:-1]), *self.kernel.shape)
+    if self.dtype in (None, jnp.float32):
+      return (inputs.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in base)
+              and kernels.f32_matmul_on_kernel(*shape))
+    return (self.dtype == jnp.bfloat16 and inputs.dtype == jnp.bfloat16
+            and all(w.dtype in (jnp.float32, jnp.bfloat16) for w in base)
+            and kernels.bf16_matmul_on_kernel(*shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _lora_product(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                   bias: jax.Array | None, scaling: float) -> jax.Array:
-  """x W + b + scaling (x A) B for [M, in] float32 x, as one product on the matmul kernel.
+  """x W + b + scaling (x A) B for [M, in] x, as one product on the matmul kernel.
 
   The low-rank term is added to each block of the output while the kernel has it in cache
   (`kernels.matmul_plus`), and the input gradient g W^T + (scaling g B^T) A^T likewise, where
   the unfused layer ran the rank-r products as [M, r] x [r, out] dots of their own (XLA:CPU:
   ~40 GFLOP/s at MiniLM's 4096 x 8 x 384) and added their outputs in passes over memory. The
   bias (None: none) is the product's starting value, as in the plain layer's `_matmul_bias`:
-  with B = 0 the output is the plain layer's, bit for bit. The gradients of A and B are the
-  unfused layer's: A's as g^T x-shaped [r, in] (see `_down`), and the frozen kernel's, x^T g,
+  with B = 0 the output is the plain layer's, bit for bit. The frozen kernel's gradient, x^T g,
   and the bias's, g's column sums, are never computed unless something asks for them.
+
+  float32: A's gradient as g^T x-shaped [r, in] (see `_down`), the rank-r products on XLA.
+  bfloat16 (x, W and b in bfloat16; A and B float32 parameters, multiplied as bfloat16 like the
+  rest of the layer): every product on the kernel, accumulated in float32 and rounded once, the
+  low-rank term added to each float32 row of the output (and of the input gradient) before its
+  rounding. The unfused bfloat16 layer had XLA:CPU convert x and g to float32 for its rank-r
+  dots (a [M, in] float32 copy each, then Eigen's float32 dot for A's and B's gradients) and
+  round x A, (x A) B and their sum with the base output to bfloat16 one after the other.
   """
-  return kernels.matmul_plus(x, kernel, (x @ lora_a) * scaling, lora_b, bias)
+  return _lora_product_fwd(x, kernel, lora_a, lora_b, bias, scaling)[0]
 
 
 def _lora_product_fwd(x, kernel, lora_a, lora_b, bias, scaling):
-  u = x @ lora_a
-  return (kernels.matmul_plus(x, kernel, u * scaling, lora_b, bias),
+  if x.dtype == jnp.float32:
+    u = x @ lora_a
+    b2 = lora_b
+  else:  # [M, r] in float32, from bfloat16 x and A
+    u = kernels.matmul(x, lora_a.astype(x.dtype), out_dtype=jnp.float32)
+    b2 = lora_b.astype(x.dtype).astype(jnp.float32)
+  return (kernels.matmul_plus(x, kernel, u * scaling, b2, bias),
           (x, kernel, lora_a, lora_b, u, bias))
 
 
 def _lora_product_bwd(scaling, residuals, g):
   x, kernel, lora_a, lora_b, u, bias = residuals
-  v = (g @ lora_b.T) * scaling  # the gradient of x A
-  d_x = kernels.matmul_plus(g, kernel, v, lora_a, transpose_b=True, transpose_b2=True)
-  d_a = jax.lax.optimization_barrier(jax.lax.dot_general(v, x, (((0,), (0,)), ((), ())))).T
-  d_b = jax.lax.dot_general(u, g, (((0,), (0,)), ((), ()))) * scaling
-  d_kernel = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
-  d_bias = None if bias is None else jnp.sum(g, 0)
-  return d_x, d_kernel, d_a, d_b, d_bias
+  g = g.astype(x.dtype)
+  if x.dtype == jnp.float32:
+    v = (g @ lora_b.T) * scaling  # the gradient of x A
+    d_x = kernels.matmul_plus(g, kernel, v, lora_a, transpose_b=True, transpose_b2=True)
+    d_a = jax.lax.optimization_barrier(jax.lax.dot_general(v, x, (((0,), (0,)), ((), ())))).T
+    d_b = jax.lax.dot_general(u, g, (((0,), (0,)), ((), ()))) * scaling
+  else:
+    # The rank-r products on the kernel too: [M, r] outputs, and A's and B's gradients as
+    # [r, in] and [r, out] products contracting the tokens (XLA:CPU ran x^T v, contracting
+    # its lhs's first dimension, at 1.0 ms against the kernel's 0.14 for v^T x).
+    a_c, b_c = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
+    v = kernels.matmul(g, b_c, transpose_b=True, out_dtype=jnp.float32) * scaling
+    d_x = kernels.matmul_plus(g, kernel, v, a_c.astype(jnp.float32), transpose_b=True,
+                              transpose_b2=True)
+    d_a = kernels.matmul(v.astype(x.dtype), x, transpose_a=True, out_dtype=jnp.float32).T
+    d_b = kernels.matmul(u.astype(x.dtype), g, transpose_a=True,
+                         out_dtype=jnp.float32) * scaling
+  d_kernel = layers._weight_grad(x, g, kernel.dtype)  # pylint: disable=protected-access
+  d_bias = None if bias is None else jnp.sum(g.astype(jnp.float32), 0).astype(bias.dtype)
+  return d_x, d_kernel, d_a.astype(lora_a.dtype), d_b.astype(lora_b.dtype), d_bias
 
 
 _lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
