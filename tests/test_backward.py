@@ -377,3 +377,29 @@ def test_add_broadcast_sums_the_gradient_over_the_broadcast_axes(x_shape, y_shap
   want = np.sum(np.asarray(g, np.float64), axes, keepdims=True).reshape(y_shape)
   np.testing.assert_allclose(np.asarray(d_y, np.float64), want,
                              rtol=1e-5 if dtype == jnp.float32 else 1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_rotary_gradient_is_the_inverse_rotation(dtype):
+  """Llama's rotation of q and k (`llama._rotate`) takes the inverse rotation as its gradient:
+  autodiff's values (float32 to rounding; bfloat16 within its rounding), for the tables
+  `_rotary` makes, with linear rope scaling too and positions that do not start at 0; the
+  forward values are the plain formula's, bit for bit."""
+  from ftjax.models import llama  # pylint: disable=g-import-not-at-top
+  rotate, rotation = llama._rotate, llama._rotation  # pylint: disable=protected-access
+  for scaling in (None, {'rope_type': 'linear', 'factor': 2.0}):
+    config = llama.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, rope_scaling=scaling)
+    positions = jnp.arange(2 * 9).reshape(2, 9) + 5
+    cos, sin = llama._rotary(config, positions, dtype)  # pylint: disable=protected-access
+    x = jax.random.normal(jax.random.key(0), (2, 9, 4, 16)).astype(dtype)
+    out, ours = _vjp(lambda x: rotate(x, cos, sin), x)
+    want_out, autodiff = _vjp(lambda x: rotation(x, cos, sin), x)
+    np.testing.assert_array_equal(out, want_out)
+    assert ours[0].dtype == dtype
+    _close(ours, autodiff, 1e-6 if dtype == jnp.float32 else 2**-7)
+    # float32: the gradient of the rotation at its own output is the input (the inverse).
+    if dtype == jnp.float32:
+      _, back = jax.vjp(lambda x: rotate(x, cos, sin), x)
+      np.testing.assert_allclose(back(rotation(x, cos, sin))[0], x, atol=1e-5)

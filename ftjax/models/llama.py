@@ -357,11 +357,38 @@ def _computed_once(table_BxLxK: jax.Array) -> jax.Array:
   return jnp.einsum('blk,kj->blj', table_BxLxK, eye_KxK, precision=jax.lax.Precision.HIGHEST)
 
 
+@jax.custom_vjp
 def _rotate(x_BxLxHxK: jax.Array, cos_BxLxK: jax.Array, sin_BxLxK: jax.Array) -> jax.Array:
+  """x rotated by the angles whose cos and sin are given (`_rotary`'s tables, whose two halves
+  are equal), as transformers computes it.
+
+  The rotation is orthogonal, so its gradient is the inverse rotation, the same formula with
+  -sin. Autodiff wrote it as the transposes of the slices and the concatenation (pads), which
+  XLA:CPU fused into loops ~3x slower than the forward one: 5.2 ms for q's gradient per layer
+  of the 100M Llama (8 x 256 tokens, bfloat16), ~55 ms of its LoRA step's 1.03 s.
+  """
+  return _rotation(x_BxLxHxK, cos_BxLxK, sin_BxLxK)
+
+
+def _rotation(x_BxLxHxK: jax.Array, cos_BxLxK: jax.Array, sin_BxLxK: jax.Array) -> jax.Array:
   # transformers' rotate_half layout: dimension i pairs with i + K/2 (not interleaved pairs).
   half = x_BxLxHxK.shape[-1] // 2
   rotated = jnp.concatenate([-x_BxLxHxK[..., half:], x_BxLxHxK[..., :half]], axis=-1)
   return x_BxLxHxK * cos_BxLxK[:, :, None] + rotated * sin_BxLxK[:, :, None]
+
+
+def _rotate_fwd(x_BxLxHxK, cos_BxLxK, sin_BxLxK):
+  return _rotation(x_BxLxHxK, cos_BxLxK, sin_BxLxK), (cos_BxLxK, sin_BxLxK)
+
+
+def _rotate_bwd(residuals, g_BxLxHxK):
+  cos_BxLxK, sin_BxLxK = residuals
+  # The tables come from positions, never from parameters: no gradient flows to them.
+  return (_rotation(g_BxLxHxK, cos_BxLxK, -sin_BxLxK), jnp.zeros_like(cos_BxLxK),
+          jnp.zeros_like(sin_BxLxK))
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 def _window_bias(bias_Bx1xLxS: jax.Array, offset: Any, window: int) -> jax.Array:
