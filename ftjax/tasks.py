@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ftjax import kernels
 from ftjax import metrics as metrics_lib
 from ftjax.errors import FtjaxError
 from ftjax.models import heads
@@ -64,9 +65,47 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
   """
   weights = weights * (labels != IGNORE)
   labels = jnp.where(labels == IGNORE, 0, labels)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  predictions = argmax(logits) if predictions is None else predictions
+  if kernels.cross_entropy_applies(logits):
+    loss, argmaxes = softmax_cross_entropy(logits, labels)
+    predictions = argmaxes if predictions is None else predictions
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    predictions = argmax(logits) if predictions is None else predictions
   return loss, weights, (predictions == labels).astype(jnp.float32)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """optax's softmax cross-entropy with integer labels (in [0, V)) over the last axis of
+  logits [..., V], and the logits' argmax (the first maximum), on ftjax's CPU kernel
+  (`kernels.cross_entropy`, where `kernels.cross_entropy_applies`).
+
+  A language model's loss: XLA:CPU ran it over the [tokens, vocabulary] logits as a float32
+  copy and several single-threaded passes (and the argmax as more), ~74 ms of the 100M Llama's
+  1.03 s bfloat16 LoRA step at 8 x 256 tokens. The kernel reads the logits once forward and
+  once backward, on all threads; the logits' gradient is g (softmax - onehot), in their dtype.
+  """
+  flat = logits.reshape(-1, logits.shape[-1])
+  loss, predictions = _kernel_cross_entropy(flat, labels.reshape(-1))
+  return loss.reshape(labels.shape), predictions.reshape(labels.shape)
+
+
+@jax.custom_vjp
+def _kernel_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return _kernel_cross_entropy_fwd(logits, labels)[0]
+
+
+def _kernel_cross_entropy_fwd(logits, labels):
+  loss, lse, predictions = kernels.cross_entropy(logits, labels)
+  return (loss, predictions), (logits, labels, lse)
+
+
+def _kernel_cross_entropy_bwd(residuals, cotangents):
+  logits, labels, lse = residuals
+  g, _ = cotangents  # the predictions (integers) have no gradient
+  return kernels.cross_entropy_grad(logits, labels, lse, g), None
+
+
+_kernel_cross_entropy.defvjp(_kernel_cross_entropy_fwd, _kernel_cross_entropy_bwd)
 
 
 def _example_weights(batch: Batch, size: int) -> jax.Array:
@@ -97,6 +136,11 @@ class Task:
   # Whether batches may be packed (`data.pack_length`): outputs per example (pooled) or per
   # token, whose losses the packed layout does not change.
   packable: bool = False
+  # Whether `forward` returns the logits in the head's compute dtype instead of float32: a
+  # language model's [tokens, vocabulary] logits, whose loss computes in float32 anyway. A
+  # float32 copy of them cost the 100M Llama's bfloat16 LoRA step a pass over 262 MB forward
+  # and another backward (~12 ms, and the loss kernel then read float32 instead of bfloat16).
+  logits_in_compute_dtype: bool = False
 
   def build_head(self, backbone: nnx.Module, *, kind: str, num_labels: int, pooling: str,
                  dropout: float, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
@@ -111,13 +155,14 @@ class Task:
   def forward(self, model: nnx.Module, batch: Batch, *, deterministic: bool,
               rngs: nnx.Rngs | None = None) -> jax.Array:
     """The model's float32 logits (or predictions) for `batch`, one per example also when the
-    batch is packed (its token arrays are rows shared by several examples: 'example_ids')."""
+    batch is packed (its token arrays are rows shared by several examples: 'example_ids'); in
+    the head's dtype where `logits_in_compute_dtype`."""
     kw = {}
     if 'example_ids' in batch:
       kw['packing'] = layers.Packing(batch['example_ids'], batch['positions'],
                                      num_examples=batch['weight'].shape[0])
     out = model(*(batch[k] for k in self.inputs), deterministic=deterministic, rngs=rngs, **kw)
-    return out.astype(jnp.float32)
+    return out if self.logits_in_compute_dtype else out.astype(jnp.float32)
 
   def losses(self, logits: jax.Array, batch: Batch):
     """(per-item loss, per-item weight, per-item correctness or None), same shapes."""
@@ -214,15 +259,19 @@ def _token_eval(logits, batch):
 
 
 def _lm_losses(logits, batch):
-  # Position t predicts token t + 1; labels are the input ids with IGNORE on the prompt.
-  labels = batch['labels'][:, 1:]
-  weights = _example_weights(batch, logits.shape[0])[:, None]
-  # argmax over every position, then sliced: `argmax`'s blocks of the sliced logits made XLA
-  # copy them ([B, L - 1, V] float32, 250 MiB for a 32000-token vocabulary at 8 x 256). With a
-  # bfloat16 lm_head the step still takes 126 MiB more scratch memory than with jnp.argmax (its
-  # bfloat16 logits live longer), for a step about as fast: float32 is where the search pays.
-  return _cross_entropy(logits[:, :-1], labels, jnp.broadcast_to(weights, labels.shape),
-                        argmax(logits)[:, :-1])
+  # Position t predicts token t + 1; labels are the input ids with IGNORE on the prompt. The
+  # last position predicts nothing: it gets IGNORE and is dropped after the loss, so that the
+  # logits are read where they lie (sliced first, XLA:CPU copied them: [B, L - 1, V] float32,
+  # 250 MiB for a 32000-token vocabulary at 8 x 256).
+  labels = jnp.pad(batch['labels'][:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE)
+  weights = jnp.broadcast_to(_example_weights(batch, logits.shape[0])[:, None], labels.shape)
+  # `argmax` over every position (its blocks of the sliced logits made XLA copy them too). With
+  # a bfloat16 lm_head the step still takes 126 MiB more scratch memory than with jnp.argmax
+  # (its bfloat16 logits live longer), for a step about as fast: float32 is where the search
+  # pays. The cross-entropy kernel returns the argmax itself.
+  predictions = None if kernels.cross_entropy_applies(logits) else argmax(logits)
+  loss, weight, correct = _cross_entropy(logits, labels, weights, predictions)
+  return loss[:, :-1], weight[:, :-1], correct[:, :-1]
 
 
 def _lm_eval(logits, batch):
@@ -280,7 +329,7 @@ TASKS: dict[str, Task] = {
     'causal_lm': Task(
         'causal_lm', ('decoder',), ('input_ids', 'attention_mask'),
         ('loss', 'perplexity', 'accuracy'), ('loss', 'min'),
-        _lm_head, _lm_losses, _lm_eval, LanguageModelMetrics),
+        _lm_head, _lm_losses, _lm_eval, LanguageModelMetrics, logits_in_compute_dtype=True),
     'image_classification': Task(
         'image_classification', ('vision',), ('pixel_values',),
         ('loss', 'accuracy', 'macro_f1'), ('accuracy', 'max'),

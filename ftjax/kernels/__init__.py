@@ -20,6 +20,10 @@
   gradients), each one pass over its rows on all threads (`layers.LayerNorm`); and with a
   post-LayerNorm block's residual add and branch dropout folded in (`layers.residual_norm`).
   These two take float32 or bfloat16 streams (float32 inside, rounded once where written).
+- `cross_entropy.cc`: softmax cross-entropy with integer labels over a language model's
+  vocabulary, forward (each row's loss, log-sum-exp and first maximum, the prediction) and
+  backward (the logits' gradient), each one pass over the logits on all threads
+  (`tasks.softmax_cross_entropy`).
 
 All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -60,7 +64,8 @@ from ftjax.errors import FtjaxError
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = tuple(_HERE / f'{name}.cc'
-                 for name in ('attention', 'matmul', 'adamw', 'gelu', 'layer_norm'))
+                 for name in ('attention', 'matmul', 'adamw', 'gelu', 'layer_norm',
+                              'cross_entropy'))
 _HEADERS = (_HERE / 'common.h',)
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
@@ -74,7 +79,9 @@ _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_layer_norm': 'FtjaxLayerNorm',
             'ftjax_layer_norm_grad': 'FtjaxLayerNormGrad',
             'ftjax_add_layer_norm': 'FtjaxAddLayerNorm',
-            'ftjax_add_layer_norm_grad': 'FtjaxAddLayerNormGrad'}
+            'ftjax_add_layer_norm_grad': 'FtjaxAddLayerNormGrad',
+            'ftjax_cross_entropy': 'FtjaxCrossEntropy',
+            'ftjax_cross_entropy_grad': 'FtjaxCrossEntropyGrad'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
 ADAMW_CHOICES = ('auto', 'xla', 'kernel')
@@ -482,6 +489,40 @@ def matmul_sums(a: jax.Array, b: jax.Array, *, transpose_b: bool = False
   transpose_b), both float32 or both bfloat16: a dense layer's input gradient g W^T and its
   bias gradient (float32: g read once; bfloat16: each task's rows of g read once more)."""
   return _dense(a, b, None, transpose_b=transpose_b, sums=True)[:2]
+
+
+# The smallest vocabulary (the logits' last axis) the cross-entropy kernel takes: below it the
+# rows are too short for its vector loops to pay for a custom call (a classifier's few labels).
+_MIN_CROSS_ENTROPY_WIDTH = 256
+
+
+def cross_entropy_applies(logits: jax.Array) -> bool:
+  """Whether `cross_entropy` should take these logits: float32 or bfloat16, at least
+  _MIN_CROSS_ENTROPY_WIDTH classes, on a single CPU device (as `layer_kernel_applies`)."""
+  return logits.shape[-1] >= _MIN_CROSS_ENTROPY_WIDTH and layer_kernel_applies(logits)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Softmax cross-entropy of logits [N, V] (float32 or bfloat16, computed in float32) with
+  integer labels [N] in [0, V) (see cross_entropy.cc): (loss [N], log-sum-exp [N], both float32;
+  the first maximum's index [N], int32)."""
+  _require('cross-entropy')
+  n = logits.shape[0]
+  out = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+         jax.ShapeDtypeStruct((n,), jnp.int32))
+  return jax.ffi.ffi_call('ftjax_cross_entropy', out, vmap_method='sequential')(
+      logits, labels.astype(jnp.int32))
+
+
+def cross_entropy_grad(logits: jax.Array, labels: jax.Array, lse: jax.Array, g: jax.Array
+                       ) -> jax.Array:
+  """The logits' gradient g (softmax(logits) - onehot(labels)), in the logits' dtype, for the
+  loss's cotangent g [N] and `cross_entropy`'s log-sum-exp."""
+  _require('cross-entropy')
+  out = jax.ShapeDtypeStruct(logits.shape, logits.dtype)
+  return jax.ffi.ffi_call('ftjax_cross_entropy_grad', out, vmap_method='sequential')(
+      logits, labels.astype(jnp.int32), _f32(lse), _f32(g))
 
 
 VARIANTS = ('fma', 'dot', 'amx')
