@@ -212,8 +212,8 @@ def _on_one_cpu(mode: str) -> bool:
 @functools.cache
 def _warn_once(reason: str) -> None:
   # One library holds all the kernels: whichever asks first, none is there.
-  logging.warning('ftjax: CPU kernels (attention, matmul, AdamW, GELU, LayerNorm) unavailable '
-                  '(%s); using XLA for all', reason)
+  logging.warning('ftjax: CPU kernels (attention, matmul, AdamW, GELU, LayerNorm, '
+                  'cross-entropy) unavailable (%s); using XLA for all', reason)
 
 
 def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> bool:
