@@ -150,3 +150,23 @@ def test_builds_for_other_cpus_compute_the_same_cross_entropy(march, needs, kern
     np.testing.assert_allclose(np.asarray(d, np.float32),
                                np.asarray(kernels.cross_entropy_grad(x, labels, want_lse, g),
                                           np.float32), rtol=2**-7, atol=1e-7)
+
+
+def test_the_causal_lm_task_keeps_bfloat16_logits():
+  """The causal LM task asks its head for logits in the compute dtype (no float32 copy of
+  [tokens, vocabulary] before the loss); the head's default stays float32, and other tasks'
+  logits are float32."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ftjax.models import heads, llama  # pylint: disable=g-import-not-at-top
+  config = llama.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=4)
+  model = heads.CausalLM(llama.LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+                         tie_word_embeddings=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+  ids = jax.random.randint(jax.random.key(8), (2, 6), 0, 300)
+  batch = {'input_ids': ids, 'attention_mask': jnp.ones_like(ids), 'labels': ids}
+  assert model(ids).dtype == jnp.float32
+  task = tasks.get_task('causal_lm')
+  logits = task.forward(model, batch, deterministic=True)
+  assert logits.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(logits, np.float32), model(ids))
+  assert not tasks.get_task('classification').logits_in_compute_dtype

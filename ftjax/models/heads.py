@@ -195,7 +195,7 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
                cache: layers.KVCache | None = None, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> Any:
+               rngs: nnx.Rngs | None = None, logits_dtype: Any = jnp.float32) -> Any:
     """Returns float32 logits [B, L, vocab]; with a cache, (logits, updated cache).
 
     Args:
@@ -206,6 +206,9 @@ class CausalLM(nnx.Module):
       cache: a `KVCache` to extend, for generation.
       deterministic: False enables dropout (needs `rngs`).
       rngs: dropout randomness.
+      logits_dtype: the logits' dtype; None keeps the output layer's compute dtype (the causal
+        LM task's loss reads bfloat16 logits as they are and computes in float32: a float32
+        copy of [tokens, vocabulary] logits is a pass over hundreds of MB each way).
     """
     del token_type_ids
     out = self.encoder(input_ids, attention_mask, positions=positions, cache=cache,
@@ -217,7 +220,8 @@ class CausalLM(nnx.Module):
     else:
       logits = layers.dense(self.lm_head, hidden_BxLxD,
                             dict(deterministic=deterministic, rngs=rngs))
-    logits = logits.astype(jnp.float32)
+    if logits_dtype is not None:
+      logits = logits.astype(logits_dtype)
     return logits if cache is None else (logits, cache)
 
   def init_cache(self, batch_size: int, max_length: int) -> layers.KVCache:
