@@ -251,8 +251,8 @@ def test_an_unavailable_kernel_falls_back_to_xla_with_one_warning(monkeypatch, c
     for _ in range(2):
       assert not kernels.fused_attention_applies(q, k, v, jnp.float32)
   assert [r.getMessage() for r in caplog.records] == [
-      'ftjax: CPU kernels (attention, matmul, AdamW, GELU, LayerNorm, cross-entropy) unavailable '
-      '(no C++ compiler found); using XLA for all']
+      'ftjax: CPU kernels (attention, matmul, AdamW, GELU, LayerNorm, cross-entropy, SwiGLU) '
+      'unavailable (no C++ compiler found); using XLA for all']
   monkeypatch.setenv('FTJAX_ATTENTION', 'fused')
   with pytest.raises(kernels.KernelUnavailable, match='FTJAX_ATTENTION=fused, but'):
     kernels.fused_attention_applies(q, k, v, jnp.float32)

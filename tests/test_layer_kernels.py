@@ -1,5 +1,6 @@
-"""The layer kernels against XLA's ops and exact values: bias + exact GELU (gelu.cc) and
-LayerNorm (layer_norm.cc), in float32 and in bfloat16 (computed in float32, rounded once)."""
+"""The layer kernels against XLA's ops and exact values: bias + exact GELU (gelu.cc), LayerNorm
+(layer_norm.cc) and SwiGLU's silu(gate) * up (swiglu.cc), in float32 and in bfloat16 (computed
+in float32, rounded once)."""
 
 import math
 import re
@@ -461,3 +462,80 @@ def test_feed_forward_runs_gelus_backward_inside_the_input_gradient(monkeypatch)
   for got, want in zip(ours, theirs):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(want)).max())
+
+
+def _silu_gate_exact(a, b, g):
+  """silu(a) * b and its gradients for a and b in float64."""
+  a, b, g = (np.asarray(jnp.asarray(t, jnp.float32), np.float64) for t in (a, b, g))
+  s = 1 / (1 + np.exp(-a))
+  return a * s * b, g * b * s * (1 + a * (1 - s)), g * a * s
+
+
+def _silu_gate_operands(shape, dtype, seed=5):
+  rng = np.random.default_rng(seed)
+  # Wide enough for exp's overflow and its clamp (a = -120 and 120), and lanes past 16.
+  a = jnp.asarray(rng.normal(size=shape) * 4, jnp.float32).at[0, :4].set(
+      jnp.array([-120.0, 120.0, 0.0, -6.0]))
+  b, g = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+  return a.astype(dtype), b.astype(dtype), g.astype(dtype)
+
+
+@pytest.mark.parametrize('shape', [(300, 70), (7, 5)])
+def test_silu_gate_matches_float64_and_xla(shape):
+  """silu(gate) * up on the kernel (`layers.silu_gate`), forward and both gradients: float32
+  to its rounding (as close as XLA's `jax.nn.silu(a) * b`), bfloat16 the exact values rounded
+  once (within a bfloat16 step where float32's error crosses a rounding boundary)."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    a, b, g = _silu_gate_operands(shape, dtype)
+    assert kernels.layer_kernel_applies(a, b)
+    out, pullback = jax.vjp(jax.jit(layers.silu_gate), a, b)
+    got = (out, *pullback(g))
+    assert all(t.dtype == dtype for t in got)
+    xla_out, xla_pullback = jax.vjp(lambda a, b: jax.nn.silu(a) * b, a, b)
+    xla = (xla_out, *xla_pullback(g))
+    for name, ours, theirs, exact in zip(('h', 'd gate', 'd up'), got, xla,
+                                         _silu_gate_exact(a, b, g)):
+      if dtype == jnp.float32:
+        np.testing.assert_allclose(ours, exact, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+      else:
+        _assert_rounded_once(ours, exact, name, atol=1e-6 * (1 + np.abs(exact)))
+
+
+def test_the_llama_mlp_takes_the_silu_gate_kernel(monkeypatch):
+  """The gated FFN's step holds the two SwiGLU calls in float32 and bfloat16, none under
+  FTJAX_MATMUL=xla, and the same loss and gradients either way (float32)."""
+  from ftjax.models import llama  # pylint: disable=g-import-not-at-top
+  config = llama.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=4)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+
+  def step(dtype):
+    mlp = llama.LlamaMLP(config, dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(mlp)
+    loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x.astype(dtype), {}) ** 2)
+    fn = jax.jit(jax.value_and_grad(loss))
+    return fn(state, x), fn.lower(state, x).compile().as_text()
+
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert step(dtype)[1].count('custom_call_target="ftjax_swiglu') == 2
+  (value, grads), _ = step(jnp.float32)
+  monkeypatch.setenv('FTJAX_MATMUL', 'xla')
+  (xla_value, xla_grads), text = step(jnp.float32)
+  assert 'ftjax_swiglu' not in text
+  np.testing.assert_allclose(value, xla_value, rtol=1e-5)
+  for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(xla_grads)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('march,needs', OTHER_CPUS)
+def test_builds_for_other_cpus_compute_the_same_silu_gate(march, needs, kernels_built_for):
+  """The portable loops (std::exp) and AVX-512 builds give this machine's values."""
+  name = _register_other_build(march, needs, kernels_built_for, 'ftjax_swiglu', 'FtjaxSwiglu')
+  for dtype in (jnp.float32, jnp.bfloat16):
+    a, b, g = _silu_gate_operands((40, 37), dtype)
+    out = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(a.shape, dtype))(a, b)
+    grads = jax.ffi.ffi_call(name + '_grad', (jax.ShapeDtypeStruct(a.shape, dtype),) * 2)(a, b, g)
+    for ours, theirs in zip((out, *grads), (kernels.swiglu(a, b), *kernels.swiglu_grad(a, b, g))):
+      np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32),
+                                 rtol=2**-7 if dtype == jnp.bfloat16 else 1e-5, atol=1e-6)

@@ -434,6 +434,14 @@ def test_f32_measurement_times_both_paths():
   assert set(times) == {'kernel', 'xla'} and all(0 < t < 10 for t in times.values())
 
 
+def test_bf16_measurement_times_every_variant_and_xla():
+  """The real bfloat16 measurement (small, so quick), the bias work on both sides: positive
+  times for each variant this CPU runs and for XLA's dots."""
+  times = kernels.measure_bf16_matmul(m=64, k=64, n=96, rounds=2)
+  want = {'fma', 'dot', 'xla'} | ({'amx'} if kernels.has_amx() else set())
+  assert set(times) == want and all(0 < t < 10 for t in times.values())
+
+
 def test_auto_decides_inside_a_trace(monkeypatch, tmp_path):
   """`auto` decides while a model is being traced: the timing must run, not be staged into the
   trace."""

@@ -24,6 +24,8 @@
   vocabulary, forward (each row's loss, log-sum-exp and first maximum, the prediction) and
   backward (the logits' gradient), each one pass over the logits on all threads
   (`tasks.softmax_cross_entropy`).
+- `swiglu.cc`: the gated feed-forward layer's silu(gate) * up (Llama, Mistral, Qwen2), forward
+  and backward, each one pass on all threads (`layers.silu_gate`).
 
 All are registered with jax as XLA FFI custom calls, from one library compiled once per
 machine, source and jaxlib (`-O3 -march=native`, against the FFI headers that jaxlib ships) into
@@ -65,7 +67,7 @@ from ftjax.errors import FtjaxError
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = tuple(_HERE / f'{name}.cc'
                  for name in ('attention', 'matmul', 'adamw', 'gelu', 'layer_norm',
-                              'cross_entropy'))
+                              'cross_entropy', 'swiglu'))
 _HEADERS = (_HERE / 'common.h',)
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
@@ -81,7 +83,9 @@ _TARGETS = {'ftjax_attention_forward': 'FtjaxAttentionForward',
             'ftjax_add_layer_norm': 'FtjaxAddLayerNorm',
             'ftjax_add_layer_norm_grad': 'FtjaxAddLayerNormGrad',
             'ftjax_cross_entropy': 'FtjaxCrossEntropy',
-            'ftjax_cross_entropy_grad': 'FtjaxCrossEntropyGrad'}
+            'ftjax_cross_entropy_grad': 'FtjaxCrossEntropyGrad',
+            'ftjax_swiglu': 'FtjaxSwiglu',
+            'ftjax_swiglu_grad': 'FtjaxSwigluGrad'}
 CHOICES = ('auto', 'xla', 'fused')
 MATMUL_CHOICES = ('auto', 'xla', 'kernel')
 ADAMW_CHOICES = ('auto', 'xla', 'kernel')
@@ -213,7 +217,7 @@ def _on_one_cpu(mode: str) -> bool:
 def _warn_once(reason: str) -> None:
   # One library holds all the kernels: whichever asks first, none is there.
   logging.warning('ftjax: CPU kernels (attention, matmul, AdamW, GELU, LayerNorm, '
-                  'cross-entropy) unavailable (%s); using XLA for all', reason)
+                  'cross-entropy, SwiGLU) unavailable (%s); using XLA for all', reason)
 
 
 def fused_attention_applies(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> bool:
@@ -338,6 +342,21 @@ def bias_gelu_grad(y: jax.Array, bias: jax.Array, g: jax.Array) -> tuple[jax.Arr
   return d.reshape(y.shape), d_bias
 
 
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up (see swiglu.cc) for gate and up of one shape and dtype (float32 or
+  bfloat16, computed in float32 and rounded once)."""
+  _require('SwiGLU')
+  return jax.ffi.ffi_call('ftjax_swiglu', jax.ShapeDtypeStruct(gate.shape, gate.dtype),
+                          vmap_method='sequential')(gate, up)
+
+
+def swiglu_grad(gate: jax.Array, up: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The gradients of silu(gate) * up with respect to gate and up, for its cotangent g."""
+  _require('SwiGLU')
+  out = (jax.ShapeDtypeStruct(gate.shape, gate.dtype),) * 2
+  return jax.ffi.ffi_call('ftjax_swiglu_grad', out, vmap_method='sequential')(gate, up, g)
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
                eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(y, mean, rstd) of LayerNorm over the last axis of x [M, D] (see layer_norm.cc), y in x's
@@ -443,11 +462,12 @@ def _no_bias() -> jax.Array:
 
 
 def _dense(a: jax.Array, b: jax.Array, bias: jax.Array | None, *, transpose_b: bool,
-           sums: bool, gate: tuple[jax.Array, jax.Array] | None = None
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+           sums: bool, gate: tuple[jax.Array, jax.Array] | None = None,
+           variant: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The dense kernel (matmul.cc's Dense): a and b both float32 or both bfloat16 (the result
-  in their dtype; bfloat16 multiplied by the variant `bf16_matmul_plan` measured fastest),
-  bias, the sums and the gate float32 (a bfloat16 bias is taken exactly; no bfloat16 gate)."""
+  in their dtype; bfloat16 multiplied by `variant`, None: the one `bf16_matmul_plan` measured
+  fastest), bias, the sums and the gate float32 (a bfloat16 bias is taken exactly; no
+  bfloat16 gate)."""
   _require('matmul')
   if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError('the dense kernel takes float32 or bfloat16 a and b of one dtype')
@@ -462,7 +482,7 @@ def _dense(a: jax.Array, b: jax.Array, bias: jax.Array | None, *, transpose_b: b
   gate_y, gate_b = gate or (_no_bias(), _no_bias())
   return call(a, b, _no_bias() if bias is None else _f32(bias), gate_y, gate_b,
               transpose_b=bool(transpose_b),
-              variant=np.int32(VARIANTS.index(_variant(a.dtype, None))))
+              variant=np.int32(VARIANTS.index(_variant(a.dtype, variant))))
 
 
 def matmul_bias(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
@@ -728,12 +748,18 @@ def _best_of(rounds: int, runs: dict, *args) -> dict:
 
 def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int = 7) -> dict:
   """Best seconds of the kernel's variants ('fma', 'dot', and 'amx' where the CPU has AMX) and
-  of XLA's bf16 x bf16 -> f32 dots ('xla'), taking turns, for the three products of a bfloat16
-  dense layer's training step with x [m, k], w [k, n]: y = x w and dx = g w^T rounded to
-  bfloat16, dw = x^T g in float32.
+  of XLA's bf16 x bf16 -> f32 dots ('xla'), taking turns, for what a bfloat16 dense layer's
+  training step hands either, with x [m, k], w [k, n] and a bias b [n]: y = x w + b and
+  dx = g w^T rounded to bfloat16, the bias gradient (g's column sums) and dw = x^T g in float32.
 
-  XLA's are written as `layers._matmul` writes them: its dots keep their fast path only
-  with the lhs contracting its last dimension, so dw reads a transposed copy of x.
+  Each side as the layers write it (`layers.Linear`): the kernel adds the bias to each row
+  before its one rounding and sums g's columns in the input gradient's tasks (`_dense`); XLA's
+  dots keep their fast path only with the lhs contracting its last dimension, so dw reads a
+  transposed copy of x, and the bias is an add and a float32 sum of their own (`add_bias`).
+  Without the bias work, on an AMD Zen 5 VM the `dot` variant measured 0.96-1.01 of XLA's time
+  in two builds of six (XLA's own time is bimodal there, 0.018 or 0.025 s), so those builds
+  kept XLA's dots, while MiniLM's bfloat16 full fine-tuning step took 0.91 of its time on the
+  kernel (LoRA 0.96; one-off in-process switch).
 
   4096 tokens (a batch of 32 x 128): where the kernel is faster, the difference grows with the
   token count, and a smaller product decides by noise. On an AMD Zen 4 VM the `dot` variant took
@@ -744,22 +770,25 @@ def measure_bf16_matmul(m: int = 4096, k: int = 384, n: int = 1536, rounds: int 
   # import this module).
   from ftjax.models import layers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((m, k), (k, n), (m, n)))
+  x, w, b, g = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+                for s in ((m, k), (k, n), (n,), (m, n)))
 
   def on_kernel(variant):
-    def products(x, w, g):
-      return (matmul(x, w, variant=variant), matmul(g, w, transpose_b=True, variant=variant),
+    def products(x, w, b, g):
+      return (_dense(x, w, b, transpose_b=False, sums=False, variant=variant)[0],
+              _dense(g, w, None, transpose_b=True, sums=True, variant=variant)[:2],
               matmul(x, g, transpose_a=True, out_dtype=jnp.float32, variant=variant))
     return jax.jit(products)
 
   @jax.jit
-  def on_xla(x, w, g):
+  def on_xla(x, w, b, g):
     dot = layers._dot_f32  # pylint: disable=protected-access
-    return (dot(x, w, (1, 0)).astype(x.dtype), dot(g, w, (1, 1)).astype(x.dtype),
+    return (dot(x, w, (1, 0)).astype(x.dtype) + b, dot(g, w, (1, 1)).astype(x.dtype),
+            jnp.sum(g.astype(jnp.float32), 0),
             dot(layers._transposed_copy(x), g, (1, 0)))  # pylint: disable=protected-access
 
   variants = VARIANTS if has_amx() else ('fma', 'dot')
-  return _best_of(rounds, {**{v: on_kernel(v) for v in variants}, 'xla': on_xla}, x, w, g)
+  return _best_of(rounds, {**{v: on_kernel(v) for v in variants}, 'xla': on_xla}, x, w, b, g)
 
 
 def fused_adamw_applies(*trees) -> bool:

@@ -470,8 +470,12 @@ class LlamaMLP(nnx.Module):
     self.down_proj = _linear(config, f, d, ('mlp', 'embed'), **kw)
 
   def __call__(self, x_BxLxD: jax.Array, kw: dict) -> jax.Array:
-    gate_BxLxF = layers.ACTIVATIONS[self.hidden_act](dense(self.gate_proj, x_BxLxD, kw))
-    return dense(self.down_proj, gate_BxLxF * dense(self.up_proj, x_BxLxD, kw), kw)
+    gate_BxLxF, up_BxLxF = dense(self.gate_proj, x_BxLxD, kw), dense(self.up_proj, x_BxLxD, kw)
+    if self.hidden_act in ('silu', 'swish'):
+      h_BxLxF = layers.silu_gate(gate_BxLxF, up_BxLxF)
+    else:
+      h_BxLxF = layers.ACTIVATIONS[self.hidden_act](gate_BxLxF) * up_BxLxF
+    return dense(self.down_proj, h_BxLxF, kw)
 
 
 class LlamaDecoderLayer(nnx.Module):
