@@ -28,15 +28,25 @@ class Checkpoints:
       raise FtjaxError(f"train.best_mode must be 'max' or 'min', got {best_mode!r}")
     root = pathlib.Path(workdir).absolute() / 'checkpoints'
     self.best_metric = best_metric
+    # Runs of several processes save synchronously. Orbax's barrier between processes
+    # (`multihost.sync_global_processes`, by default jax's `sync_global_devices`) is an XLA
+    # computation with a collective; run from an async save's background thread, it can meet
+    # the train and eval steps' own collectives in a different order on each process, and the
+    # processes then wait on each other for good (seen once in the two-process test on a 2-core
+    # VM: the last 'latest' checkpoint never left its temporary directory, and the coordination
+    # service's shutdown barrier timed out after 5 minutes).
+    async_saves = jax.process_count() == 1
     # Handlers named up front so that a fresh process can read a checkpoint's metadata.
     self.latest = ocp.CheckpointManager(
-        root / 'latest', options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        root / 'latest', options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=async_saves),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler()})
     self.best = ocp.CheckpointManager(
         root / 'best', item_handlers={'params': ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
+            max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+            enable_async_checkpointing=async_saves))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
