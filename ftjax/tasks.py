@@ -57,20 +57,16 @@ def argmax(x: jax.Array) -> jax.Array:
   return first * _ARGMAX_BLOCK + jnp.argmax(block, axis=-1)
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-                   predictions: jax.Array | None = None):
-  """Per-item CE (labels IGNORE get weight 0 and a valid dummy class), weights, correctness.
-
-  `predictions`: argmax(logits) where the caller has it (None: computed here).
-  """
+def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
+  """Per-item CE (labels IGNORE get weight 0 and a valid dummy class), weights, correctness
+  (against argmax(logits), which the cross-entropy kernel returns with the loss)."""
   weights = weights * (labels != IGNORE)
   labels = jnp.where(labels == IGNORE, 0, labels)
   if kernels.cross_entropy_applies(logits):
-    loss, argmaxes = softmax_cross_entropy(logits, labels)
-    predictions = argmaxes if predictions is None else predictions
+    loss, predictions = softmax_cross_entropy(logits, labels)
   else:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    predictions = argmax(logits) if predictions is None else predictions
+    predictions = argmax(logits)
   return loss, weights, (predictions == labels).astype(jnp.float32)
 
 
@@ -267,12 +263,7 @@ def _lm_losses(logits, batch):
   # 250 MiB for a 32000-token vocabulary at 8 x 256).
   labels = jnp.pad(batch['labels'][:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE)
   weights = jnp.broadcast_to(_example_weights(batch, logits.shape[0])[:, None], labels.shape)
-  # `argmax` over every position (its blocks of the sliced logits made XLA copy them too). With
-  # a bfloat16 lm_head the step still takes 126 MiB more scratch memory than with jnp.argmax
-  # (its bfloat16 logits live longer), for a step about as fast: float32 is where the search
-  # pays. The cross-entropy kernel returns the argmax itself.
-  predictions = None if kernels.cross_entropy_applies(logits) else argmax(logits)
-  loss, weight, correct = _cross_entropy(logits, labels, weights, predictions)
+  loss, weight, correct = _cross_entropy(logits, labels, weights)
   return loss[:, :-1], weight[:, :-1], correct[:, :-1]
 
 

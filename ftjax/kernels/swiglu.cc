@@ -70,11 +70,11 @@ void BackwardChunks(ffi::ThreadPool& pool, const T* as, const T* bs, const T* gs
     for (; i + 16 <= end; i += 16) {
       const __m512 a = LoadV(as + i, 0xffff), b = LoadV(bs + i, 0xffff);
       const __m512 g = LoadV(gs + i, 0xffff), s = SigmoidV(a);
-      const __m512 gs_ = _mm512_mul_ps(g, s);
+      const __m512 sg = _mm512_mul_ps(g, s);
       // da = g s b (1 + a (1 - s)); db = g s a
       const __m512 slope = _mm512_fmadd_ps(a, _mm512_sub_ps(one, s), one);
-      StoreV(das + i, 0xffff, _mm512_mul_ps(_mm512_mul_ps(gs_, b), slope));
-      StoreV(dbs + i, 0xffff, _mm512_mul_ps(gs_, a));
+      StoreV(das + i, 0xffff, _mm512_mul_ps(_mm512_mul_ps(sg, b), slope));
+      StoreV(dbs + i, 0xffff, _mm512_mul_ps(sg, a));
     }
 #endif
     for (; i < end; ++i) {
